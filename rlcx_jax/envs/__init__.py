@@ -1,0 +1,80 @@
+"""Environments: gymnax adapter (1.x API) with clear errors, plus wrappers.
+
+`make(name, **param_overrides)` returns `(env, env_params)` for every gymnax id. The environment
+parameters are an ordinary pytree, so a batch of tasks is one `vmap` over them (DESIGN.md section 6).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from typing import Any
+
+import gymnax
+
+from rlcx_jax.envs.wrappers import (
+    ClipActionWrapper,
+    EpisodeStats,
+    EpisodeStatsWrapper,
+    FlattenObservationWrapper,
+)
+
+__all__ = [
+    "make_training_env",
+    "make",
+    "list_envs",
+    "check_env_name",
+    "EpisodeStatsWrapper",
+    "FlattenObservationWrapper",
+    "EpisodeStats",
+]
+
+
+def list_envs() -> list[str]:
+    """All environment ids that `make` accepts."""
+    return list(gymnax.registered_envs)
+
+
+def check_env_name(name: str) -> None:
+    """Raise a ValueError naming close matches when `name` is not a known environment id."""
+    known = list_envs()
+    if name in known:
+        return
+    close = difflib.get_close_matches(name, known, n=3, cutoff=0.4)
+    hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    raise ValueError(f"Unknown environment {name!r}.{hint} Known: {', '.join(known)}")
+
+
+def make(name: str, **param_overrides: Any) -> tuple[Any, Any]:
+    """Build a gymnax environment and its (possibly overridden) parameters.
+
+    Args:
+      name: a gymnax id such as "CartPole-v1" or "Breakout-MinAtar".
+      **param_overrides: fields of the environment's `EnvParams` to replace, e.g.
+        `max_steps_in_episode=200`.
+
+    Returns:
+      `(env, env_params)`; `env.step` follows gymnax 1.x: it returns
+      `(obs, state, reward, terminated, truncated, info)` and auto-resets.
+    """
+    check_env_name(name)
+    env, env_params = gymnax.make(name)
+    if param_overrides:
+        fields = {f.name for f in dataclasses.fields(env_params)}
+        unknown = sorted(set(param_overrides) - fields)
+        if unknown:
+            raise ValueError(
+                f"Unknown parameter(s) {unknown} for environment {name!r}; "
+                f"its EnvParams fields are {sorted(fields)}"
+            )
+        env_params = env_params.replace(**param_overrides)
+    return env, env_params
+
+
+def make_training_env(name: str, env_kwargs: tuple[tuple[str, Any], ...] = ()) -> tuple[Any, Any]:
+    """`make` plus the episode-statistics wrapper that every rollout reads (and action clipping for
+    continuous action spaces)."""
+    env, env_params = make(name, **dict(env_kwargs))
+    if not hasattr(env.action_space(env_params), "n"):
+        env = ClipActionWrapper(env)
+    return EpisodeStatsWrapper(env), env_params

@@ -1,0 +1,251 @@
+"""Machinery shared by the on-policy actor-critic algorithms (PPO, A2C, REINFORCE).
+
+Each algorithm file only says how it turns a trajectory into a loss and how many gradient steps it
+takes; configuration checks, state, collection, bootstrapping and metrics live here once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+from rlcx_jax import envs, nets
+from rlcx_jax.envs.normalize import RunningStats, init_stats, normalize, update_stats
+from rlcx_jax.rl import rollout
+from rlcx_jax.rl.common import (
+    ApplyFn,
+    Hooks,
+    Params,
+    check_positive,
+    make_apply,
+    make_optimizer,
+)
+from rlcx_jax.rl.losses import ActorCriticAux
+from rlcx_jax.rl.policy import distribution, greedy_action
+
+
+@dataclasses.dataclass(frozen=True)
+class OnPolicyConfig:
+    """Static settings common to the on-policy algorithms (hashable; not traced)."""
+
+    env: str = "CartPole-v1"
+    env_kwargs: tuple[tuple[str, Any], ...] = ()
+    num_envs: int = 4
+    num_steps: int = 128
+    total_timesteps: int = 500_000
+    net: nets.NetConfig = nets.NetConfig()
+    anneal_lr: bool = True
+    normalize_obs: bool = False
+    log_every: int = 1
+
+    @property
+    def steps_per_update(self) -> int:
+        return self.num_envs * self.num_steps
+
+    @property
+    def num_updates(self) -> int:
+        return self.total_timesteps // self.steps_per_update
+
+    @property
+    def optimizer_steps_per_update(self) -> int:
+        return 1
+
+    def validate(self) -> None:
+        envs.check_env_name(self.env)
+        for name in ("num_envs", "num_steps", "total_timesteps", "log_every"):
+            check_positive(name, getattr(self, name))
+        if self.num_updates < 1:
+            raise ValueError(
+                f"total_timesteps ({self.total_timesteps}) is smaller than one update "
+                f"(num_envs * num_steps = {self.steps_per_update})"
+            )
+        if self.num_updates % self.log_every != 0:
+            raise ValueError(
+                f"The number of updates ({self.num_updates}) must be a multiple of log_every "
+                f"({self.log_every})"
+            )
+        self.net.validate()
+
+
+@struct.dataclass
+class ActorCriticState:
+    """Training state of an on-policy agent; `hparams` travel with it so `learn` is self-contained."""
+
+    params: Params
+    opt_state: optax.OptState
+    runner: rollout.EnvRunner
+    obs_stats: RunningStats
+    key: jax.Array
+    update_step: jax.Array
+    hparams: Any
+    env_params: Any
+
+
+@struct.dataclass
+class PolicyExtras:
+    log_prob: jax.Array
+    value: jax.Array
+
+
+@struct.dataclass
+class OnPolicyMetrics:
+    """Per-update (or per block of `log_every` updates) fixed-shape metrics."""
+
+    episode: rollout.EpisodeMetrics
+    loss: jax.Array
+    aux: ActorCriticAux
+    env_steps: jax.Array
+
+    def reduce(self) -> "OnPolicyMetrics":
+        mean = lambda x: jnp.mean(x, axis=0)  # noqa: E731
+        return OnPolicyMetrics(
+            episode=self.episode.reduce(),
+            loss=mean(self.loss),
+            aux=jax.tree.map(mean, self.aux),
+            env_steps=self.env_steps[-1],
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class Agent:
+    """Everything static an on-policy algorithm builds once from its config."""
+
+    config: OnPolicyConfig
+    env: Any
+    env_params: Any
+    spec: nets.ActionSpec
+    obs_shape: tuple[int, ...]
+    network: Any
+    apply: ApplyFn
+    hooks: Hooks
+
+    def prep_obs(self, stats: RunningStats, obs: jax.Array) -> jax.Array:
+        return normalize(stats, obs) if self.config.normalize_obs else obs
+
+    def value(self, params: Params, stats: RunningStats, obs: jax.Array) -> jax.Array:
+        return self.apply(params, self.prep_obs(stats, obs))[1]
+
+    def optimizer(self, hparams: Any) -> optax.GradientTransformation:
+        anneal = None
+        if self.config.anneal_lr:
+            anneal = self.config.num_updates * self.config.optimizer_steps_per_update
+        return make_optimizer(hparams.lr, hparams.max_grad_norm, self.hooks, anneal)
+
+    def behaviour_policy(self, params: Params, stats: RunningStats) -> rollout.PolicyFn:
+        def policy_fn(key: jax.Array, obs: jax.Array) -> tuple[jax.Array, PolicyExtras]:
+            policy_out, value = self.apply(params, self.prep_obs(stats, obs))
+            dist = distribution(policy_out, self.spec)
+            action, log_prob = dist.sample_and_log_prob(seed=key)
+            return action, PolicyExtras(log_prob=log_prob, value=value)
+
+        return policy_fn
+
+
+def build_agent(config: OnPolicyConfig, hooks: Hooks = Hooks()) -> Agent:
+    """Validate the config (before anything compiles) and build env, network and apply."""
+    config.validate()
+    env, env_params = envs.make_training_env(config.env, config.env_kwargs)
+    spec = nets.action_spec(env.action_space(env_params))
+    obs_shape = tuple(env.observation_space(env_params).shape)
+    network = nets.make(config.net, obs_shape, spec, head="actor_critic")
+    return Agent(config, env, env_params, spec, obs_shape, network, make_apply(network, hooks), hooks)
+
+
+def init_state(agent: Agent, key: jax.Array, hparams: Any, env_params: Any = None) -> ActorCriticState:
+    """Initial parameters, optimizer state and reset environments."""
+    env_params = agent.env_params if env_params is None else env_params
+    key, key_net, key_env = jax.random.split(key, 3)
+    dummy = jnp.zeros((1,) + agent.obs_shape, jnp.float32)
+    params = agent.network.init(key_net, dummy)["params"]
+    opt_state = agent.optimizer(hparams).init(params)
+    runner = rollout.reset(agent.env, env_params, key_env, agent.config.num_envs)
+    return ActorCriticState(
+        params=params,
+        opt_state=opt_state,
+        runner=runner,
+        obs_stats=init_stats(agent.obs_shape),
+        key=key,
+        update_step=jnp.zeros((), jnp.int32),
+        hparams=hparams,
+        env_params=env_params,
+    )
+
+
+@struct.dataclass
+class Collected:
+    """A trajectory plus what every estimator needs: V(s_t) and the bootstrap value V(s_{t+1})."""
+
+    traj: rollout.Transition
+    v_tm1: jax.Array
+    v_t: jax.Array
+    discount_t: jax.Array
+
+
+def collect(agent: Agent, state: ActorCriticState, key: jax.Array) -> tuple[ActorCriticState, Collected]:
+    """Collect `num_steps` x `num_envs` transitions and compute bootstrap values.
+
+    v_t is the rollout's own next-step value, except after the last step (one extra critic call on
+    the current observations) and where an episode was truncated (the critic on the pre-reset
+    observation, computed only if any truncation happened in this rollout). On termination the
+    discount is zero, so nothing is bootstrapped.
+    """
+    policy_fn = agent.behaviour_policy(state.params, state.obs_stats)
+    runner, traj = rollout.collect(
+        agent.env, state.env_params, policy_fn, state.runner, key, agent.config.num_steps
+    )
+    v_tm1 = traj.extras.value
+    last_value = agent.value(state.params, state.obs_stats, runner.obs)
+    v_next = jnp.concatenate([v_tm1[1:], last_value[None]], axis=0)
+    v_final = jax.lax.cond(
+        jnp.any(traj.truncated),
+        lambda: agent.value(state.params, state.obs_stats, traj.next_obs),
+        lambda: jnp.zeros_like(v_tm1),
+    )
+    v_t = jnp.where(traj.truncated, v_final, v_next)
+    discount_t = state.hparams.gamma * (1.0 - traj.terminated.astype(jnp.float32))
+    state = state.replace(runner=runner)
+    return state, Collected(traj=traj, v_tm1=v_tm1, v_t=v_t, discount_t=discount_t)
+
+
+def finish_update(
+    agent: Agent,
+    state: ActorCriticState,
+    collected: Collected,
+    loss: jax.Array,
+    aux: ActorCriticAux,
+) -> tuple[ActorCriticState, OnPolicyMetrics]:
+    """Update observation statistics and the step counter; summarise the update."""
+    obs_stats = state.obs_stats
+    if agent.config.normalize_obs:
+        obs_stats = update_stats(obs_stats, collected.traj.obs)
+    step = state.update_step + 1
+    state = state.replace(obs_stats=obs_stats, update_step=step)
+    metrics = OnPolicyMetrics(
+        episode=rollout.EpisodeMetrics.from_stats(collected.traj.episode),
+        loss=loss,
+        aux=aux,
+        env_steps=step * agent.config.steps_per_update,
+    )
+    return state, metrics
+
+
+def flatten_time(x: jax.Array) -> jax.Array:
+    """(T, N, ...) -> (T * N, ...)."""
+    return jnp.reshape(x, (-1,) + x.shape[2:])
+
+
+def act(
+    agent: Agent, params: Params, obs_stats: RunningStats, obs: jax.Array, key: jax.Array, greedy: bool
+) -> jax.Array:
+    """The trained policy: a sample, or the mode when `greedy`."""
+    policy_out, _ = agent.apply(params, agent.prep_obs(obs_stats, obs))
+    if greedy:
+        return greedy_action(policy_out, agent.spec)
+    return distribution(policy_out, agent.spec).sample(seed=key)
+
+
