@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-from typing import Any
+from typing import Any, Callable
 
 import gymnax
 
@@ -20,6 +20,7 @@ from rlcx_jax.envs.wrappers import (
 )
 
 __all__ = [
+    "register",
     "make_training_env",
     "make",
     "list_envs",
@@ -30,9 +31,20 @@ __all__ = [
 ]
 
 
+# Our own jittable environments (probe envs, task families): id -> factory() -> (env, env_params).
+_EXTRA_ENVS: dict[str, Callable[[], tuple[Any, Any]]] = {}
+
+
+def register(name: str, factory: Callable[[], tuple[Any, Any]]) -> None:
+    """Register one of our own gymnax-compatible environments under `name`."""
+    if name in _EXTRA_ENVS or name in gymnax.registered_envs:
+        raise ValueError(f"Environment {name!r} is already registered")
+    _EXTRA_ENVS[name] = factory
+
+
 def list_envs() -> list[str]:
     """All environment ids that `make` accepts."""
-    return list(gymnax.registered_envs)
+    return list(gymnax.registered_envs) + list(_EXTRA_ENVS)
 
 
 def check_env_name(name: str) -> None:
@@ -58,7 +70,10 @@ def make(name: str, **param_overrides: Any) -> tuple[Any, Any]:
       `(obs, state, reward, terminated, truncated, info)` and auto-resets.
     """
     check_env_name(name)
-    env, env_params = gymnax.make(name)
+    if name in _EXTRA_ENVS:
+        env, env_params = _EXTRA_ENVS[name]()
+    else:
+        env, env_params = gymnax.make(name)
     if param_overrides:
         fields = {f.name for f in dataclasses.fields(env_params)}
         unknown = sorted(set(param_overrides) - fields)

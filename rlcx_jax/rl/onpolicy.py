@@ -21,9 +21,12 @@ from rlcx_jax.rl.common import (
     ApplyFn,
     Hooks,
     Params,
+    Trainer,
+    TrainOutput,
     check_positive,
     make_apply,
     make_optimizer,
+    scan_updates,
 )
 from rlcx_jax.rl.losses import ActorCriticAux
 from rlcx_jax.rl.policy import distribution, greedy_action
@@ -234,6 +237,18 @@ def finish_update(
     return state, metrics
 
 
+def gradient_step(
+    agent: Agent, state: ActorCriticState, loss_fn: Callable[..., Any], batch: Any, hparams: Any
+) -> tuple[ActorCriticState, jax.Array, ActorCriticAux]:
+    """One optimizer step on `loss_fn(params, batch, hparams, apply, spec) -> (loss, aux)`."""
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params, batch, hparams, agent.apply, agent.spec
+    )
+    updates, opt_state = agent.optimizer(state.hparams).update(grads, state.opt_state)
+    state = state.replace(params=optax.apply_updates(state.params, updates), opt_state=opt_state)
+    return state, loss, aux
+
+
 def flatten_time(x: jax.Array) -> jax.Array:
     """(T, N, ...) -> (T * N, ...)."""
     return jnp.reshape(x, (-1,) + x.shape[2:])
@@ -249,3 +264,27 @@ def act(
     return distribution(policy_out, agent.spec).sample(seed=key)
 
 
+
+
+def make_trainer(
+    config: OnPolicyConfig,
+    hooks: Hooks,
+    update: Callable[[Agent, ActorCriticState], tuple[ActorCriticState, OnPolicyMetrics]],
+) -> Trainer:
+    """Build init / learn / train / act for an on-policy algorithm given its `update`."""
+    agent = build_agent(config, hooks)
+
+    def init(key: jax.Array, hparams: Any, env_params: Any = None) -> ActorCriticState:
+        return init_state(agent, key, hparams, env_params)
+
+    def learn(state: ActorCriticState, n_updates: int) -> tuple[ActorCriticState, OnPolicyMetrics]:
+        return scan_updates(lambda s: update(agent, s), state, n_updates, config.log_every)
+
+    def train(key: jax.Array, hparams: Any, env_params: Any = None) -> TrainOutput:
+        state, metrics = learn(init(key, hparams, env_params), config.num_updates)
+        return TrainOutput(state=state, metrics=metrics)
+
+    def policy(params: Params, obs_stats: RunningStats, obs: jax.Array, key: jax.Array, greedy: bool = False) -> jax.Array:
+        return act(agent, params, obs_stats, obs, key, greedy)
+
+    return Trainer(config, init, learn, train, policy, config.num_updates, config.log_every)

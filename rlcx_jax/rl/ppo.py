@@ -17,7 +17,7 @@ import optax
 from flax import struct
 
 from rlcx_jax.rl import onpolicy
-from rlcx_jax.rl.common import Hooks, Trainer, TrainOutput, check_positive, check_range, scan_updates
+from rlcx_jax.rl.common import Hooks, Trainer, check_positive, check_range
 from rlcx_jax.rl.losses import PolicyBatch, ppo_loss
 from rlcx_jax.rl.onpolicy import ActorCriticState, OnPolicyMetrics
 from rlcx_jax.rl.returns import gae
@@ -125,22 +125,7 @@ def _update(agent: onpolicy.Agent, state: PPOState) -> tuple[PPOState, OnPolicyM
 
 def make(config: PPOConfig = PPOConfig(), hooks: Hooks = Hooks()) -> Trainer:
     """Validate `config` and build init / learn / train / act for it."""
-    agent = onpolicy.build_agent(config, hooks)
-
-    def init(key: jax.Array, hparams: PPOHParams, env_params: Any = None) -> PPOState:
-        return onpolicy.init_state(agent, key, hparams, env_params)
-
-    def learn(state: PPOState, n_updates: int) -> tuple[PPOState, OnPolicyMetrics]:
-        return scan_updates(lambda s: _update(agent, s), state, n_updates, config.log_every)
-
-    def train(key: jax.Array, hparams: PPOHParams, env_params: Any = None) -> TrainOutput:
-        state, metrics = learn(init(key, hparams, env_params), config.num_updates)
-        return TrainOutput(state=state, metrics=metrics)
-
-    def act(params: Any, obs_stats: Any, obs: jax.Array, key: jax.Array, greedy: bool = False) -> jax.Array:
-        return onpolicy.act(agent, params, obs_stats, obs, key, greedy)
-
-    return Trainer(config, init, learn, train, act, config.num_updates, config.log_every)
+    return onpolicy.make_trainer(config, hooks, _update)
 
 
 def make_train(config: PPOConfig = PPOConfig(), hooks: Hooks = Hooks()):

@@ -1,0 +1,84 @@
+"""Advantage actor-critic, synchronous (A2C; Mnih et al. 2016): one gradient step per rollout on
+GAE(lambda) advantages (lambda = 1 gives the n-step returns of the paper, n = num_steps)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+from flax import struct
+
+from rlcx_jax.rl import onpolicy
+from rlcx_jax.rl.common import Hooks, Trainer, check_positive, check_range
+from rlcx_jax.rl.losses import PolicyBatch, policy_gradient_loss
+from rlcx_jax.rl.onpolicy import ActorCriticState, OnPolicyMetrics
+from rlcx_jax.rl.returns import gae
+
+A2CState = ActorCriticState
+
+
+@dataclasses.dataclass(frozen=True)
+class A2CConfig(onpolicy.OnPolicyConfig):
+    """Static A2C settings: short rollouts from many environments."""
+
+    num_envs: int = 16
+    num_steps: int = 8
+    anneal_lr: bool = False
+    normalize_advantages: bool = False
+
+
+@struct.dataclass
+class A2CHParams:
+    lr: float = 2e-3
+    gamma: float = 0.99
+    gae_lambda: float = 1.0
+    ent_coef: float = 0.01
+    vf_coef: float = 0.5
+    max_grad_norm: float = 0.5
+
+    def validate(self) -> None:
+        check_positive("lr", self.lr)
+        check_range("gamma", self.gamma, 0.0, 1.0)
+        check_range("gae_lambda", self.gae_lambda, 0.0, 1.0)
+        check_positive("max_grad_norm", self.max_grad_norm)
+
+
+def _update(agent: onpolicy.Agent, state: A2CState) -> tuple[A2CState, OnPolicyMetrics]:
+    config: A2CConfig = agent.config  # type: ignore[assignment]
+    hp: A2CHParams = state.hparams
+    key, key_collect = jax.random.split(state.key)
+    state = state.replace(key=key)
+
+    # COLLECT TRAJECTORIES
+    state, col = onpolicy.collect(agent, state, key_collect)
+    traj = col.traj
+
+    # CALCULATE ADVANTAGE
+    advantage = gae(traj.reward, col.discount_t, col.v_tm1, col.v_t, hp.gae_lambda, traj.truncated)
+    target = advantage + col.v_tm1
+    if config.normalize_advantages:
+        advantage = (advantage - advantage.mean()) / (advantage.std() + 1e-8)
+    batch = jax.tree.map(
+        onpolicy.flatten_time,
+        PolicyBatch(
+            obs=agent.prep_obs(state.obs_stats, traj.obs),
+            action=traj.action,
+            advantage=advantage,
+            target=target,
+        ),
+    )
+
+    # UPDATE NETWORK (one step)
+    state, loss, aux = onpolicy.gradient_step(agent, state, policy_gradient_loss, batch, hp)
+    return onpolicy.finish_update(agent, state, col, loss, aux)
+
+
+def make(config: A2CConfig = A2CConfig(), hooks: Hooks = Hooks()) -> Trainer:
+    """Validate `config` and build init / learn / train / act for it."""
+    return onpolicy.make_trainer(config, hooks, _update)
+
+
+def make_train(config: A2CConfig = A2CConfig(), hooks: Hooks = Hooks()):
+    """The pure `train(key, hparams, env_params=None) -> TrainOutput` for `config`."""
+    return make(config, hooks).train

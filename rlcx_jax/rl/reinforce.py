@@ -1,0 +1,92 @@
+"""REINFORCE (Williams 1992): Monte-Carlo policy gradient, with an optional learned baseline.
+
+Rollouts have a fixed length (`num_steps`), so an episode can straddle two updates. Returns are the
+discounted Monte-Carlo returns inside the rollout; with the baseline they are bootstrapped from the
+critic at the rollout's end and at time-limit truncations, without it they are cut there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+from flax import struct
+
+from rlcx_jax.rl import onpolicy
+from rlcx_jax.rl.common import Hooks, Trainer, check_positive, check_range
+from rlcx_jax.rl.losses import PolicyBatch, policy_gradient_loss
+from rlcx_jax.rl.onpolicy import ActorCriticState, OnPolicyMetrics
+from rlcx_jax.rl.returns import discounted_returns
+
+ReinforceState = ActorCriticState
+
+
+@dataclasses.dataclass(frozen=True)
+class ReinforceConfig(onpolicy.OnPolicyConfig):
+    """Static REINFORCE settings. `use_baseline` subtracts a learned V(s) from the return."""
+
+    num_envs: int = 8
+    num_steps: int = 256
+    anneal_lr: bool = False
+    use_baseline: bool = True
+    normalize_advantages: bool = True
+
+
+@struct.dataclass
+class ReinforceHParams:
+    lr: float = 1e-3
+    gamma: float = 0.99
+    ent_coef: float = 0.0
+    vf_coef: float = 0.5
+    max_grad_norm: float = 1.0
+
+    def validate(self) -> None:
+        check_positive("lr", self.lr)
+        check_range("gamma", self.gamma, 0.0, 1.0)
+        check_positive("max_grad_norm", self.max_grad_norm)
+
+
+def _update(agent: onpolicy.Agent, state: ReinforceState) -> tuple[ReinforceState, OnPolicyMetrics]:
+    config: ReinforceConfig = agent.config  # type: ignore[assignment]
+    hp: ReinforceHParams = state.hparams
+    key, key_collect = jax.random.split(state.key)
+    state = state.replace(key=key)
+
+    # COLLECT TRAJECTORIES
+    state, col = onpolicy.collect(agent, state, key_collect)
+    traj = col.traj
+
+    # MONTE-CARLO RETURNS
+    if config.use_baseline:
+        returns = discounted_returns(traj.reward, col.discount_t, col.v_t, traj.truncated)
+        advantage = returns - col.v_tm1
+        loss_hp = hp
+    else:
+        returns = discounted_returns(traj.reward, col.discount_t, None, traj.truncated)
+        advantage = returns
+        loss_hp = hp.replace(vf_coef=0.0)  # the critic is unused: give it no gradient
+    if config.normalize_advantages:
+        advantage = (advantage - advantage.mean()) / (advantage.std() + 1e-8)
+    batch = jax.tree.map(
+        onpolicy.flatten_time,
+        PolicyBatch(
+            obs=agent.prep_obs(state.obs_stats, traj.obs),
+            action=traj.action,
+            advantage=advantage,
+            target=returns,
+        ),
+    )
+
+    # UPDATE NETWORK (one step)
+    state, loss, aux = onpolicy.gradient_step(agent, state, policy_gradient_loss, batch, loss_hp)
+    return onpolicy.finish_update(agent, state, col, loss, aux)
+
+
+def make(config: ReinforceConfig = ReinforceConfig(), hooks: Hooks = Hooks()) -> Trainer:
+    """Validate `config` and build init / learn / train / act for it."""
+    return onpolicy.make_trainer(config, hooks, _update)
+
+
+def make_train(config: ReinforceConfig = ReinforceConfig(), hooks: Hooks = Hooks()):
+    """The pure `train(key, hparams, env_params=None) -> TrainOutput` for `config`."""
+    return make(config, hooks).train
