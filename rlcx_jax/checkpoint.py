@@ -1,0 +1,196 @@
+"""Run directories: `config.json` + orbax checkpoints of the full (vmapped) training state.
+
+A run directory is self-describing: `config.json` names the algorithm and holds its config and
+hyperparameters, so `rlcx eval DIR` or a notebook can rebuild the abstract state and restore it
+without the Python objects that made it. Orbax writes each checkpoint to a temporary directory and
+renames it when complete, so a crash never leaves a half-written checkpoint that looks valid;
+`config.json` is written to a temporary name and renamed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import types
+import typing
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+CONFIG_FILE = "config.json"
+CHECKPOINT_DIR = "checkpoints"
+
+
+class CheckpointError(ValueError):
+    """A run directory or checkpoint is missing, or does not match its config."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Config <-> JSON
+# ----------------------------------------------------------------------------------------------
+def to_jsonable(obj: Any) -> Any:
+    """Dataclasses (configs, hparams) to plain JSON values."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (tuple, list)):
+        return [to_jsonable(x) for x in obj]
+    if isinstance(obj, (np.generic, np.ndarray, jax.Array)):
+        return np.asarray(obj).tolist()
+    return obj
+
+
+def _from_value(tp: Any, value: Any) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return from_jsonable(tp, value)
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_from_value(args[0], v) for v in value)
+        return tuple(_from_value(a, v) for a, v in zip(args, value)) if args else tuple(value)
+    if origin in (typing.Union, types.UnionType):
+        if value is None:
+            return None
+        for arg in typing.get_args(tp):
+            if arg is not type(None):
+                return _from_value(arg, value)
+    if tp is float and value is not None:
+        return float(value)
+    return value
+
+
+def from_jsonable(cls: type, data: dict[str, Any]) -> Any:
+    """Rebuild a (nested) config dataclass from `to_jsonable` output, with type conversion."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise CheckpointError(f"{cls.__name__} has no field(s) {unknown}")
+    return cls(**{k: _from_value(hints[k], v) for k, v in data.items()})
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+    """Everything needed to rebuild a run: algorithm, static config, hyperparameters, seeds."""
+
+    algorithm: str
+    config: Any
+    hparams: Any
+    num_seeds: int
+    seed: int
+    chunk_updates: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "algorithm": self.algorithm,
+            "config": to_jsonable(self.config),
+            "hparams": to_jsonable(self.hparams),
+            "num_seeds": self.num_seeds,
+            "seed": self.seed,
+            "chunk_updates": self.chunk_updates,
+        }
+
+    @staticmethod
+    def from_json(data: dict[str, Any]) -> "RunSpec":
+        from rlcx_jax import rl
+
+        spec = rl.get(data["algorithm"])
+        return RunSpec(
+            algorithm=data["algorithm"],
+            config=from_jsonable(spec.config_cls, data["config"]),
+            hparams=from_jsonable(spec.hparams_cls, data["hparams"]),
+            num_seeds=int(data["num_seeds"]),
+            seed=int(data["seed"]),
+            chunk_updates=int(data["chunk_updates"]),
+        )
+
+
+def atomic_write_text(path: pathlib.Path, text: str) -> None:
+    """Write to a temporary file in the same directory, fsync, then rename over `path`."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_run_spec(run_dir: pathlib.Path, spec: RunSpec) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / CONFIG_FILE, json.dumps(spec.to_json(), indent=2) + "\n")
+
+
+def read_run_spec(run_dir: pathlib.Path) -> RunSpec:
+    path = pathlib.Path(run_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise CheckpointError(f"No {CONFIG_FILE} in {run_dir}: not a run directory")
+    try:
+        return RunSpec.from_json(json.loads(path.read_text()))
+    except (KeyError, TypeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path} is not a valid run config: {e}") from e
+
+
+# ----------------------------------------------------------------------------------------------
+# State checkpoints
+# ----------------------------------------------------------------------------------------------
+def _manager(run_dir: pathlib.Path, create: bool) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=2, create=create, enable_async_checkpointing=False, cleanup_tmp_directories=True
+    )
+    return ocp.CheckpointManager(pathlib.Path(run_dir).absolute() / CHECKPOINT_DIR, options=options)
+
+
+def save_state(run_dir: pathlib.Path, step: int, state: Any) -> None:
+    """Save `state` as checkpoint `step` (atomic: temporary directory, then rename)."""
+    with _manager(run_dir, create=True) as mngr:
+        mngr.save(step, args=ocp.args.StandardSave(state))
+        mngr.wait_until_finished()
+
+
+def latest_step(run_dir: pathlib.Path) -> int | None:
+    ckpt = pathlib.Path(run_dir) / CHECKPOINT_DIR
+    if not ckpt.is_dir():
+        return None
+    with _manager(run_dir, create=False) as mngr:
+        return mngr.latest_step()
+
+
+def _describe(leaf: Any) -> tuple[tuple[int, ...], str]:
+    return tuple(leaf.shape), str(jnp.dtype(leaf.dtype))
+
+
+def restore_state(run_dir: pathlib.Path, abstract_state: Any, step: int | None = None) -> tuple[int, Any]:
+    """Restore checkpoint `step` (latest when None) into the structure of `abstract_state`.
+
+    Shapes and dtypes are checked against `abstract_state` (built from config.json) first, so a
+    mismatch is a clear CheckpointError, not an error from deep inside orbax.
+    """
+    step = latest_step(run_dir) if step is None else step
+    if step is None:
+        raise CheckpointError(f"No checkpoint in {pathlib.Path(run_dir) / CHECKPOINT_DIR}")
+    with _manager(run_dir, create=False) as mngr:
+        try:
+            stored = mngr.item_metadata(step)
+        except Exception as e:  # orbax raises various types for unreadable metadata
+            raise CheckpointError(f"Checkpoint {step} in {run_dir} is unreadable: {e}") from e
+        expected = jax.tree_util.tree_flatten_with_path(abstract_state)[0]
+        stored_leaves = jax.tree_util.tree_flatten_with_path(stored)[0] if stored is not None else []
+        if stored is not None:
+            if len(stored_leaves) != len(expected):
+                raise CheckpointError(
+                    f"Checkpoint {step} has {len(stored_leaves)} arrays but the config expects "
+                    f"{len(expected)}: the checkpoint does not belong to this config"
+                )
+            for (path, want), (_, got) in zip(expected, stored_leaves):
+                if hasattr(got, "shape") and _describe(got) != _describe(want):
+                    raise CheckpointError(
+                        f"Checkpoint {step} does not match the config at {jax.tree_util.keystr(path)}: "
+                        f"stored {_describe(got)}, expected {_describe(want)}"
+                    )
+        state = mngr.restore(step, args=ocp.args.StandardRestore(abstract_state))
+    return step, state

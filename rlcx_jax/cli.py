@@ -1,0 +1,359 @@
+"""The `rlcx` command line.
+
+  rlcx train {dqn,reinforce,a2c,ppo} [--env ID] [--seeds N] [--total-steps N] [--out DIR] [flags]
+  rlcx eval DIR [--episodes N]
+
+Training runs in chunks (the `init` / `learn(state, n)` mode) vmapped over seeds, so the host can
+show progress with an ETA, append `metrics.jsonl` and write an orbax checkpoint between chunks;
+`--resume` continues from the last checkpoint and ends bit-identical to an uninterrupted run.
+Flags are generated from the algorithm's config and hyperparameter dataclasses (tyro), so a new
+field is a new flag without editing this file. Bad input gives a one-line error and exit code 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import math
+import pathlib
+import shutil
+import sys
+import time
+import typing
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+
+from rlcx_jax import checkpoint, envs, nets, rl
+from rlcx_jax import logging as rlog
+from rlcx_jax.rl.common import broadcast_tree
+from rlcx_jax.rl.evaluate import default_greedy, make_evaluator
+
+# Config fields that the CLI exposes under other names (or not at all).
+_RENAMED = {"env", "total_timesteps", "env_kwargs", "net"}
+
+
+class CLIError(ValueError):
+    """A user error: printed as one line, exit code 2."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Flags from dataclasses
+# ----------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class RunOptions:
+    env: str = "CartPole-v1"
+    """Environment id (gymnax, or one of ours)."""
+    seeds: int = 8
+    """Number of seeds trained at once (vmapped)."""
+    seed: int = 0
+    """Base PRNG seed; seed i uses split(PRNGKey(seed), seeds)[i]."""
+    total_steps: int = -1
+    """Environment steps per seed (-1: the algorithm's default)."""
+    out: str = ""
+    """Run directory (default: runs/<algo>-<env>-<timestamp>)."""
+    resume: bool = False
+    """Continue the run in --out from its last checkpoint."""
+    overwrite: bool = False
+    """Delete an existing run in --out first."""
+    chunks: int = 20
+    """Number of chunks (progress / checkpoint points) the run is split into."""
+    eval_episodes: int = 32
+    """Episodes per seed for the final evaluation."""
+    env_param: tuple[str, ...] = ()
+    """Environment parameter overrides, e.g. --env-param max_steps_in_episode=200."""
+
+
+def _field_default(instance: Any, f: dataclasses.Field) -> Any:
+    return getattr(instance, f.name)
+
+
+def train_args_class(algorithm: str) -> type:
+    """A flat dataclass of run options + the algorithm's config, network and hyperparameters."""
+    spec = rl.get(algorithm)
+    config0 = spec.config_cls()
+    hparams0 = spec.hparams_cls()
+    fields: list[tuple[str, Any, Any]] = []
+    for f in dataclasses.fields(RunOptions):
+        fields.append((f.name, typing.get_type_hints(RunOptions)[f.name], dataclasses.field(default=f.default)))
+    for obj, prefix in ((config0, ""), (config0.net, "net_"), (hparams0, "")):
+        hints = typing.get_type_hints(type(obj))
+        for f in dataclasses.fields(obj):
+            if prefix == "" and f.name in _RENAMED:
+                continue
+            fields.append((prefix + f.name, hints[f.name], dataclasses.field(default=_field_default(obj, f))))
+    return dataclasses.make_dataclass(f"Train{algorithm.upper()}", fields)
+
+
+def _parse_env_params(items: Sequence[str]) -> tuple[tuple[str, Any], ...]:
+    out = []
+    for item in items:
+        if "=" not in item:
+            raise CLIError(f"--env-param expects NAME=VALUE, got {item!r}")
+        name, value = item.split("=", 1)
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            parsed = value
+        out.append((name.strip(), parsed))
+    return tuple(out)
+
+
+def build_run(algorithm: str, args: Any) -> tuple[Any, Any]:
+    """(config, hparams) from parsed flags; validates both before anything is compiled."""
+    spec = rl.get(algorithm)
+    config0 = spec.config_cls()
+    values = dataclasses.asdict(args)
+    net_kwargs = {f.name: values["net_" + f.name] for f in dataclasses.fields(nets.NetConfig)}
+    cfg_kwargs = {
+        f.name: values[f.name] for f in dataclasses.fields(config0) if f.name not in _RENAMED
+    }
+    total = args.total_steps if args.total_steps != -1 else config0.total_timesteps
+    env_kwargs = _parse_env_params(args.env_param)
+    envs.make(args.env, **dict(env_kwargs))  # unknown env / parameter: clear error now
+    config = spec.config_cls(
+        env=args.env, total_timesteps=total, env_kwargs=env_kwargs, net=nets.NetConfig(**net_kwargs), **cfg_kwargs
+    )
+    hparams = spec.hparams_cls(**{f.name: values[f.name] for f in dataclasses.fields(spec.hparams_cls)})
+    config.validate()
+    hparams.validate()
+    if args.seeds < 1:
+        raise CLIError(f"--seeds must be >= 1, got {args.seeds}")
+    if args.chunks < 1:
+        raise CLIError(f"--chunks must be >= 1, got {args.chunks}")
+    if args.eval_episodes < 1:
+        raise CLIError(f"--eval-episodes must be >= 1, got {args.eval_episodes}")
+    return config, hparams
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------
+def _prepare_run_dir(run_dir: pathlib.Path, run_spec: checkpoint.RunSpec, resume: bool, overwrite: bool) -> int:
+    """Create or check the run directory; returns the number of updates already done."""
+    if resume:
+        existing = checkpoint.read_run_spec(run_dir)
+        if existing.to_json() != run_spec.to_json():
+            raise CLIError(
+                f"--resume: the settings differ from the run in {run_dir}; "
+                "pass the same flags as the original run (see its config.json)"
+            )
+        done = checkpoint.latest_step(run_dir) or 0
+        rlog.truncate_rows(run_dir, done // run_spec.config.log_every)
+        return done
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if not overwrite:
+            raise CLIError(f"{run_dir} already holds a run; use --resume, --overwrite or another --out")
+        shutil.rmtree(run_dir)
+    checkpoint.write_run_spec(run_dir, run_spec)
+    return 0
+
+
+def _abstract_state(trainer: Any, run_spec: checkpoint.RunSpec) -> tuple[Any, Any, Any]:
+    keys = jax.random.split(jax.random.PRNGKey(run_spec.seed), run_spec.num_seeds)
+    hps = broadcast_tree(run_spec.hparams, run_spec.num_seeds)
+    init = jax.jit(jax.vmap(trainer.init))
+    return init, (keys, hps), jax.eval_shape(init, keys, hps)
+
+
+def restore_run(run_dir: pathlib.Path) -> tuple[checkpoint.RunSpec, Any, int, Any]:
+    """(run spec, trainer, checkpoint step, vmapped state) of a run directory."""
+    run_spec = checkpoint.read_run_spec(run_dir)
+    trainer = rl.make(run_spec.algorithm, run_spec.config)
+    _, _, abstract = _abstract_state(trainer, run_spec)
+    step, state = checkpoint.restore_state(run_dir, abstract)
+    return run_spec, trainer, step, state
+
+
+def evaluate_states(trainer: Any, algorithm: str, state: Any, num_episodes: int, seed: int) -> np.ndarray:
+    """Returns (seeds, episodes) of every seed's final policy."""
+    evaluator = make_evaluator(trainer, num_episodes, default_greedy(algorithm))
+    n = jax.tree.leaves(state.params)[0].shape[0]
+    keys = jax.random.split(jax.random.PRNGKey(seed + 10_000), n)
+    return np.asarray(jax.jit(jax.vmap(evaluator))(state.params, state.obs_stats, keys))
+
+
+def _print_table(title: str, returns: np.ndarray, extra: dict[str, str]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("seed", justify="right")
+    table.add_column("mean return", justify="right")
+    table.add_column("min", justify="right")
+    table.add_column("max", justify="right")
+    for s, r in enumerate(returns):
+        table.add_row(str(s), f"{r.mean():.1f}", f"{r.min():.1f}", f"{r.max():.1f}")
+    per_seed = returns.mean(axis=1)
+    table.add_row("mean", f"{per_seed.mean():.1f}", f"{per_seed.min():.1f}", f"{per_seed.max():.1f}", end_section=True)
+    table.add_row("IQM", f"{rlog.iqm(per_seed):.1f}", "", "")
+    console = Console()
+    console.print(table)
+    for k, v in extra.items():
+        console.print(f"{k}: {v}")
+
+
+def run_train(algorithm: str, args: Any) -> dict[str, Any]:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    config, hparams = build_run(algorithm, args)
+    trainer = rl.make(algorithm, config)
+    rows_total = trainer.num_updates // trainer.log_every
+    chunk_updates = math.ceil(rows_total / min(args.chunks, rows_total)) * trainer.log_every
+    run_spec = checkpoint.RunSpec(algorithm, config, hparams, args.seeds, args.seed, chunk_updates)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    run_dir = pathlib.Path(args.out or f"runs/{algorithm}-{config.env}-{stamp}")
+    done = _prepare_run_dir(run_dir, run_spec, args.resume, args.overwrite)
+
+    # COMPILE (timed separately from running)
+    t0 = time.perf_counter()
+    init, init_args, abstract = _abstract_state(trainer, run_spec)
+    compiled: dict[int, Any] = {}
+
+    def learn_fn(n: int) -> Any:
+        if n not in compiled:
+            compiled[n] = jax.jit(jax.vmap(lambda s: trainer.learn(s, n))).lower(abstract).compile()
+        return compiled[n]
+
+    learn_fn(min(chunk_updates, trainer.num_updates - done) if done < trainer.num_updates else chunk_updates)
+    if done:
+        _, state = checkpoint.restore_state(run_dir, abstract, done)
+    else:
+        state = init(*init_args)
+    jax.block_until_ready(state)
+    compile_s = time.perf_counter() - t0
+
+    # TRAIN IN CHUNKS
+    start_done = done
+    run_s = 0.0
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("updates"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
+    with Progress(*columns, transient=False) as progress:
+        task = progress.add_task(f"{algorithm} {config.env} x{args.seeds}", total=trainer.num_updates, completed=done)
+        while done < trainer.num_updates:
+            n = min(chunk_updates, trainer.num_updates - done)
+            fn = learn_fn(n)
+            t = time.perf_counter()
+            state, metrics = fn(state)
+            jax.block_until_ready(state)
+            run_s += time.perf_counter() - t
+            rlog.append_rows(run_dir, rlog.metrics_rows(metrics, done // trainer.log_every, trainer.log_every))
+            done += n
+            checkpoint.save_state(run_dir, done, state)
+            progress.update(task, completed=done)
+
+    # EVALUATE, REPORT
+    returns = evaluate_states(trainer, algorithm, state, args.eval_episodes, args.seed)
+    env_steps = (done - start_done) * config.steps_per_update * args.seeds
+    sps = env_steps / run_s if run_s > 0 else float("nan")
+    summary = {
+        "algorithm": algorithm,
+        "env": config.env,
+        "seeds": args.seeds,
+        "total_steps_per_seed": trainer.num_updates * config.steps_per_update,
+        "eval_return_per_seed": returns.mean(axis=1).tolist(),
+        "eval_return_mean": float(returns.mean()),
+        "eval_return_iqm": rlog.iqm(returns.mean(axis=1)),
+        "env_steps_per_second": sps,
+        "compile_seconds": compile_s,
+        "run_seconds": run_s,
+        "device": jax.devices()[0].device_kind,
+    }
+    checkpoint.atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    rows = rlog.read_rows(run_dir)
+    if rows:
+        rlog.plot_learning_curves(rows, run_dir / "learning_curve.png", f"{algorithm} on {config.env}")
+    _print_table(
+        f"{algorithm} on {config.env}: evaluation over {args.eval_episodes} episodes per seed",
+        returns,
+        {
+            "env steps/s (all seeds, excl. compile)": f"{sps:,.0f}",
+            "compile time": f"{compile_s:.1f} s",
+            "run time": f"{run_s:.1f} s",
+            "run directory": str(run_dir),
+        },
+    )
+    return summary
+
+
+def run_eval(argv: Sequence[str]) -> dict[str, Any]:
+    import tyro
+
+    @dataclasses.dataclass
+    class EvalArgs:
+        run_dir: tyro.conf.Positional[str]
+        """A run directory written by `rlcx train`."""
+        episodes: int = 32
+        """Episodes per seed."""
+        seed: int = 0
+        """Evaluation PRNG seed."""
+
+    args = tyro.cli(EvalArgs, args=list(argv), prog="rlcx eval")
+    if args.episodes < 1:
+        raise CLIError(f"--episodes must be >= 1, got {args.episodes}")
+    run_dir = pathlib.Path(args.run_dir)
+    if not run_dir.is_dir():
+        raise CLIError(f"No run directory at {run_dir}")
+    run_spec, trainer, step, state = restore_run(run_dir)
+    returns = evaluate_states(trainer, run_spec.algorithm, state, args.episodes, args.seed)
+    _print_table(
+        f"{run_spec.algorithm} on {run_spec.config.env} (checkpoint at update {step}): {args.episodes} episodes per seed",
+        returns,
+        {"run directory": str(run_dir)},
+    )
+    return {"eval_return_per_seed": returns.mean(axis=1).tolist(), "step": step}
+
+
+# ----------------------------------------------------------------------------------------------
+# Entry point
+# ----------------------------------------------------------------------------------------------
+USAGE = """usage: rlcx {train,eval} ...
+
+  rlcx train {dqn,reinforce,a2c,ppo} [--env ID] [--seeds N] [--total-steps N] [--out DIR] [flags]
+  rlcx train ppo --help         all flags of one algorithm
+  rlcx eval RUN_DIR [--episodes N]
+"""
+
+
+def _dispatch(argv: list[str]) -> None:
+    import tyro
+
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        if not argv:
+            raise CLIError("missing command (train or eval)")
+        return
+    command, rest = argv[0], argv[1:]
+    if command == "train":
+        if not rest or rest[0] in ("-h", "--help"):
+            print(USAGE)
+            if not rest:
+                raise CLIError(f"missing algorithm: one of {', '.join(rl.ALGORITHMS)}")
+            return
+        algorithm = rest[0]
+        rl.get(algorithm)  # unknown algorithm -> ValueError with close match
+        args = tyro.cli(train_args_class(algorithm), args=rest[1:], prog=f"rlcx train {algorithm}")
+        run_train(algorithm, args)
+    elif command == "eval":
+        run_eval(rest)
+    else:
+        raise CLIError(f"unknown command {command!r}; expected train or eval")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        _dispatch(argv)
+    except (ValueError, checkpoint.CheckpointError, FileNotFoundError) as e:
+        print(f"rlcx: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("rlcx: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,130 @@
+"""Metrics rows (`metrics.jsonl`), summary statistics and learning-curve plots.
+
+Metrics leave jit as fixed-shape arrays (one row per `log_every` updates per seed); this module
+turns them into JSON rows and pictures on the host, between chunks.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from typing import Any, Iterable
+
+import jax
+import numpy as np
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def flatten_metrics(metrics: Any) -> dict[str, np.ndarray]:
+    """Nested metrics dataclass -> {"episode/episode_return": array, ...} on the host."""
+    out: dict[str, np.ndarray] = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(metrics)[0]:
+        name = "/".join(str(getattr(k, "name", getattr(k, "key", k))) for k in path)
+        out[name] = np.asarray(leaf)
+    return out
+
+
+def metrics_rows(metrics: Any, first_row: int, log_every: int) -> list[dict[str, Any]]:
+    """Rows for `metrics.jsonl` from vmapped chunk metrics with shape (seeds, rows)."""
+    flat = flatten_metrics(metrics)
+    num_seeds, num_rows = next(iter(flat.values())).shape[:2]
+    rows = []
+    for r in range(num_rows):
+        for s in range(num_seeds):
+            row: dict[str, Any] = {"seed": s, "update": (first_row + r + 1) * log_every}
+            row.update({k: float(v[s, r]) for k, v in flat.items()})
+            rows.append(row)
+    return rows
+
+
+def append_rows(run_dir: pathlib.Path, rows: Iterable[dict[str, Any]]) -> None:
+    with open(pathlib.Path(run_dir) / METRICS_FILE, "a") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+
+
+def read_rows(run_dir: pathlib.Path) -> list[dict[str, Any]]:
+    path = pathlib.Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut by a crash: everything before it is valid
+                break
+    return rows
+
+
+def truncate_rows(run_dir: pathlib.Path, max_update: int) -> None:
+    """Keep only rows up to `max_update` (used on resume, to match the restored checkpoint)."""
+    from rlcx_jax.checkpoint import atomic_write_text
+
+    rows = [r for r in read_rows(run_dir) if r["update"] <= max_update]
+    atomic_write_text(pathlib.Path(run_dir) / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def forward_fill(values: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Along the last axis, carry the last value of a row that had episodes over rows that had none
+    (a long episode can span several logging rows); NaN before the first episode."""
+    values = np.asarray(values, dtype=np.float64)
+    filled = np.where(np.asarray(counts) > 0, values, np.nan)
+    out = np.empty_like(filled)
+    last = np.full(filled.shape[:-1], np.nan)
+    for i in range(filled.shape[-1]):
+        last = np.where(np.isnan(filled[..., i]), last, filled[..., i])
+        out[..., i] = last
+    return out
+
+
+def iqm(x: np.ndarray) -> float:
+    """Interquartile mean (Agarwal et al. 2021): mean of the middle 50% of values."""
+    x = np.sort(np.asarray(x, dtype=np.float64).ravel())
+    n = len(x)
+    if n == 0:
+        return float("nan")
+    lo, hi = int(np.floor(0.25 * n)), int(np.ceil(0.75 * n))
+    return float(np.mean(x[lo:hi])) if hi > lo else float(np.mean(x))
+
+
+def curves_from_rows(rows: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
+    """(env_steps[rows], returns[seeds, rows]) forward-filled, from metrics.jsonl rows."""
+    seeds = sorted({r["seed"] for r in rows})
+    updates = sorted({r["update"] for r in rows})
+    u_index = {u: i for i, u in enumerate(updates)}
+    ret = np.zeros((len(seeds), len(updates)))
+    cnt = np.zeros_like(ret)
+    steps = np.zeros(len(updates))
+    for r in rows:
+        i = u_index[r["update"]]
+        ret[r["seed"], i] = r["episode/episode_return"]
+        cnt[r["seed"], i] = r["episode/episode_count"]
+        steps[i] = r["env_steps"]
+    return steps, forward_fill(ret, cnt)
+
+
+def plot_learning_curves(rows: list[dict[str, Any]], path: pathlib.Path, title: str) -> None:
+    """Learning curve over seeds: each seed thin, mean bold, IQR shaded."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps, returns = curves_from_rows(rows)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for seed_curve in returns:
+        ax.plot(steps, seed_curve, lw=0.6, alpha=0.4)
+    with np.errstate(all="ignore"):
+        mean = np.nanmean(returns, axis=0)
+        q25, q75 = np.nanpercentile(returns, [25, 75], axis=0)
+    ax.plot(steps, mean, lw=2.0, color="k", label=f"mean over {returns.shape[0]} seeds")
+    ax.fill_between(steps, q25, q75, alpha=0.2, color="k", label="interquartile range")
+    ax.set_xlabel("environment steps")
+    ax.set_ylabel("episode return (training)")
+    ax.set_title(title)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
