@@ -142,7 +142,11 @@ def _manager(run_dir: pathlib.Path, create: bool) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(
         max_to_keep=2, create=create, enable_async_checkpointing=False, cleanup_tmp_directories=True
     )
-    return ocp.CheckpointManager(pathlib.Path(run_dir).absolute() / CHECKPOINT_DIR, options=options)
+    return ocp.CheckpointManager(
+        pathlib.Path(run_dir).absolute() / CHECKPOINT_DIR,
+        options=options,
+        item_handlers=ocp.StandardCheckpointHandler(),
+    )
 
 
 def save_state(run_dir: pathlib.Path, step: int, state: Any) -> None:
@@ -164,6 +168,40 @@ def _describe(leaf: Any) -> tuple[tuple[int, ...], str]:
     return tuple(leaf.shape), str(jnp.dtype(leaf.dtype))
 
 
+def _path_names(path: tuple[Any, ...]) -> tuple[str, ...]:
+    names = []
+    for k in path:
+        for attr in ("name", "key", "idx"):
+            if hasattr(k, attr):
+                names.append(str(getattr(k, attr)))
+                break
+        else:
+            names.append(str(k))
+    return tuple(names)
+
+
+def _leaves_by_path(tree: Any) -> dict[tuple[str, ...], Any]:
+    return {_path_names(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _check_matches(step: int, stored: dict, expected: dict) -> None:
+    missing = sorted(set(expected) - set(stored))
+    extra = sorted(set(stored) - set(expected))
+    if missing or extra:
+        detail = f"missing {'/'.join(missing[0])}" if missing else f"unexpected {'/'.join(extra[0])}"
+        raise CheckpointError(
+            f"Checkpoint {step} does not belong to this config ({len(missing)} arrays missing, "
+            f"{len(extra)} unexpected; first: {detail})"
+        )
+    for path, want in expected.items():
+        got = stored[path]
+        if hasattr(got, "shape") and _describe(got) != _describe(want):
+            raise CheckpointError(
+                f"Checkpoint {step} does not match the config at {'/'.join(path)}: "
+                f"stored shape/dtype {_describe(got)}, expected {_describe(want)}"
+            )
+
+
 def restore_state(run_dir: pathlib.Path, abstract_state: Any, step: int | None = None) -> tuple[int, Any]:
     """Restore checkpoint `step` (latest when None) into the structure of `abstract_state`.
 
@@ -178,19 +216,7 @@ def restore_state(run_dir: pathlib.Path, abstract_state: Any, step: int | None =
             stored = mngr.item_metadata(step)
         except Exception as e:  # orbax raises various types for unreadable metadata
             raise CheckpointError(f"Checkpoint {step} in {run_dir} is unreadable: {e}") from e
-        expected = jax.tree_util.tree_flatten_with_path(abstract_state)[0]
-        stored_leaves = jax.tree_util.tree_flatten_with_path(stored)[0] if stored is not None else []
         if stored is not None:
-            if len(stored_leaves) != len(expected):
-                raise CheckpointError(
-                    f"Checkpoint {step} has {len(stored_leaves)} arrays but the config expects "
-                    f"{len(expected)}: the checkpoint does not belong to this config"
-                )
-            for (path, want), (_, got) in zip(expected, stored_leaves):
-                if hasattr(got, "shape") and _describe(got) != _describe(want):
-                    raise CheckpointError(
-                        f"Checkpoint {step} does not match the config at {jax.tree_util.keystr(path)}: "
-                        f"stored {_describe(got)}, expected {_describe(want)}"
-                    )
+            _check_matches(step, _leaves_by_path(stored), _leaves_by_path(abstract_state))
         state = mngr.restore(step, args=ocp.args.StandardRestore(abstract_state))
     return step, state

@@ -25,6 +25,7 @@ from typing import Any, Sequence
 
 import jax
 import numpy as np
+import tyro
 
 from rlcx_jax import checkpoint, envs, nets, rl
 from rlcx_jax import logging as rlog
@@ -278,18 +279,17 @@ def run_train(algorithm: str, args: Any) -> dict[str, Any]:
     return summary
 
 
+@dataclasses.dataclass
+class EvalArgs:
+    run_dir: tyro.conf.Positional[str]
+    """A run directory written by `rlcx train`."""
+    episodes: int = 32
+    """Episodes per seed."""
+    seed: int = 0
+    """Evaluation PRNG seed."""
+
+
 def run_eval(argv: Sequence[str]) -> dict[str, Any]:
-    import tyro
-
-    @dataclasses.dataclass
-    class EvalArgs:
-        run_dir: tyro.conf.Positional[str]
-        """A run directory written by `rlcx train`."""
-        episodes: int = 32
-        """Episodes per seed."""
-        seed: int = 0
-        """Evaluation PRNG seed."""
-
     args = tyro.cli(EvalArgs, args=list(argv), prog="rlcx eval")
     if args.episodes < 1:
         raise CLIError(f"--episodes must be >= 1, got {args.episodes}")
@@ -318,8 +318,6 @@ USAGE = """usage: rlcx {train,eval} ...
 
 
 def _dispatch(argv: list[str]) -> None:
-    import tyro
-
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         if not argv:

@@ -93,3 +93,7 @@ def make_training_env(name: str, env_kwargs: tuple[tuple[str, Any], ...] = ()) -
     if not hasattr(env.action_space(env_params), "n"):
         env = ClipActionWrapper(env)
     return EpisodeStatsWrapper(env), env_params
+
+
+# Probe environments with known answers register themselves on import (kept last: they use `register`).
+from rlcx_jax.envs import probes as probes  # noqa: E402,F401

@@ -1,0 +1,596 @@
+"""Throughput benchmark: rlcx_jax PPO / DQN against rejax on CartPole-v1, in one invocation.
+
+    python benchmarks/throughput.py                       # PPO + DQN, 1 / 8 / 32 seeds, 3 repeats
+    python benchmarks/throughput.py --quick               # smoke run, about a minute
+    python benchmarks/throughput.py --algos ppo --seeds 1 8 --repeats 5
+
+For every (algorithm, number of vmapped seeds) point, both libraries train with PureJaxRL's
+CartPole settings under `jax.jit(jax.vmap(train))`. Tracing + compilation is done ahead of time
+(`.lower(...).compile()`) and reported apart from the run time; each timed run executes the
+compiled function and waits for it (`block_until_ready`). The two sides alternate within every
+repeat (ours first on even repeats, rejax first on odd ones), and the figure reported is the median
+over repeats of env steps/s = n_seeds * env steps per seed / run seconds. The final policy of every
+seed is evaluated after timing (untimed) over --eval-episodes episodes, so each throughput figure
+sits beside the returns it produced.
+
+rejax 0.1.3 needs gymnax 0.0.9 (old step API), so it runs in its own virtual environment,
+benchmarks/.rejax-venv, created on first use, as a long-lived worker subprocess
+(benchmarks/rejax_runner.py --serve) that keeps its compiled functions between repeats. The worker
+is idle (blocked on stdin) while our side runs, and this process is idle while rejax runs.
+
+Results: a table on stdout and JSON in benchmarks/results/throughput_<cpu>.json
+(throughput_<cpu>_quick.json for --quick) with hardware, versions of both sides, settings, every
+raw timing, medians, returns and ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import json
+import math
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+RESULTS = HERE / "results"
+REJAX_VENV = HERE / ".rejax-venv"
+RUNNER = HERE / "rejax_runner.py"
+
+# Known-good set for the rejax venv (checked on Python 3.11, CPU): rejax 0.1.3 with gymnax 0.0.9
+# works with jax/jaxlib 0.10.2 and flax 0.12.8. Library versions shared with our side (jax, jaxlib,
+# flax, optax, distrax, chex, numpy) are pinned to what THIS interpreter has, so both sides run
+# the same XLA; the fallbacks below are used only when a package is missing here.
+REJAX_PINS = {"rejax": "0.1.3", "gymnax": "0.0.9"}
+SHARED_FALLBACK_PINS = {
+    "jax": "0.10.2",
+    "jaxlib": "0.10.2",
+    "flax": "0.12.8",
+    "optax": "0.2.8",
+    "distrax": "0.1.9",
+    "chex": "0.1.92",
+    "numpy": "2.4.6",
+}
+VERSION_PACKAGES = ("jax", "jaxlib", "flax", "optax", "gymnax", "distrax", "chex", "numpy")
+
+DEFAULT_TOTAL = {"ppo": 500_000, "dqn": 500_000}
+QUICK_TOTAL = {"ppo": 20_480, "dqn": 20_000}
+
+# PureJaxRL's CartPole settings in rlcx_jax's vocabulary (config fields are static, hparams traced).
+OUR_SETTINGS = {
+    "ppo": {
+        "config": {
+            "env": "CartPole-v1",
+            "num_envs": 4,
+            "num_steps": 128,
+            "update_epochs": 4,
+            "num_minibatches": 4,
+            "anneal_lr": True,
+            "net": {"hidden": (64, 64), "activation": "tanh"},
+        },
+        "hparams": {
+            "lr": 2.5e-4,
+            "gamma": 0.99,
+            "gae_lambda": 0.95,
+            "clip_eps": 0.2,
+            "ent_coef": 0.01,
+            "vf_coef": 0.5,
+            "max_grad_norm": 0.5,
+        },
+    },
+    "dqn": {
+        "config": {
+            "env": "CartPole-v1",
+            "num_envs": 10,
+            "buffer_size": 10_000,
+            "batch_size": 128,
+            "learning_starts": 10_000,
+            "train_frequency": 10,
+            "target_update_period": 500,
+            "eps_start": 1.0,
+            "eps_end": 0.05,
+            "eps_decay_fraction": 0.5,
+            "net": {"hidden": (120, 84), "activation": "relu"},
+        },
+        "hparams": {"lr": 2.5e-4, "gamma": 0.99, "tau": 1.0},
+    },
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Machine and version facts
+# ----------------------------------------------------------------------------------------------
+def cpu_info() -> dict:
+    model, count = platform.processor() or "unknown", os.cpu_count()
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        m = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
+        if m:
+            model = m.group(1).strip()
+        count = len(re.findall(r"^processor\s*:", text, re.M)) or count
+    except OSError:
+        pass
+    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else count
+    mem_gib = None
+    try:
+        m = re.search(r"^MemTotal:\s*(\d+) kB", Path("/proc/meminfo").read_text(), re.M)
+        mem_gib = round(int(m.group(1)) / 2**20, 1) if m else None
+    except OSError:
+        pass
+    return {"cpu_model": model, "logical_cores": count, "usable_cores": affinity,
+            "memory_gib": mem_gib, "machine": platform.machine(), "os": platform.platform()}
+
+
+def cpu_short_name(model: str) -> str:
+    name = re.sub(r"\((r|tm)\)|cpu|processor|\d+-core|@.*$", "", model, flags=re.I)
+    name = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    return name or "cpu"
+
+
+def local_versions() -> dict:
+    out = {"python": platform.python_version()}
+    for name in VERSION_PACKAGES + ("rlcx_jax",):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    try:
+        head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--", "rlcx_jax"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+        out["rlcx_jax_git"] = head + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        out["rlcx_jax_git"] = None
+    return out
+
+
+def jax_environment() -> dict:
+    keys = ("XLA_FLAGS", "JAX_PLATFORMS", "JAX_ENABLE_X64", "JAX_COMPILATION_CACHE_DIR",
+            "OMP_NUM_THREADS", "TF_CPP_MIN_LOG_LEVEL")
+    return {k: os.environ.get(k) for k in keys}
+
+
+def loadavg() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+# ----------------------------------------------------------------------------------------------
+# The rejax side: venv + worker subprocess
+# ----------------------------------------------------------------------------------------------
+def rejax_pins(override: list[str] | None) -> list[str]:
+    pins = dict(REJAX_PINS)
+    for name, fallback in SHARED_FALLBACK_PINS.items():
+        try:
+            pins[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pins[name] = fallback
+    for spec in override or []:
+        name, _, version = spec.partition("==")
+        pins[name.strip()] = version.strip()
+    return [f"{k}=={v}" for k, v in sorted(pins.items())]
+
+
+def venv_python(venv: Path) -> Path:
+    return venv / "bin" / "python"
+
+
+def ensure_rejax_venv(venv: Path, pins: list[str], log=print) -> dict:
+    """Create (or re-create, when the pins changed) the rejax venv. Returns what was done."""
+    stamp = venv / "rlcx-bench-pins.txt"
+    wanted = "\n".join(pins) + "\n"
+    if venv_python(venv).exists() and stamp.exists() and stamp.read_text() == wanted:
+        return {"created": False, "path": str(venv), "pins": pins}
+    log(f"[setup] creating rejax venv at {venv} with {' '.join(pins)} (once; takes about a minute)")
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
+    pip = [str(venv_python(venv)), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
+    proc = subprocess.run(pip + pins, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
+        raise SystemExit(f"pip install into {venv} failed; try other versions with --rejax-pin NAME==VER")
+    stamp.write_text(wanted)
+    seconds = time.perf_counter() - t0
+    log(f"[setup] rejax venv ready in {seconds:.0f} s")
+    return {"created": True, "path": str(venv), "pins": pins, "create_s": seconds}
+
+
+class RejaxSide:
+    """Talks to benchmarks/rejax_runner.py --serve over stdin/stdout (one JSON line each way)."""
+
+    name = "rejax"
+
+    def __init__(self, python: Path, timeout_s: float = 3600.0):
+        self.stderr = tempfile.NamedTemporaryFile("w+", prefix="rejax-worker-", suffix=".log", delete=False)
+        t0 = time.perf_counter()
+        self.proc = subprocess.Popen([str(python), str(RUNNER), "--serve"], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=self.stderr, text=True, bufsize=1,
+                                     cwd=str(HERE))
+        self.timeout_s = timeout_s
+        self.ready = self._read()
+        self.ready["startup_s"] = time.perf_counter() - t0
+        if self.ready.get("event") != "ready":
+            raise RuntimeError(f"rejax worker did not start: {self.ready}")
+
+    def _read(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            self.stderr.flush()
+            tail = Path(self.stderr.name).read_text()[-4000:]
+            raise RuntimeError(f"rejax worker exited (rc={self.proc.poll()}); its stderr:\n{tail}")
+        return json.loads(line)
+
+    def handle(self, req: dict) -> dict:
+        self.proc.stdin.write(json.dumps(req) + "\n")
+        self.proc.stdin.flush()
+        res = self._read()
+        if not res.get("ok", False):
+            raise RuntimeError(f"rejax worker failed on {req}: {res.get('error')}\n{res.get('traceback', '')}")
+        return res
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.write(json.dumps({"op": "quit"}) + "\n")
+                self.proc.stdin.flush()
+                self.proc.wait(timeout=30)
+            except (OSError, subprocess.TimeoutExpired):
+                self.proc.kill()
+                self.proc.wait()
+        self.stderr.close()
+        try:
+            os.unlink(self.stderr.name)
+        except OSError:
+            pass
+
+
+# ----------------------------------------------------------------------------------------------
+# Our side: rlcx_jax, in this process
+# ----------------------------------------------------------------------------------------------
+def _jsonable(x: Any) -> Any:
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):
+        return {f.name: _jsonable(getattr(x, f.name)) for f in dataclasses.fields(x)}
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, float) and not math.isfinite(x):
+        return str(x)
+    if isinstance(x, (str, int, float, bool)) or x is None:
+        return x
+    try:
+        v = np.asarray(x)
+        if v.ndim == 0:
+            return _jsonable(v.item())
+        return _jsonable(v.tolist())
+    except Exception:
+        return str(x)
+
+
+class OurPoint:
+    """One (algo, n_seeds, total_timesteps) of rlcx_jax: built and compiled once, run many times."""
+
+    def __init__(self, algo: str, n_seeds: int, total_timesteps: int, seed: int):
+        import jax
+        import jax.numpy as jnp
+
+        from rlcx_jax.nets import NetConfig
+        from rlcx_jax.rl import dqn, ppo
+
+        self.jax = jax
+        self.algo, self.n_seeds = algo, n_seeds
+        module = {"ppo": ppo, "dqn": dqn}[algo]
+        config_cls = {"ppo": ppo.PPOConfig, "dqn": dqn.DQNConfig}[algo]
+        hparams_cls = {"ppo": ppo.PPOHParams, "dqn": dqn.DQNHParams}[algo]
+        settings = OUR_SETTINGS[algo]
+
+        t0 = time.perf_counter()
+        kwargs = dict(settings["config"])
+        kwargs["net"] = NetConfig(**{k: v for k, v in kwargs["net"].items()})
+        kwargs["total_timesteps"] = total_timesteps
+        fields = {f.name for f in dataclasses.fields(config_cls)}
+        unknown = sorted(set(kwargs) - fields)
+        if unknown:
+            raise TypeError(f"{config_cls.__name__} has no field(s) {unknown}; it has {sorted(fields)}")
+        cfg = config_cls(**kwargs)
+        # Keep the metrics cadence legal for short runs (it does not change the training work).
+        if "log_every" in fields:
+            num_updates = getattr(cfg, "num_updates", None)
+            if isinstance(num_updates, int) and num_updates > 0 and num_updates % cfg.log_every:
+                cfg = dataclasses.replace(cfg, log_every=math.gcd(num_updates, cfg.log_every))
+        self.cfg = cfg
+        hp = hparams_cls(**settings["hparams"])
+        self.hparams = hp
+        self.module = module
+        train = module.make_train(cfg)
+
+        steps_per_update = getattr(cfg, "steps_per_update", None)
+        num_updates = getattr(cfg, "num_updates", None)
+        if isinstance(steps_per_update, int) and isinstance(num_updates, int):
+            self.env_steps_per_seed = steps_per_update * num_updates
+        else:
+            self.env_steps_per_seed = total_timesteps
+        self.keys = jax.random.split(jax.random.PRNGKey(seed), n_seeds)
+        self.eval_key = jax.random.fold_in(jax.random.PRNGKey(seed), 1_000_003)
+        self.hps = jax.tree.map(lambda x: jnp.broadcast_to(jnp.asarray(x), (n_seeds,) + jnp.shape(x)), hp)
+        t1 = time.perf_counter()
+        lowered = jax.jit(jax.vmap(train)).lower(self.keys, self.hps)
+        t2 = time.perf_counter()
+        self.compiled = lowered.compile()
+        t3 = time.perf_counter()
+        self.compile_info = {"build_s": t1 - t0, "trace_lower_s": t2 - t1, "xla_compile_s": t3 - t2,
+                             "compile_s": t3 - t1}
+        self.settings = {"config": _jsonable(cfg), "hparams": _jsonable(hp),
+                         "env_steps_per_seed": self.env_steps_per_seed}
+        self.out = None
+
+    def run(self) -> dict:
+        t0 = time.perf_counter()
+        out = self.compiled(self.keys, self.hps)
+        self.jax.block_until_ready(out)
+        run_s = time.perf_counter() - t0
+        self.out = out
+        res = {"run_s": run_s, "env_steps_per_seed": self.env_steps_per_seed,
+               "env_steps": self.env_steps_per_seed * self.n_seeds,
+               "steps_per_s": self.env_steps_per_seed * self.n_seeds / run_s}
+        env_steps = getattr(getattr(out, "metrics", None), "env_steps", None)
+        if env_steps is not None:  # cross-check: the library's own step counter
+            res["metrics_env_steps_max"] = int(np.max(np.asarray(env_steps)))
+        return res
+
+    def evaluate(self, num_episodes: int) -> dict:
+        jax = self.jax
+        state = self.out.state
+        keys = jax.random.split(self.eval_key, self.n_seeds)
+        greedy = self.algo == "dqn"
+        t0 = time.perf_counter()
+        try:  # vmapped over seeds, one compilation
+            from rlcx_jax.rl.evaluate import make_evaluator
+
+            ev = make_evaluator(self.module.make(self.cfg), num_episodes, greedy)
+            returns = np.asarray(jax.jit(jax.vmap(ev))(state.params, state.obs_stats, keys))
+            how = "rlcx_jax.rl.evaluate.make_evaluator, vmapped over seeds"
+        except (ImportError, AttributeError, TypeError):  # the documented per-seed entry point
+            from rlcx_jax.rl.evaluate import evaluate
+
+            rows = []
+            for i in range(self.n_seeds):
+                params_i = jax.tree.map(lambda x: x[i], state.params)
+                rows.append(np.asarray(evaluate(self.algo, self.cfg, params_i, keys[i], num_episodes=num_episodes)))
+            returns = np.stack(rows)
+            how = "rlcx_jax.rl.evaluate.evaluate, per seed"
+        eval_s = time.perf_counter() - t0
+        per_seed = returns.mean(axis=1)
+        return {
+            "episodes_per_seed": num_episodes,
+            "policy": "greedy" if greedy else "stochastic",
+            "how": how,
+            "mean_return_per_seed": [float(x) for x in per_seed],
+            "min_episode_return_per_seed": [float(x) for x in returns.min(axis=1)],
+            "mean_over_seeds": float(per_seed.mean()),
+            "min_over_seeds": float(per_seed.min()),
+            "eval_s": eval_s,
+        }
+
+
+class OurSide:
+    """Same request/response shape as the rejax worker, in-process."""
+
+    name = "ours"
+
+    def __init__(self):
+        t0 = time.perf_counter()
+        import jax
+
+        import rlcx_jax.rl  # noqa: F401  (import cost measured here, not in the first compile)
+
+        self.points: dict[tuple, OurPoint] = {}
+        self.startup_s = time.perf_counter() - t0
+        self.backend = jax.default_backend()
+        self.devices = [str(d) for d in jax.devices()]
+
+    def handle(self, req: dict) -> dict:
+        key = (req["algo"], int(req["n_seeds"]), int(req["total_timesteps"]), int(req.get("seed", 0)))
+        fresh = key not in self.points
+        if fresh:
+            self.points[key] = OurPoint(*key)
+        point = self.points[key]
+        res = {"algo": key[0], "n_seeds": key[1], "total_timesteps_requested": key[2], "seed": key[3]}
+        if fresh:
+            res["compile"] = point.compile_info
+            res["settings"] = point.settings
+        res.update(point.run())
+        if req.get("evaluate", False):
+            res["returns"] = point.evaluate(int(req.get("eval_episodes", 32)))
+        if req.get("drop", False):
+            del self.points[key]
+        return res
+
+    def close(self) -> None:
+        self.points.clear()
+
+
+# ----------------------------------------------------------------------------------------------
+# The benchmark
+# ----------------------------------------------------------------------------------------------
+def summarize(side_runs: list[dict]) -> dict:
+    sps = [r["steps_per_s"] for r in side_runs]
+    first = side_runs[0]
+    return {
+        "compile": first.get("compile"),
+        "returns": first.get("returns"),
+        "env_steps_per_seed": first.get("env_steps_per_seed"),
+        "runs": [{k: r[k] for k in ("run_s", "env_steps", "steps_per_s", "loadavg_before",
+                                     "order", "metrics_env_steps_max") if k in r} for r in side_runs],
+        "median_steps_per_s": float(np.median(sps)),
+        "median_run_s": float(np.median([r["run_s"] for r in side_runs])),
+        "min_steps_per_s": float(np.min(sps)),
+        "max_steps_per_s": float(np.max(sps)),
+    }
+
+
+def fmt_int(x: float | None) -> str:
+    return "-" if x is None else f"{x:,.0f}"
+
+
+def fmt_ret(r: dict | None) -> str:
+    return "-" if not r else f"{r['mean_over_seeds']:.0f}/{r['min_over_seeds']:.0f}"
+
+
+def print_table(points: list[dict]) -> None:
+    head = (f"{'algo':<5}{'seeds':>6} | {'ours steps/s':>13}{'rejax steps/s':>14}{'ours/rejax':>11} | "
+            f"{'compile s ours':>15}{'rejax':>7} | {'return mean/min ours':>21}{'rejax':>10}")
+    print(head)
+    print("-" * len(head))
+    for p in points:
+        o, r = p["sides"].get("ours"), p["sides"].get("rejax")
+        ratio = p.get("ratio_ours_over_rejax")
+        oc = o["compile"]["compile_s"] if o and o.get("compile") else None
+        rc = r["compile"]["compile_s"] if r and r.get("compile") else None
+        print(f"{p['algo']:<5}{p['n_seeds']:>6} | "
+              f"{fmt_int(o and o['median_steps_per_s']):>13}{fmt_int(r and r['median_steps_per_s']):>14}"
+              f"{'-' if ratio is None else f'{ratio:.2f}x':>11} | "
+              f"{'-' if oc is None else f'{oc:.1f}':>15}{'-' if rc is None else f'{rc:.1f}':>7} | "
+              f"{fmt_ret(o and o['returns']):>21}{fmt_ret(r and r['returns']):>10}")
+    print("steps/s: median over repeats of n_seeds * env steps per seed / run seconds (compile excluded); "
+          "return: mean over seeds / min over seeds of each seed's mean final-policy return")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--algos", nargs="+", choices=("ppo", "dqn"), default=None, help="default: ppo dqn")
+    p.add_argument("--seeds", nargs="+", type=int, default=None, help="vmapped seed counts (default: 1 8 32)")
+    p.add_argument("--repeats", type=int, default=None, help="timed runs per point and side (default 3)")
+    p.add_argument("--total-timesteps", type=int, default=None,
+                   help="env steps per seed, all algos (default 500k; --quick: about 20k)")
+    p.add_argument("--eval-episodes", type=int, default=32, help="episodes per seed for the final returns")
+    p.add_argument("--seed", type=int, default=0, help="base PRNG seed (same keys for both sides)")
+    p.add_argument("--quick", action="store_true", help="smoke run: ~20k steps, seeds [1], 1 repeat")
+    p.add_argument("--sides", nargs="+", choices=("ours", "rejax"), default=["ours", "rejax"],
+                   help="run only one side (e.g. while the other is unavailable)")
+    p.add_argument("--rejax-venv", type=Path, default=REJAX_VENV)
+    p.add_argument("--rejax-pin", action="append", metavar="NAME==VER",
+                   help="override a version pinned in the rejax venv (repeatable)")
+    p.add_argument("--out", type=Path, default=None, help="JSON path (default: benchmarks/results/throughput_<cpu>.json)")
+    args = p.parse_args(argv)
+    if args.algos is None:
+        args.algos = ["ppo", "dqn"]
+    if args.seeds is None:
+        args.seeds = [1] if args.quick else [1, 8, 32]
+    if args.repeats is None:
+        args.repeats = 1 if args.quick else 3
+    if args.repeats < 1:
+        p.error("--repeats must be >= 1")
+    if not args.quick and args.repeats < 3:
+        print(f"[warn] --repeats {args.repeats} < 3: medians of fewer than 3 runs", file=sys.stderr)
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    hw = cpu_info()
+    totals = {a: args.total_timesteps or (QUICK_TOTAL if args.quick else DEFAULT_TOTAL)[a] for a in args.algos}
+    out_path = args.out or RESULTS / f"throughput_{cpu_short_name(hw['cpu_model'])}{'_quick' if args.quick else ''}.json"
+    started = dt.datetime.now(dt.timezone.utc)
+    print(f"[bench] {hw['cpu_model']}, {hw['logical_cores']} cores; algos={args.algos} seeds={args.seeds} "
+          f"repeats={args.repeats} total_timesteps={totals}; load average {loadavg()}", flush=True)
+
+    sides: dict[str, Any] = {}
+    venv_info = None
+    try:
+        if "rejax" in args.sides:
+            venv_info = ensure_rejax_venv(args.rejax_venv, rejax_pins(args.rejax_pin))
+            sides["rejax"] = RejaxSide(venv_python(args.rejax_venv))
+            print(f"[bench] rejax worker up in {sides['rejax'].ready['startup_s']:.1f} s "
+                  f"(rejax {sides['rejax'].ready['versions'].get('rejax')}, "
+                  f"gymnax {sides['rejax'].ready['versions'].get('gymnax')})", flush=True)
+        if "ours" in args.sides:
+            sides["ours"] = OurSide()
+            print(f"[bench] rlcx_jax imported in {sides['ours'].startup_s:.1f} s", flush=True)
+
+        points = []
+        for algo in args.algos:
+            for n in args.seeds:
+                raw: dict[str, list[dict]] = {s: [] for s in sides}
+                for r in range(args.repeats):
+                    names = [s for s in ("ours", "rejax") if s in sides]
+                    order = names if r % 2 == 0 else names[::-1]  # ours first on even repeats
+                    for pos, name in enumerate(order):
+                        req = {"op": "run", "algo": algo, "n_seeds": n, "total_timesteps": totals[algo],
+                               "seed": args.seed, "evaluate": r == 0, "eval_episodes": args.eval_episodes,
+                               "drop": r == args.repeats - 1}
+                        before = loadavg()
+                        res = sides[name].handle(req)
+                        res["loadavg_before"] = before
+                        res["order"] = pos
+                        raw[name].append(res)
+                        extra = f" (compile {res['compile']['compile_s']:.1f} s)" if "compile" in res else ""
+                        print(f"[{name:>5}] {algo} seeds={n:<3} repeat={r} run {res['run_s']:7.2f} s "
+                              f"{res['steps_per_s']:>12,.0f} steps/s{extra}", flush=True)
+                point = {"algo": algo, "n_seeds": n, "total_timesteps_requested": totals[algo],
+                         "sides": {name: summarize(runs) for name, runs in raw.items()},
+                         "settings": {name: runs[0].get("settings") for name, runs in raw.items()}}
+                if "ours" in raw and "rejax" in raw:
+                    o, j = point["sides"]["ours"], point["sides"]["rejax"]
+                    point["ratio_ours_over_rejax"] = o["median_steps_per_s"] / j["median_steps_per_s"]
+                    if o["env_steps_per_seed"] != j["env_steps_per_seed"]:
+                        print(f"[warn] env steps per seed differ: ours {o['env_steps_per_seed']} "
+                              f"rejax {j['env_steps_per_seed']}", file=sys.stderr)
+                points.append(point)
+    finally:
+        for s in sides.values():
+            s.close()
+
+    print()
+    print_table(points)
+    rejax_ready = sides["rejax"].ready if "rejax" in sides else None
+    result = {
+        "benchmark": "throughput",
+        "timestamp_utc": started.isoformat(timespec="seconds"),
+        "finished_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
+        "hardware": hw,
+        "backend": {"ours": sides["ours"].backend if "ours" in sides else None,
+                    "rejax": rejax_ready and rejax_ready.get("backend")},
+        "jax_environment": jax_environment(),
+        "versions": {"ours": local_versions(), "rejax_side": rejax_ready and rejax_ready.get("versions")},
+        "rejax_venv": venv_info,
+        "settings": {
+            "algos": args.algos, "seeds": args.seeds, "repeats": args.repeats,
+            "total_timesteps": totals, "eval_episodes": args.eval_episodes, "seed": args.seed,
+            "quick": args.quick, "sides": list(sides),
+            "ours": _jsonable({a: OUR_SETTINGS[a] for a in args.algos}),
+            "rejax": rejax_ready and {a: rejax_ready["settings"][a] for a in args.algos},
+            "rejax_notes": rejax_ready and {a: rejax_ready["notes"][a] for a in args.algos},
+        },
+        "method": ("jax.jit(jax.vmap(train)) over n_seeds keys; .lower().compile() timed apart (compile_s); "
+                   "each run = compiled call + block_until_ready; env steps/s = n_seeds * env steps per seed / "
+                   "run_s; median over repeats; sides alternate each repeat (order 0 = ran first); returns "
+                   "= untimed evaluation of each seed's final policy after the first timed run"),
+        "startup_s": {"ours": sides["ours"].startup_s if "ours" in sides else None,
+                      "rejax": rejax_ready and rejax_ready.get("startup_s")},
+        "points": points,
+    }
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(_jsonable(result), indent=1) + "\n")
+    print(f"\n[bench] wrote {out_path}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
