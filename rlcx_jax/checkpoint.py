@@ -13,6 +13,7 @@ import dataclasses
 import json
 import os
 import pathlib
+import shutil
 import types
 import typing
 from typing import Any
@@ -138,9 +139,25 @@ def read_run_spec(run_dir: pathlib.Path) -> RunSpec:
 # ----------------------------------------------------------------------------------------------
 # State checkpoints
 # ----------------------------------------------------------------------------------------------
+def remove_partial_checkpoints(run_dir: pathlib.Path) -> list[str]:
+    """Delete checkpoints a crash left half-written (orbax's temporary directories).
+
+    Done here, synchronously, instead of by orbax's background cleanup, so that two managers
+    opened one after the other never race on the same directory.
+    """
+    ckpt = pathlib.Path(run_dir) / CHECKPOINT_DIR
+    removed = []
+    if ckpt.is_dir():
+        for path in ckpt.iterdir():
+            if ".orbax-checkpoint-tmp" in path.name:
+                shutil.rmtree(path)
+                removed.append(path.name)
+    return removed
+
+
 def _manager(run_dir: pathlib.Path, create: bool) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=2, create=create, enable_async_checkpointing=False, cleanup_tmp_directories=True
+        max_to_keep=2, create=create, enable_async_checkpointing=False, cleanup_tmp_directories=False
     )
     return ocp.CheckpointManager(
         pathlib.Path(run_dir).absolute() / CHECKPOINT_DIR,

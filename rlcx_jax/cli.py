@@ -141,6 +141,7 @@ def _prepare_run_dir(run_dir: pathlib.Path, run_spec: checkpoint.RunSpec, resume
                 f"--resume: the settings differ from the run in {run_dir}; "
                 "pass the same flags as the original run (see its config.json)"
             )
+        checkpoint.remove_partial_checkpoints(run_dir)
         done = checkpoint.latest_step(run_dir) or 0
         rlog.truncate_rows(run_dir, done // run_spec.config.log_every)
         return done

@@ -1,0 +1,138 @@
+"""The `rlcx` command line: training run directories, eval, resume after SIGKILL, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from rlcx_jax import checkpoint
+from rlcx_jax.cli import main, restore_run
+
+# 2 seeds x 100 PPO updates of 4 envs x 32 steps, 20 chunks: a few seconds once compiled.
+RUN_FLAGS = ["--seeds", "2", "--total-steps", "12800", "--num-steps", "32", "--chunks", "20", "--eval-episodes", "2"]
+
+
+def _rlcx(*args: str, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "rlcx_jax.cli", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kwargs,
+    )
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory) -> pathlib.Path:
+    out = tmp_path_factory.mktemp("runs") / "full"
+    proc = _rlcx("train", "ppo", *RUN_FLAGS, "--out", str(out))
+    stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stderr
+    return out
+
+
+def test_run_directory_contents(full_run: pathlib.Path) -> None:
+    for name in ("config.json", "metrics.jsonl", "learning_curve.png", "summary.json"):
+        assert (full_run / name).is_file(), name
+    spec = checkpoint.read_run_spec(full_run)
+    assert spec.algorithm == "ppo" and spec.num_seeds == 2
+    rows = [json.loads(line) for line in (full_run / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 * 100  # one row per update per seed
+    assert {r["seed"] for r in rows} == {0, 1}
+    summary = json.loads((full_run / "summary.json").read_text())
+    assert len(summary["eval_return_per_seed"]) == 2
+    assert summary["env_steps_per_second"] > 0 and summary["compile_seconds"] > 0
+    assert checkpoint.latest_step(full_run) == 100
+
+
+def test_eval_restores_checkpoint(full_run: pathlib.Path, capsys) -> None:
+    assert main(["eval", str(full_run), "--episodes", "2"]) == 0
+    assert "IQM" in capsys.readouterr().out
+
+
+def test_sigkill_then_resume_matches_uninterrupted(full_run: pathlib.Path, tmp_path: pathlib.Path) -> None:
+    out = tmp_path / "killed"
+    proc = _rlcx("train", "ppo", *RUN_FLAGS, "--out", str(out), start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if (checkpoint.latest_step(out) or 0) > 0 if (out / "checkpoints").is_dir() else False:
+            break
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate()
+    killed_at = checkpoint.latest_step(out)
+    assert killed_at is not None and 0 < killed_at < 100, killed_at
+
+    resumed = _rlcx("train", "ppo", *RUN_FLAGS, "--out", str(out), "--resume")
+    _, stderr = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, stderr
+
+    _, _, step_a, state_a = restore_run(full_run)
+    _, _, step_b, state_b = restore_run(out)
+    assert step_a == step_b == 100
+    for a, b in zip(jax.tree.leaves(state_a), jax.tree.leaves(state_b)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # metrics.jsonl holds each update exactly once after the resume
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert sorted((r["update"], r["seed"]) for r in rows) == [(u, s) for u in range(1, 101) for s in (0, 1)]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["train", "ppx"], "Unknown algorithm 'ppx'"),
+        (["train", "ppo", "--env", "CartPol-v1"], "Did you mean 'CartPole-v1'"),
+        (["train", "ppo", "--total-steps", "-5"], "total_timesteps must be positive"),
+        (["train", "ppo", "--num-minibatches", "3"], "must be divisible by num_minibatches"),
+        (["train", "dqn", "--buffer-size", "1234"], "buffer_size (1234) must be a multiple"),
+        (["train", "ppo", "--env-param", "gravityy=3"], "Unknown parameter(s) ['gravityy']"),
+        (["train", "ppo", "--lr", "-1"], "lr must be positive"),
+        (["train", "ppo", "--gamma", "1.5"], "gamma must be in [0.0, 1.0]"),
+        (["train", "ppo", "--seeds", "0"], "--seeds must be >= 1"),
+        (["train", "ppo", "--net-activation", "sigmoidd"], "Unknown activation"),
+        (["eval", "/nonexistent/run"], "No run directory"),
+        (["frobnicate"], "unknown command"),
+    ],
+)
+def test_bad_input_is_one_line_error(argv: list[str], message: str, capsys, tmp_path) -> None:
+    argv = [a.replace("/nonexistent", str(tmp_path / "nonexistent")) for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("rlcx: error:") and message in err, err
+
+
+def test_existing_run_needs_resume_or_overwrite(full_run: pathlib.Path, capsys) -> None:
+    assert main(["train", "ppo", *RUN_FLAGS, "--out", str(full_run)]) == 2
+    assert "--resume" in capsys.readouterr().err
+
+
+def test_resume_with_other_settings_is_refused(full_run: pathlib.Path, capsys) -> None:
+    flags = [f if f != "12800" else "25600" for f in RUN_FLAGS]
+    assert main(["train", "ppo", *flags, "--out", str(full_run), "--resume"]) == 2
+    assert "settings differ" in capsys.readouterr().err
+
+
+def test_eval_of_mismatched_checkpoint_is_clear(full_run: pathlib.Path, tmp_path: pathlib.Path, capsys) -> None:
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(full_run, copy)
+    cfg = json.loads((copy / "config.json").read_text())
+    cfg["config"]["net"]["hidden"] = [32, 32]
+    (copy / "config.json").write_text(json.dumps(cfg))
+    assert main(["eval", str(copy)]) == 2
+    err = capsys.readouterr().err
+    assert "does not match the config" in err and "expected" in err
+    shutil.rmtree(copy / "checkpoints")
+    assert main(["eval", str(copy)]) == 2
+    assert "No checkpoint" in capsys.readouterr().err
