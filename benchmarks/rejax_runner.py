@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import sys
 import time
@@ -121,6 +122,28 @@ def versions() -> dict:
         except metadata.PackageNotFoundError:
             out[name] = None
     return out
+
+
+def _system_busy_s() -> float | None:
+    """CPU seconds spent busy by the whole machine so far (all cores; /proc/stat), or None."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+        return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def contention(busy0: float | None, cpu0: float, run_s: float) -> dict:
+    """CPU seconds other processes used while a run was timed (from /proc/stat minus our own)."""
+    busy1, cpu1 = _system_busy_s(), time.process_time()
+    if busy0 is None or busy1 is None:
+        return {}
+    own = cpu1 - cpu0
+    other = max(busy1 - busy0 - own, 0.0)
+    cores = os.cpu_count() or 1
+    return {"own_cpu_s": own, "other_cpu_s": other, "other_cpu_frac": other / max(run_s * cores, 1e-9)}
 
 
 def _no_eval(algo, ts, rng):
@@ -254,10 +277,12 @@ class Point:
         self.returns = None
 
     def run(self) -> dict:
+        busy0, cpu0 = _system_busy_s(), time.process_time()
         t0 = time.perf_counter()
         out = self.compiled(self.keys)
         jax.block_until_ready(out)
         run_s = time.perf_counter() - t0
+        load = contention(busy0, cpu0, run_s)
         ts = out[0]
         env_steps_per_seed = int(np.asarray(ts.global_step).reshape(-1)[0])
         self.last_ts = ts
@@ -266,6 +291,7 @@ class Point:
             "env_steps_per_seed": env_steps_per_seed,
             "env_steps": env_steps_per_seed * self.n_seeds,
             "steps_per_s": env_steps_per_seed * self.n_seeds / run_s,
+            **load,
         }
 
     def evaluate(self, num_episodes: int) -> dict:
@@ -323,12 +349,16 @@ class Worker:
         return res
 
 
+_OUT = sys.stdout  # the protocol channel; serve() points sys.stdout at stderr for everything else
+
+
 def emit(obj: dict) -> None:
-    sys.stdout.write(json.dumps(obj) + "\n")
-    sys.stdout.flush()
+    _OUT.write(json.dumps(obj) + "\n")
+    _OUT.flush()
 
 
 def serve() -> None:
+    sys.stdout = sys.stderr  # stray prints from libraries must not corrupt the protocol
     worker = Worker()
     emit({"event": "ready", "versions": versions(), "backend": jax.default_backend(),
           "devices": [str(d) for d in jax.devices()], "settings": {"ppo": PPO_SETTINGS, "dqn": DQN_SETTINGS},
@@ -366,7 +396,8 @@ def one_shot(args: argparse.Namespace) -> None:
             "compile": runs[0]["compile"],
             "settings": runs[0]["settings"],
             "returns": runs[0]["returns"],
-            "runs": [{k: x[k] for k in ("run_s", "env_steps", "steps_per_s")} for x in runs],
+            "runs": [{k: x[k] for k in ("run_s", "env_steps", "steps_per_s", "other_cpu_frac") if k in x}
+                     for x in runs],
             "median_steps_per_s": float(np.median(sps)),
         })
     emit({"algo": args.algo, "versions": versions(), "backend": jax.default_backend(),

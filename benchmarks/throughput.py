@@ -13,10 +13,12 @@ over repeats of env steps/s = n_seeds * env steps per seed / run seconds. The fi
 seed is evaluated after timing (untimed) over --eval-episodes episodes, so each throughput figure
 sits beside the returns it produced.
 
-rejax 0.1.3 needs gymnax 0.0.9 (old step API), so it runs in its own virtual environment,
-benchmarks/.rejax-venv, created on first use, as a long-lived worker subprocess
-(benchmarks/rejax_runner.py --serve) that keeps its compiled functions between repeats. The worker
-is idle (blocked on stdin) while our side runs, and this process is idle while rejax runs.
+Each side runs in its own long-lived worker process that keeps its compiled functions between
+repeats; only one of them computes at a time. rejax 0.1.3 needs gymnax 0.0.9 (old step API), so its
+worker (benchmarks/rejax_runner.py --serve) runs in benchmarks/.rejax-venv, created on first use;
+ours is `throughput.py --worker ours` under this interpreter. A request that outlives --timeout
+(XLA:CPU's thread pool can wedge and leave a run waiting forever) gets its worker killed and
+restarted and is retried; such hangs are listed in the JSON.
 
 Results: a table on stdout and JSON in benchmarks/results/throughput_<cpu>.json
 (throughput_<cpu>_quick.json for --quick) with hardware, versions of both sides, settings, every
@@ -33,6 +35,7 @@ import math
 import os
 import platform
 import re
+import select
 import subprocess
 import sys
 import tempfile
@@ -157,10 +160,12 @@ def local_versions() -> dict:
     return out
 
 
-def jax_environment() -> dict:
+def jax_environment(env: dict[str, str] | None = None) -> dict:
+    """The variables that change what XLA does, as the workers see them."""
+    env = os.environ if env is None else env
     keys = ("XLA_FLAGS", "JAX_PLATFORMS", "JAX_ENABLE_X64", "JAX_COMPILATION_CACHE_DIR",
             "OMP_NUM_THREADS", "TF_CPP_MIN_LOG_LEVEL")
-    return {k: os.environ.get(k) for k in keys}
+    return {k: env.get(k) for k in keys}
 
 
 def loadavg() -> list[float] | None:
@@ -168,6 +173,28 @@ def loadavg() -> list[float] | None:
         return [round(x, 2) for x in os.getloadavg()]
     except OSError:
         return None
+
+
+def _system_busy_s() -> float | None:
+    """CPU seconds spent busy by the whole machine so far (all cores; /proc/stat), or None."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+        return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def contention(busy0: float | None, cpu0: float, run_s: float) -> dict:
+    """CPU seconds other processes used while a run was timed (from /proc/stat minus our own)."""
+    busy1, cpu1 = _system_busy_s(), time.process_time()
+    if busy0 is None or busy1 is None:
+        return {}
+    own = cpu1 - cpu0
+    other = max(busy1 - busy0 - own, 0.0)
+    cores = os.cpu_count() or 1
+    return {"own_cpu_s": own, "other_cpu_s": other, "other_cpu_frac": other / max(run_s * cores, 1e-9)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -210,38 +237,76 @@ def ensure_rejax_venv(venv: Path, pins: list[str], log=print) -> dict:
     return {"created": True, "path": str(venv), "pins": pins, "create_s": seconds}
 
 
-class RejaxSide:
-    """Talks to benchmarks/rejax_runner.py --serve over stdin/stdout (one JSON line each way)."""
+class WorkerHung(RuntimeError):
+    """A worker did not answer within its time limit (it was killed)."""
 
-    name = "rejax"
 
-    def __init__(self, python: Path, timeout_s: float = 3600.0):
-        self.stderr = tempfile.NamedTemporaryFile("w+", prefix="rejax-worker-", suffix=".log", delete=False)
+class Worker:
+    """A side's long-lived worker process: one JSON request line in, one JSON line out.
+
+    Each side runs in a process of its own, so a computation that never finishes (XLA:CPU's thread
+    pool can wedge, leaving block_until_ready waiting forever) can be detected by a time limit,
+    the worker killed and restarted, and the run retried; the hang is recorded in the results.
+    """
+
+    def __init__(self, name: str, cmd: list[str], env: dict[str, str], ready_timeout_s: float = 300.0):
+        self.name, self.cmd, self.env = name, cmd, env
+        self.ready_timeout_s = ready_timeout_s
+        self.restarts = 0
+        self._start()
+
+    def _start(self) -> None:
+        self.log = tempfile.NamedTemporaryFile("w+", prefix=f"bench-{self.name}-", suffix=".log", delete=False)
         t0 = time.perf_counter()
-        self.proc = subprocess.Popen([str(python), str(RUNNER), "--serve"], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=self.stderr, text=True, bufsize=1,
-                                     cwd=str(HERE))
-        self.timeout_s = timeout_s
-        self.ready = self._read()
+        self.proc = subprocess.Popen(self.cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log,
+                                     text=True, bufsize=1, cwd=str(REPO), env=self.env)
+        self.ready = self._read(self.ready_timeout_s)
         self.ready["startup_s"] = time.perf_counter() - t0
         if self.ready.get("event") != "ready":
-            raise RuntimeError(f"rejax worker did not start: {self.ready}")
+            raise RuntimeError(f"{self.name} worker did not start: {self.ready}")
 
-    def _read(self) -> dict:
+    def _stderr_tail(self, n: int = 4000) -> str:
+        self.log.flush()
+        try:
+            return Path(self.log.name).read_text()[-n:]
+        except OSError:
+            return ""
+
+    def _read(self, timeout_s: float) -> dict:
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout_s)
+        if not ready:
+            self._kill()
+            raise WorkerHung(f"{self.name} worker gave no answer in {timeout_s:.0f} s")
         line = self.proc.stdout.readline()
         if not line:
-            self.stderr.flush()
-            tail = Path(self.stderr.name).read_text()[-4000:]
-            raise RuntimeError(f"rejax worker exited (rc={self.proc.poll()}); its stderr:\n{tail}")
+            raise RuntimeError(f"{self.name} worker exited (rc={self.proc.wait()}); its stderr:\n{self._stderr_tail()}")
         return json.loads(line)
 
-    def handle(self, req: dict) -> dict:
+    def request(self, req: dict, timeout_s: float) -> dict:
         self.proc.stdin.write(json.dumps(req) + "\n")
         self.proc.stdin.flush()
-        res = self._read()
+        res = self._read(timeout_s)
         if not res.get("ok", False):
-            raise RuntimeError(f"rejax worker failed on {req}: {res.get('error')}\n{res.get('traceback', '')}")
+            raise RuntimeError(f"{self.name} worker failed on {req}: {res.get('error')}\n{res.get('traceback', '')}")
         return res
+
+    def restart(self) -> None:
+        self._kill()
+        self.restarts += 1
+        self._start()
+
+    def _kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self._drop_log()
+
+    def _drop_log(self) -> None:
+        self.log.close()
+        try:
+            os.unlink(self.log.name)
+        except OSError:
+            pass
 
     def close(self) -> None:
         if self.proc.poll() is None:
@@ -249,18 +314,14 @@ class RejaxSide:
                 self.proc.stdin.write(json.dumps({"op": "quit"}) + "\n")
                 self.proc.stdin.flush()
                 self.proc.wait(timeout=30)
-            except (OSError, subprocess.TimeoutExpired):
+            except (OSError, ValueError, subprocess.TimeoutExpired):
                 self.proc.kill()
                 self.proc.wait()
-        self.stderr.close()
-        try:
-            os.unlink(self.stderr.name)
-        except OSError:
-            pass
+        self._drop_log()
 
 
 # ----------------------------------------------------------------------------------------------
-# Our side: rlcx_jax, in this process
+# Our side: rlcx_jax, served by `throughput.py --worker ours`
 # ----------------------------------------------------------------------------------------------
 def _jsonable(x: Any) -> Any:
     if dataclasses.is_dataclass(x) and not isinstance(x, type):
@@ -340,14 +401,16 @@ class OurPoint:
         self.out = None
 
     def run(self) -> dict:
+        busy0, cpu0 = _system_busy_s(), time.process_time()
         t0 = time.perf_counter()
         out = self.compiled(self.keys, self.hps)
         self.jax.block_until_ready(out)
         run_s = time.perf_counter() - t0
+        load = contention(busy0, cpu0, run_s)
         self.out = out
         res = {"run_s": run_s, "env_steps_per_seed": self.env_steps_per_seed,
                "env_steps": self.env_steps_per_seed * self.n_seeds,
-               "steps_per_s": self.env_steps_per_seed * self.n_seeds / run_s}
+               "steps_per_s": self.env_steps_per_seed * self.n_seeds / run_s, **load}
         env_steps = getattr(getattr(out, "metrics", None), "env_steps", None)
         if env_steps is not None:  # cross-check: the library's own step counter
             res["metrics_env_steps_max"] = int(np.max(np.asarray(env_steps)))
@@ -388,21 +451,11 @@ class OurPoint:
         }
 
 
-class OurSide:
-    """Same request/response shape as the rejax worker, in-process."""
-
-    name = "ours"
+class OurWorker:
+    """rlcx_jax side of the worker protocol (same requests and answers as rejax_runner.py)."""
 
     def __init__(self):
-        t0 = time.perf_counter()
-        import jax
-
-        import rlcx_jax.rl  # noqa: F401  (import cost measured here, not in the first compile)
-
         self.points: dict[tuple, OurPoint] = {}
-        self.startup_s = time.perf_counter() - t0
-        self.backend = jax.default_backend()
-        self.devices = [str(d) for d in jax.devices()]
 
     def handle(self, req: dict) -> dict:
         key = (req["algo"], int(req["n_seeds"]), int(req["total_timesteps"]), int(req.get("seed", 0)))
@@ -421,8 +474,37 @@ class OurSide:
             del self.points[key]
         return res
 
-    def close(self) -> None:
-        self.points.clear()
+
+def serve_ours() -> None:
+    """`throughput.py --worker ours`: answer requests on stdin, one JSON line each on stdout."""
+    import traceback
+
+    out = sys.stdout
+    sys.stdout = sys.stderr  # anything printed by libraries must not corrupt the protocol
+    t0 = time.perf_counter()
+    import jax
+
+    import rlcx_jax.rl  # noqa: F401  (import cost measured here, not in the first compile)
+
+    def emit(obj: dict) -> None:
+        out.write(json.dumps(_jsonable(obj)) + "\n")
+        out.flush()
+
+    emit({"event": "ready", "versions": local_versions(), "backend": jax.default_backend(),
+          "devices": [str(d) for d in jax.devices()], "import_s": time.perf_counter() - t0})
+    worker = OurWorker()
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        try:
+            req = json.loads(line)
+            if req.get("op") == "quit":
+                emit({"event": "bye"})
+                return
+            emit({"event": "result", "ok": True, **worker.handle(req)})
+        except Exception as e:  # report, keep serving
+            emit({"event": "result", "ok": False, "error": f"{type(e).__name__}: {e}",
+                  "traceback": traceback.format_exc()})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -436,10 +518,12 @@ def summarize(side_runs: list[dict]) -> dict:
         "returns": first.get("returns"),
         "env_steps_per_seed": first.get("env_steps_per_seed"),
         "runs": [{k: r[k] for k in ("run_s", "env_steps", "steps_per_s", "loadavg_before",
-                                     "order", "metrics_env_steps_max") if k in r} for r in side_runs],
+                                     "order", "attempt", "own_cpu_s", "other_cpu_s", "other_cpu_frac",
+                                     "metrics_env_steps_max") if k in r} for r in side_runs],
         "median_steps_per_s": float(np.median(sps)),
         "median_run_s": float(np.median([r["run_s"] for r in side_runs])),
         "min_steps_per_s": float(np.min(sps)),
+        "max_other_cpu_frac": max((r.get("other_cpu_frac", 0.0) for r in side_runs), default=None),
         "max_steps_per_s": float(np.max(sps)),
     }
 
@@ -467,6 +551,12 @@ def print_table(points: list[dict]) -> None:
               f"{'-' if ratio is None else f'{ratio:.2f}x':>11} | "
               f"{'-' if oc is None else f'{oc:.1f}':>15}{'-' if rc is None else f'{rc:.1f}':>7} | "
               f"{fmt_ret(o and o['returns']):>21}{fmt_ret(r and r['returns']):>10}")
+    busy = [(p["algo"], p["n_seeds"], name, side["max_other_cpu_frac"]) for p in points
+            for name, side in p["sides"].items() if side.get("max_other_cpu_frac") is not None]
+    worst = max(busy, key=lambda b: b[3], default=None)
+    if worst and worst[3] > 0.05:
+        print(f"[warn] other processes used up to {100 * worst[3]:.0f}% of the machine's CPU during timed runs "
+              f"({worst[0]} seeds={worst[1]}, {worst[2]}): these figures are contended; rerun on a quiet machine")
     print("steps/s: median over repeats of n_seeds * env steps per seed / run seconds (compile excluded); "
           "return: mean over seeds / min over seeds of each seed's mean final-policy return")
 
@@ -483,10 +573,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="smoke run: ~20k steps, seeds [1], 1 repeat")
     p.add_argument("--sides", nargs="+", choices=("ours", "rejax"), default=["ours", "rejax"],
                    help="run only one side (e.g. while the other is unavailable)")
+    p.add_argument("--xla-flags", default=None,
+                   help="XLA_FLAGS for both workers (default: inherited), e.g. --xla-flags=--xla_cpu_multi_thread_eigen=false")
+    p.add_argument("--timeout", type=float, default=900.0,
+                   help="seconds a worker may take for one request (compile + run + eval) before it counts "
+                        "as hung, is killed, restarted and the request retried; later repeats of a point "
+                        "get min(this, 120 + 5 * the previous run)")
+    p.add_argument("--hang-retries", type=int, default=2, help="retries of a request after a hang")
     p.add_argument("--rejax-venv", type=Path, default=REJAX_VENV)
     p.add_argument("--rejax-pin", action="append", metavar="NAME==VER",
                    help="override a version pinned in the rejax venv (repeatable)")
     p.add_argument("--out", type=Path, default=None, help="JSON path (default: benchmarks/results/throughput_<cpu>.json)")
+    p.add_argument("--worker", choices=("ours",), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.algos is None:
         args.algos = ["ppo", "dqn"]
@@ -496,13 +594,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.repeats = 1 if args.quick else 3
     if args.repeats < 1:
         p.error("--repeats must be >= 1")
-    if not args.quick and args.repeats < 3:
+    if not args.quick and args.repeats < 3 and args.worker is None:
         print(f"[warn] --repeats {args.repeats} < 3: medians of fewer than 3 runs", file=sys.stderr)
     return args
 
 
-def main(argv: list[str] | None = None) -> dict:
+def request_with_retries(worker: Worker, req: dict, timeout_s: float, retries: int, hangs: list[dict]) -> dict:
+    for attempt in range(retries + 1):
+        t0 = time.perf_counter()
+        try:
+            res = worker.request(req, timeout_s)
+            res["attempt"] = attempt
+            return res
+        except WorkerHung as e:
+            hangs.append({"side": worker.name, "request": req, "attempt": attempt, "timeout_s": timeout_s,
+                          "waited_s": time.perf_counter() - t0, "loadavg": loadavg(),
+                          "utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")})
+            print(f"[hang] {e}; killed, restarting it and retrying ({attempt + 1}/{retries})",
+                  file=sys.stderr, flush=True)
+            worker.restart()
+            timeout_s = max(timeout_s, 300.0)  # the retry recompiles
+    raise WorkerHung(f"{worker.name} worker hung {retries + 1} times on {req}")
+
+
+def main(argv: list[str] | None = None) -> dict | None:
     args = parse_args(argv)
+    if args.worker == "ours":
+        serve_ours()
+        return None
     hw = cpu_info()
     totals = {a: args.total_timesteps or (QUICK_TOTAL if args.quick else DEFAULT_TOTAL)[a] for a in args.algos}
     out_path = args.out or RESULTS / f"throughput_{cpu_short_name(hw['cpu_model'])}{'_quick' if args.quick else ''}.json"
@@ -510,36 +629,45 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"[bench] {hw['cpu_model']}, {hw['logical_cores']} cores; algos={args.algos} seeds={args.seeds} "
           f"repeats={args.repeats} total_timesteps={totals}; load average {loadavg()}", flush=True)
 
-    sides: dict[str, Any] = {}
+    env = dict(os.environ)
+    if args.xla_flags is not None:
+        env["XLA_FLAGS"] = args.xla_flags
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+    workers: dict[str, Worker] = {}
     venv_info = None
+    hangs: list[dict] = []
+    points = []
     try:
+        if "ours" in args.sides:
+            workers["ours"] = Worker("ours", [sys.executable, str(Path(__file__).resolve()), "--worker", "ours"], env)
+            print(f"[bench] rlcx_jax worker up in {workers['ours'].ready['startup_s']:.1f} s", flush=True)
         if "rejax" in args.sides:
             venv_info = ensure_rejax_venv(args.rejax_venv, rejax_pins(args.rejax_pin))
-            sides["rejax"] = RejaxSide(venv_python(args.rejax_venv))
-            print(f"[bench] rejax worker up in {sides['rejax'].ready['startup_s']:.1f} s "
-                  f"(rejax {sides['rejax'].ready['versions'].get('rejax')}, "
-                  f"gymnax {sides['rejax'].ready['versions'].get('gymnax')})", flush=True)
-        if "ours" in args.sides:
-            sides["ours"] = OurSide()
-            print(f"[bench] rlcx_jax imported in {sides['ours'].startup_s:.1f} s", flush=True)
+            workers["rejax"] = Worker("rejax", [str(venv_python(args.rejax_venv)), str(RUNNER), "--serve"], env)
+            v = workers["rejax"].ready["versions"]
+            print(f"[bench] rejax worker up in {workers['rejax'].ready['startup_s']:.1f} s "
+                  f"(rejax {v.get('rejax')}, gymnax {v.get('gymnax')}, jax {v.get('jax')})", flush=True)
 
-        points = []
+        names = [s for s in ("ours", "rejax") if s in workers]
         for algo in args.algos:
             for n in args.seeds:
-                raw: dict[str, list[dict]] = {s: [] for s in sides}
+                raw: dict[str, list[dict]] = {s: [] for s in names}
+                timeouts = {s: args.timeout for s in names}
                 for r in range(args.repeats):
-                    names = [s for s in ("ours", "rejax") if s in sides]
                     order = names if r % 2 == 0 else names[::-1]  # ours first on even repeats
                     for pos, name in enumerate(order):
                         req = {"op": "run", "algo": algo, "n_seeds": n, "total_timesteps": totals[algo],
                                "seed": args.seed, "evaluate": r == 0, "eval_episodes": args.eval_episodes,
                                "drop": r == args.repeats - 1}
                         before = loadavg()
-                        res = sides[name].handle(req)
+                        res = request_with_retries(workers[name], req, timeouts[name], args.hang_retries, hangs)
                         res["loadavg_before"] = before
                         res["order"] = pos
                         raw[name].append(res)
+                        timeouts[name] = min(args.timeout, 120.0 + 5.0 * res["run_s"])
                         extra = f" (compile {res['compile']['compile_s']:.1f} s)" if "compile" in res else ""
+                        if "other_cpu_frac" in res:
+                            extra += f"  [other processes: {100 * res['other_cpu_frac']:.0f}% of the CPU]"
                         print(f"[{name:>5}] {algo} seeds={n:<3} repeat={r} run {res['run_s']:7.2f} s "
                               f"{res['steps_per_s']:>12,.0f} steps/s{extra}", flush=True)
                 point = {"algo": algo, "n_seeds": n, "total_timesteps_requested": totals[algo],
@@ -553,37 +681,42 @@ def main(argv: list[str] | None = None) -> dict:
                               f"rejax {j['env_steps_per_seed']}", file=sys.stderr)
                 points.append(point)
     finally:
-        for s in sides.values():
-            s.close()
+        for w in workers.values():
+            w.close()
 
     print()
     print_table(points)
-    rejax_ready = sides["rejax"].ready if "rejax" in sides else None
+    if hangs:
+        print(f"[bench] {len(hangs)} hung request(s) were killed and retried; see 'hangs' in the JSON")
+    ready = {name: w.ready for name, w in workers.items()}
+    rejax_ready = ready.get("rejax")
     result = {
         "benchmark": "throughput",
         "timestamp_utc": started.isoformat(timespec="seconds"),
         "finished_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
+        "command": " ".join(["benchmarks/throughput.py"] + (argv if argv is not None else sys.argv[1:])),
         "hardware": hw,
-        "backend": {"ours": sides["ours"].backend if "ours" in sides else None,
-                    "rejax": rejax_ready and rejax_ready.get("backend")},
-        "jax_environment": jax_environment(),
-        "versions": {"ours": local_versions(), "rejax_side": rejax_ready and rejax_ready.get("versions")},
+        "backend": {name: r.get("backend") for name, r in ready.items()},
+        "jax_environment": jax_environment(env),
+        "versions": {"ours": ready["ours"]["versions"] if "ours" in ready else local_versions(),
+                     "rejax_side": rejax_ready and rejax_ready.get("versions")},
         "rejax_venv": venv_info,
         "settings": {
             "algos": args.algos, "seeds": args.seeds, "repeats": args.repeats,
             "total_timesteps": totals, "eval_episodes": args.eval_episodes, "seed": args.seed,
-            "quick": args.quick, "sides": list(sides),
+            "quick": args.quick, "sides": names if workers else [],
             "ours": _jsonable({a: OUR_SETTINGS[a] for a in args.algos}),
             "rejax": rejax_ready and {a: rejax_ready["settings"][a] for a in args.algos},
             "rejax_notes": rejax_ready and {a: rejax_ready["notes"][a] for a in args.algos},
         },
-        "method": ("jax.jit(jax.vmap(train)) over n_seeds keys; .lower().compile() timed apart (compile_s); "
+        "method": ("each side runs in its own worker process (the other is idle meanwhile); "
+                   "jax.jit(jax.vmap(train)) over n_seeds keys; .lower().compile() timed apart (compile_s); "
                    "each run = compiled call + block_until_ready; env steps/s = n_seeds * env steps per seed / "
                    "run_s; median over repeats; sides alternate each repeat (order 0 = ran first); returns "
                    "= untimed evaluation of each seed's final policy after the first timed run"),
-        "startup_s": {"ours": sides["ours"].startup_s if "ours" in sides else None,
-                      "rejax": rejax_ready and rejax_ready.get("startup_s")},
+        "startup_s": {name: r.get("startup_s") for name, r in ready.items()},
+        "worker_restarts": {name: w.restarts for name, w in workers.items()},
+        "hangs": hangs,
         "points": points,
     }
     out_path.parent.mkdir(parents=True, exist_ok=True)
