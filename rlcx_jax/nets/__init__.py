@@ -111,7 +111,9 @@ class Torso(nn.Module):
 
 
 class ActorCritic(nn.Module):
-    """Policy and value heads. Returns `(policy_params, value)`.
+    """Policy and value heads. `__call__` returns `(policy_params, value)`; `policy` and `value`
+    compute one head only (the rollout samples actions with `policy` alone and evaluates the critic
+    on the whole trajectory afterwards, in one batched call).
 
     policy_params are logits for discrete actions, or `concat(mean, log_std)` for a diagonal
     Gaussian with state-independent log standard deviation (Schulman et al. 2017).
@@ -121,19 +123,32 @@ class ActorCritic(nn.Module):
     spec: ActionSpec
     obs_ndim: int
 
-    @nn.compact
-    def __call__(self, obs: jax.Array) -> tuple[jax.Array, jax.Array]:
-        actor_features = Torso(self.config, self.obs_ndim, name="actor_torso")(obs)
+    def setup(self) -> None:
+        self.actor_torso = Torso(self.config, self.obs_ndim)
         if self.config.separate_critic:
-            critic_features = Torso(self.config, self.obs_ndim, name="critic_torso")(obs)
-        else:
-            critic_features = actor_features
-        out = _dense(self.spec.dim, 0.01)(actor_features)
+            self.critic_torso = Torso(self.config, self.obs_ndim)
+        self.policy_head = _dense(self.spec.dim, 0.01)
+        self.value_head = _dense(1, 1.0)
         if not self.spec.discrete:
-            log_std = self.param("log_std", nn.initializers.zeros, (self.spec.dim,))
-            out = jnp.concatenate([out, jnp.broadcast_to(log_std, out.shape)], axis=-1)
-        value = _dense(1, 1.0)(critic_features)[..., 0]
-        return out, value
+            self.log_std = self.param("log_std", nn.initializers.zeros, (self.spec.dim,))
+
+    def _policy_from_features(self, features: jax.Array) -> jax.Array:
+        out = self.policy_head(features)
+        if not self.spec.discrete:
+            out = jnp.concatenate([out, jnp.broadcast_to(self.log_std, out.shape)], axis=-1)
+        return out
+
+    def policy(self, obs: jax.Array) -> jax.Array:
+        return self._policy_from_features(self.actor_torso(obs))
+
+    def value(self, obs: jax.Array) -> jax.Array:
+        torso = self.critic_torso if self.config.separate_critic else self.actor_torso
+        return self.value_head(torso(obs))[..., 0]
+
+    def __call__(self, obs: jax.Array) -> tuple[jax.Array, jax.Array]:
+        actor_features = self.actor_torso(obs)
+        critic_features = self.critic_torso(obs) if self.config.separate_critic else actor_features
+        return self._policy_from_features(actor_features), self.value_head(critic_features)[..., 0]
 
 
 class QNetwork(nn.Module):

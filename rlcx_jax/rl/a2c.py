@@ -10,7 +10,7 @@ import jax
 from flax import struct
 
 from rlcx_jax.rl import onpolicy
-from rlcx_jax.rl.common import Hooks, Trainer, check_positive, check_range
+from rlcx_jax.rl.common import Hooks, Trainer, check_positive, check_range, next_keys
 from rlcx_jax.rl.losses import PolicyBatch, policy_gradient_loss
 from rlcx_jax.rl.onpolicy import ActorCriticState, OnPolicyMetrics
 from rlcx_jax.rl.returns import gae
@@ -47,7 +47,7 @@ class A2CHParams:
 def _update(agent: onpolicy.Agent, state: A2CState) -> tuple[A2CState, OnPolicyMetrics]:
     config: A2CConfig = agent.config  # type: ignore[assignment]
     hp: A2CHParams = state.hparams
-    key, key_collect = jax.random.split(state.key)
+    key, (key_collect,) = next_keys(state.key, config.prng_impl, 1)
     state = state.replace(key=key)
 
     # COLLECT TRAJECTORIES

@@ -157,6 +157,43 @@ def broadcast_tree(tree: Any, n: int) -> Any:
     return jax.tree.map(lambda x: jnp.broadcast_to(jnp.asarray(x), (n,) + jnp.shape(x)), tree)
 
 
+# ----------------------------------------------------------------------------------------------
+# PRNG keys inside training state
+# ----------------------------------------------------------------------------------------------
+PRNG_IMPLS = ("threefry2x32", "unsafe_rbg", "rbg")
+
+
+def check_prng_impl(impl: str) -> None:
+    if impl not in PRNG_IMPLS:
+        raise ValueError(f"Unknown prng_impl {impl!r}; expected one of {PRNG_IMPLS}")
+
+
+def seed_key(key: jax.Array, impl: str) -> jax.Array:
+    """A typed key of implementation `impl`, derived deterministically from the caller's key.
+
+    The caller passes an ordinary `jax.random.PRNGKey` (threefry). Training may run on another
+    implementation: on CPU, XLA's RngBitGenerator ("unsafe_rbg") makes the per-step random numbers
+    of a rollout (action sampling, gymnax's auto-reset) about 5x cheaper than threefry hashing,
+    and random-number generation dominates a small agent's rollout step.
+    """
+    if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+        key = jax.random.key_data(key)
+    threefry = jax.random.wrap_key_data(key, impl="threefry2x32")
+    if impl == "threefry2x32":
+        return threefry
+    width = jax.random.key_data(jax.random.key(0, impl=impl)).shape[-1]
+    return jax.random.wrap_key_data(jax.random.bits(threefry, (width,), jnp.uint32), impl=impl)
+
+
+def next_keys(state_key: jax.Array, impl: str, n: int) -> tuple[jax.Array, jax.Array]:
+    """Split the raw key data kept in a training state: (new raw key data, n typed subkeys).
+
+    States keep raw key data (plain uint32 arrays) so they vmap, checkpoint and compare like any
+    other array."""
+    keys = jax.random.split(jax.random.wrap_key_data(state_key, impl=impl), n + 1)
+    return jax.random.key_data(keys[0]), keys[1:]
+
+
 def check_positive(name: str, value: int | float) -> None:
     if not value > 0:
         raise ValueError(f"{name} must be positive, got {value}")

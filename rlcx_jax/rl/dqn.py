@@ -24,8 +24,11 @@ from rlcx_jax.rl.common import (
     Trainer,
     TrainOutput,
     check_positive,
+    check_prng_impl,
     check_range,
     make_apply,
+    next_keys,
+    seed_key,
     make_optimizer,
     scan_updates,
 )
@@ -52,6 +55,7 @@ class DQNConfig:
     huber_delta: float | None = None
     net: nets.NetConfig = nets.NetConfig(hidden=(120, 84), activation="relu")
     log_every: int = 50
+    prng_impl: str = "threefry2x32"
 
     @property
     def steps_per_update(self) -> int:
@@ -82,12 +86,18 @@ class DQNConfig:
                 f"target_update_period ({self.target_update_period}) must be a multiple of "
                 f"train_frequency ({self.train_frequency})"
             )
+        if self.learning_starts > self.buffer_size:
+            raise ValueError(
+                f"learning_starts ({self.learning_starts}) exceeds buffer_size ({self.buffer_size}): "
+                "the buffer never holds that many transitions, so no gradient step would ever be taken"
+            )
         if self.num_updates < 1:
             raise ValueError(f"total_timesteps ({self.total_timesteps}) is below train_frequency")
         if self.num_updates % self.log_every != 0:
             raise ValueError(
                 f"The number of updates ({self.num_updates}) must be a multiple of log_every ({self.log_every})"
             )
+        check_prng_impl(self.prng_impl)
         check_range("eps_start", self.eps_start, 0.0, 1.0)
         check_range("eps_end", self.eps_end, 0.0, 1.0)
         check_range("eps_decay_fraction", self.eps_decay_fraction, 0.0, 1.0)
@@ -170,7 +180,8 @@ def make(config: DQNConfig = DQNConfig(), hooks: Hooks = Hooks()) -> Trainer:
 
     def init(key: jax.Array, hparams: DQNHParams, env_params: Any = None) -> DQNState:
         env_params = default_env_params if env_params is None else env_params
-        key, key_net, key_env = jax.random.split(key, 3)
+        impl = config.prng_impl
+        key, (key_net, key_env) = next_keys(jax.random.key_data(seed_key(key, impl)), impl, 2)
         params = network.init(key_net, jnp.zeros((1,) + obs_shape, jnp.float32))["params"]
         runner = rollout.reset(env, env_params, key_env, config.num_envs)
         example = QBatch(
@@ -195,7 +206,7 @@ def make(config: DQNConfig = DQNConfig(), hooks: Hooks = Hooks()) -> Trainer:
 
     def update(state: DQNState) -> tuple[DQNState, DQNMetrics]:
         hp = state.hparams
-        key, key_collect, key_sample = jax.random.split(state.key, 3)
+        key, (key_collect, key_sample) = next_keys(state.key, config.prng_impl, 2)
         env_steps = state.update_step * config.train_frequency
 
         # COLLECT TRANSITIONS (epsilon-greedy) INTO THE REPLAY BUFFER

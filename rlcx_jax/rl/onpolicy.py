@@ -24,7 +24,10 @@ from rlcx_jax.rl.common import (
     Trainer,
     TrainOutput,
     check_positive,
+    check_prng_impl,
     make_apply,
+    next_keys,
+    seed_key,
     make_optimizer,
     scan_updates,
 )
@@ -45,6 +48,7 @@ class OnPolicyConfig:
     anneal_lr: bool = True
     normalize_obs: bool = False
     log_every: int = 1
+    prng_impl: str = "threefry2x32"
 
     @property
     def steps_per_update(self) -> int:
@@ -73,6 +77,7 @@ class OnPolicyConfig:
                 f"({self.log_every})"
             )
         self.net.validate()
+        check_prng_impl(self.prng_impl)
 
 
 @struct.dataclass
@@ -87,12 +92,6 @@ class ActorCriticState:
     update_step: jax.Array
     hparams: Any
     env_params: Any
-
-
-@struct.dataclass
-class PolicyExtras:
-    log_prob: jax.Array
-    value: jax.Array
 
 
 @struct.dataclass
@@ -131,7 +130,7 @@ class Agent:
         return normalize(stats, obs) if self.config.normalize_obs else obs
 
     def value(self, params: Params, stats: RunningStats, obs: jax.Array) -> jax.Array:
-        return self.apply(params, self.prep_obs(stats, obs))[1]
+        return self.apply(params, self.prep_obs(stats, obs), method="value")
 
     def optimizer(self, hparams: Any) -> optax.GradientTransformation:
         anneal = None
@@ -140,11 +139,12 @@ class Agent:
         return make_optimizer(hparams.lr, hparams.max_grad_norm, self.hooks, anneal)
 
     def behaviour_policy(self, params: Params, stats: RunningStats) -> rollout.PolicyFn:
-        def policy_fn(key: jax.Array, obs: jax.Array) -> tuple[jax.Array, PolicyExtras]:
-            policy_out, value = self.apply(params, self.prep_obs(stats, obs))
-            dist = distribution(policy_out, self.spec)
-            action, log_prob = dist.sample_and_log_prob(seed=key)
-            return action, PolicyExtras(log_prob=log_prob, value=value)
+        """Sample actions with the policy head alone; log-probabilities and values are computed
+        after the rollout for the whole trajectory in one batched call (`collect`)."""
+
+        def policy_fn(key: jax.Array, obs: jax.Array) -> tuple[jax.Array, None]:
+            policy_out = self.apply(params, self.prep_obs(stats, obs), method="policy")
+            return distribution(policy_out, self.spec).sample(seed=key), None
 
         return policy_fn
 
@@ -162,7 +162,9 @@ def build_agent(config: OnPolicyConfig, hooks: Hooks = Hooks()) -> Agent:
 def init_state(agent: Agent, key: jax.Array, hparams: Any, env_params: Any = None) -> ActorCriticState:
     """Initial parameters, optimizer state and reset environments."""
     env_params = agent.env_params if env_params is None else env_params
-    key, key_net, key_env = jax.random.split(key, 3)
+    key, (key_net, key_env) = next_keys(
+        jax.random.key_data(seed_key(key, agent.config.prng_impl)), agent.config.prng_impl, 2
+    )
     dummy = jnp.zeros((1,) + agent.obs_shape, jnp.float32)
     params = agent.network.init(key_net, dummy)["params"]
     opt_state = agent.optimizer(hparams).init(params)
@@ -181,9 +183,11 @@ def init_state(agent: Agent, key: jax.Array, hparams: Any, env_params: Any = Non
 
 @struct.dataclass
 class Collected:
-    """A trajectory plus what every estimator needs: V(s_t) and the bootstrap value V(s_{t+1})."""
+    """A trajectory plus what every estimator needs: V(s_t), the bootstrap value V(s_{t+1}), the
+    discount, and the behaviour policy's log-probabilities of the actions taken."""
 
     traj: rollout.Transition
+    log_prob: jax.Array
     v_tm1: jax.Array
     v_t: jax.Array
     discount_t: jax.Array
@@ -192,18 +196,20 @@ class Collected:
 def collect(agent: Agent, state: ActorCriticState, key: jax.Array) -> tuple[ActorCriticState, Collected]:
     """Collect `num_steps` x `num_envs` transitions and compute bootstrap values.
 
-    v_t is the rollout's own next-step value, except after the last step (one extra critic call on
-    the current observations) and where an episode was truncated (the critic on the pre-reset
-    observation, computed only if any truncation happened in this rollout). On termination the
-    discount is zero, so nothing is bootstrapped.
+    The rollout itself only runs the policy head. Afterwards one batched forward pass over the
+    T + 1 observations (the trajectory and the current ones) gives the log-probabilities and
+    V(s_t) for every step; v_t is then the rollout's own next-step value, except where an episode
+    was truncated (the critic on the pre-reset observation, computed only if any truncation
+    happened in this rollout). On termination the discount is zero, so nothing is bootstrapped.
     """
     policy_fn = agent.behaviour_policy(state.params, state.obs_stats)
     runner, traj = rollout.collect(
         agent.env, state.env_params, policy_fn, state.runner, key, agent.config.num_steps
     )
-    v_tm1 = traj.extras.value
-    last_value = agent.value(state.params, state.obs_stats, runner.obs)
-    v_next = jnp.concatenate([v_tm1[1:], last_value[None]], axis=0)
+    all_obs = jnp.concatenate([traj.obs, runner.obs[None]], axis=0)
+    policy_out, values = agent.apply(state.params, agent.prep_obs(state.obs_stats, all_obs))
+    log_prob = distribution(policy_out[:-1], agent.spec).log_prob(traj.action)
+    v_tm1, v_next = values[:-1], values[1:]
     v_final = jax.lax.cond(
         jnp.any(traj.truncated),
         lambda: agent.value(state.params, state.obs_stats, traj.next_obs),
@@ -212,7 +218,7 @@ def collect(agent: Agent, state: ActorCriticState, key: jax.Array) -> tuple[Acto
     v_t = jnp.where(traj.truncated, v_final, v_next)
     discount_t = state.hparams.gamma * (1.0 - traj.terminated.astype(jnp.float32))
     state = state.replace(runner=runner)
-    return state, Collected(traj=traj, v_tm1=v_tm1, v_t=v_t, discount_t=discount_t)
+    return state, Collected(traj=traj, log_prob=log_prob, v_tm1=v_tm1, v_t=v_t, discount_t=discount_t)
 
 
 def finish_update(
@@ -258,7 +264,7 @@ def act(
     agent: Agent, params: Params, obs_stats: RunningStats, obs: jax.Array, key: jax.Array, greedy: bool
 ) -> jax.Array:
     """The trained policy: a sample, or the mode when `greedy`."""
-    policy_out, _ = agent.apply(params, agent.prep_obs(obs_stats, obs))
+    policy_out = agent.apply(params, agent.prep_obs(obs_stats, obs), method="policy")
     if greedy:
         return greedy_action(policy_out, agent.spec)
     return distribution(policy_out, agent.spec).sample(seed=key)

@@ -13,7 +13,7 @@ import jax
 from flax import struct
 
 from rlcx_jax.rl import onpolicy
-from rlcx_jax.rl.common import Hooks, Trainer, check_positive, check_range
+from rlcx_jax.rl.common import Hooks, Trainer, check_positive, check_range, next_keys
 from rlcx_jax.rl.losses import PolicyBatch, policy_gradient_loss
 from rlcx_jax.rl.onpolicy import ActorCriticState, OnPolicyMetrics
 from rlcx_jax.rl.returns import discounted_returns
@@ -49,7 +49,7 @@ class ReinforceHParams:
 def _update(agent: onpolicy.Agent, state: ReinforceState) -> tuple[ReinforceState, OnPolicyMetrics]:
     config: ReinforceConfig = agent.config  # type: ignore[assignment]
     hp: ReinforceHParams = state.hparams
-    key, key_collect = jax.random.split(state.key)
+    key, (key_collect,) = next_keys(state.key, config.prng_impl, 1)
     state = state.replace(key=key)
 
     # COLLECT TRAJECTORIES

@@ -87,13 +87,17 @@ def step(
     env: Any, env_params: Any, policy_fn: PolicyFn, runner: EnvRunner, key: jax.Array
 ) -> tuple[EnvRunner, Transition]:
     """One vectorised step: act, step every env (auto-reset), record the transition."""
-    key_act, key_env = jax.random.split(key)
-    action, extras = policy_fn(key_act, runner.obs)
-    num_envs = runner.obs.shape[0]
-    env_keys = jax.random.split(key_env, num_envs)
+    return _step(env, env_params, policy_fn, runner, jax.random.split(key, runner.obs.shape[0] + 1))
+
+
+def _step(
+    env: Any, env_params: Any, policy_fn: PolicyFn, runner: EnvRunner, keys: jax.Array
+) -> tuple[EnvRunner, Transition]:
+    """`step` with its keys already split: keys[0] acts, keys[1:] step the environments."""
+    action, extras = policy_fn(keys[0], runner.obs)
     obs, env_state, reward, terminated, truncated, info = jax.vmap(
         env.step, in_axes=(0, 0, 0, None)
-    )(env_keys, runner.env_state, action, env_params)
+    )(keys[1:], runner.env_state, action, env_params)
     transition = Transition(
         obs=runner.obs,
         action=action,
@@ -115,9 +119,13 @@ def collect(
     key: jax.Array,
     num_steps: int,
 ) -> tuple[EnvRunner, Transition]:
-    """Run `num_steps` vectorised steps; returns the new runner and a time-major Transition."""
+    """Run `num_steps` vectorised steps; returns the new runner and a time-major Transition.
+
+    Every key the rollout needs is split up front in one call, outside the sequential loop.
+    """
+    keys = jax.random.split(key, (num_steps, runner.obs.shape[0] + 1))
 
     def body(r: EnvRunner, k: jax.Array) -> tuple[EnvRunner, Transition]:
-        return step(env, env_params, policy_fn, r, k)
+        return _step(env, env_params, policy_fn, r, k)
 
-    return jax.lax.scan(body, runner, jax.random.split(key, num_steps))
+    return jax.lax.scan(body, runner, keys)

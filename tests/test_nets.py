@@ -1,0 +1,199 @@
+"""Network factory, the forward-pass wrapper (hooks) and the optimizer chain."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from rlcx_jax import envs, nets
+from rlcx_jax.rl.common import Hooks, make_apply, make_optimizer
+
+
+def _init(net, obs_shape, key=0):
+    return net.init(jax.random.PRNGKey(key), jnp.zeros((1,) + tuple(obs_shape)))["params"]
+
+
+def _paths(params):
+    return {"/".join(str(getattr(k, "key", k)) for k in path) for path, _ in jax.tree_util.tree_leaves_with_path(params)}
+
+
+def test_action_spec_from_spaces():
+    env, params = envs.make("CartPole-v1")
+    spec = nets.action_spec(env.action_space(params))
+    assert spec == nets.ActionSpec(discrete=True, num_actions=2) and spec.dim == 2
+    env, params = envs.make("Pendulum-v1")
+    spec = nets.action_spec(env.action_space(params))
+    assert not spec.discrete and spec.shape == (1,) and spec.dim == 1
+    assert spec.low == -2.0 and spec.high == 2.0
+
+
+def test_actor_critic_discrete_shapes_and_initial_policy():
+    spec = nets.ActionSpec(discrete=True, num_actions=3)
+    net = nets.make(nets.NetConfig(hidden=(16, 8)), (4,), spec)
+    params = _init(net, (4,))
+    obs = jax.random.normal(jax.random.PRNGKey(1), (5, 7, 4))  # extra leading axes are batch axes
+    logits, value = net.apply({"params": params}, obs)
+    assert logits.shape == (5, 7, 3) and value.shape == (5, 7)
+    # Orthogonal init with scale 0.01 on the policy head: an almost uniform initial policy.
+    assert float(jnp.max(jnp.abs(logits))) < 0.1
+    assert {"actor_torso", "critic_torso"} <= {p.split("/")[0] for p in _paths(params)}
+    shared = _init(nets.make(nets.NetConfig(hidden=(16,), separate_critic=False), (4,), spec), (4,))
+    assert "critic_torso" not in {p.split("/")[0] for p in _paths(shared)}
+
+
+def test_actor_critic_continuous_head():
+    spec = nets.ActionSpec(discrete=False, shape=(2,), low=-1.0, high=1.0)
+    net = nets.make(nets.NetConfig(hidden=(8,)), (3,), spec)
+    params = _init(net, (3,))
+    out, value = net.apply({"params": params}, jnp.ones((6, 3)))
+    assert out.shape == (6, 4) and value.shape == (6,)
+    np.testing.assert_array_equal(out[:, 2:], 0.0)  # log_std starts at zero (std 1), state independent
+    assert "log_std" in _paths(params)
+
+
+def test_q_network_shapes():
+    spec = nets.ActionSpec(discrete=True, num_actions=4)
+    net = nets.make(nets.NetConfig(hidden=(8,), activation="relu"), (2,), spec, head="q")
+    q = net.apply({"params": _init(net, (2,))}, jnp.ones((3, 2)))
+    assert q.shape == (3, 4)
+
+
+def test_mlp_flattens_image_observations():
+    spec = nets.ActionSpec(discrete=True, num_actions=3)
+    net = nets.make(nets.NetConfig(hidden=(8,)), (10, 5), spec)  # Catch-bsuite shape
+    params = _init(net, (10, 5))
+    assert params["actor_torso"]["Dense_0"]["kernel"].shape == (50, 8)
+    logits, value = net.apply({"params": params}, jnp.ones((2, 3, 10, 5)))
+    assert logits.shape == (2, 3, 3) and value.shape == (2, 3)
+
+
+def test_cnn_torso_on_breakout_minatar_under_jit_and_vmap():
+    env, env_params = envs.make("Breakout-MinAtar")
+    obs_shape = env.observation_space(env_params).shape
+    assert obs_shape == (10, 10, 4)
+    spec = nets.action_spec(env.action_space(env_params))
+    net = nets.make(nets.NetConfig(kind="cnn", hidden=(32,), activation="relu"), obs_shape, spec)
+    params = _init(net, obs_shape)
+    assert params["actor_torso"]["Conv_0"]["kernel"].shape == (3, 3, 4, 16)
+    # VALID 3x3 conv: 8 x 8 x 16 features into the dense layer.
+    assert params["actor_torso"]["Dense_0"]["kernel"].shape == (8 * 8 * 16, 32)
+    obs, _ = env.reset(jax.random.PRNGKey(0), env_params)
+    batch = jnp.stack([obs, obs * 0.0, obs])
+    logits, value = jax.jit(net.apply)({"params": params}, batch)
+    assert logits.shape == (3, spec.num_actions) and value.shape == (3,)
+    single = jax.vmap(lambda o: net.apply({"params": params}, o[None]))(batch)
+    np.testing.assert_allclose(single[0][:, 0], logits, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(single[1][:, 0], value, rtol=1e-5, atol=1e-6)
+    # (T, N, H, W, C) batches keep their leading axes.
+    out, v = net.apply({"params": params}, jnp.stack([batch, batch]))
+    assert out.shape == (2, 3, spec.num_actions) and v.shape == (2, 3)
+
+
+def test_bad_net_configs():
+    spec = nets.ActionSpec(discrete=True, num_actions=2)
+    with pytest.raises(ValueError, match="Unknown network kind"):
+        nets.make(nets.NetConfig(kind="transformer"), (4,), spec)
+    with pytest.raises(ValueError, match="Unknown activation"):
+        nets.make(nets.NetConfig(activation="sigmoidish"), (4,), spec)
+    with pytest.raises(ValueError, match="Hidden widths must be positive"):
+        nets.make(nets.NetConfig(hidden=(64, 0)), (4,), spec)
+    with pytest.raises(ValueError, match="Unknown head"):
+        nets.make(nets.NetConfig(), (4,), spec, head="dueling")
+    with pytest.raises(ValueError, match="discrete action space"):
+        nets.make(nets.NetConfig(), (4,), nets.ActionSpec(discrete=False, shape=(1,)), head="q")
+    with pytest.raises(ValueError, match=r"cnn torso needs \(H, W, C\)"):
+        net = nets.make(nets.NetConfig(kind="cnn"), (4,), spec)
+        _init(net, (4,))
+
+
+# ----------------------------------------------------------------------------------------------
+# The forward-pass wrapper and the optimizer chain (DESIGN.md section 6 seams)
+# ----------------------------------------------------------------------------------------------
+def test_make_apply_identity_param_transform_and_interceptor():
+    spec = nets.ActionSpec(discrete=True, num_actions=2)
+    net = nets.make(nets.NetConfig(hidden=(8,)), (3,), spec)
+    params = _init(net, (3,))
+    obs = jnp.ones((4, 3))
+    logits, value = make_apply(net)(params, obs)
+    ref_logits, ref_value = net.apply({"params": params}, obs)
+    np.testing.assert_array_equal(logits, ref_logits)
+    np.testing.assert_array_equal(value, ref_value)
+
+    # A parameter transform (e.g. a pruning mask) is applied on the way in: all-zero weights give 0.
+    zero = make_apply(net, Hooks(param_transform=lambda p: jax.tree.map(jnp.zeros_like, p)))
+    logits0, value0 = zero(params, obs)
+    np.testing.assert_array_equal(logits0, 0.0)
+    np.testing.assert_array_equal(value0, 0.0)
+
+    # An interceptor sees every Dense call and can transform activations.
+    seen = []
+
+    def interceptor(next_fun, args, kwargs, context):
+        if isinstance(context.module, nn.Dense) and context.method_name == "__call__":
+            seen.append(context.module.name)
+            return next_fun(*args, **kwargs) * 0.0
+        return next_fun(*args, **kwargs)
+
+    logits_i, value_i = make_apply(net, Hooks(interceptor=interceptor))(params, obs)
+    assert len(seen) == 4  # actor hidden, critic hidden, policy head, value head
+    np.testing.assert_array_equal(value_i, 0.0)
+    # Gradients flow through a (straight-through style) parameter transform.
+    scaled = make_apply(net, Hooks(param_transform=lambda p: jax.tree.map(lambda x: 2.0 * x, p)))
+    g = jax.grad(lambda p: jnp.sum(scaled(p, obs)[1]))(params)
+    assert sum(float(jnp.abs(x).sum()) for x in jax.tree.leaves(g)) > 0
+
+
+def test_optimizer_clips_by_global_norm_then_adam_and_anneals():
+    params = {"a": jnp.ones(3), "b": jnp.ones((2, 2))}
+    grads = {"a": jnp.full(3, 100.0), "b": jnp.full((2, 2), -100.0)}
+    tx = make_optimizer(lr=0.1, max_grad_norm=1.0)
+    state = tx.init(params)
+    updates, state = tx.update(grads, state)
+    # First Adam step is -lr * sign(g) (up to eps), whatever the clipped magnitude.
+    np.testing.assert_allclose(updates["a"], -0.1, rtol=1e-3)
+    np.testing.assert_allclose(updates["b"], 0.1, rtol=1e-3)
+    # Clipping happens before Adam: compare with the optax reference chain.
+    ref = optax.chain(optax.clip_by_global_norm(1.0), optax.scale_by_adam(eps=1e-5), optax.scale(-0.1))
+    ref_state = ref.init(params)
+    g2 = {"a": jnp.array([1.0, -2.0, 3.0]), "b": jnp.array([[0.5, 0.0], [4.0, -1.0]])}
+    s = state
+    r_updates, ref_state = ref.update(grads, ref_state)
+    update, ref_update = jax.jit(tx.update), jax.jit(ref.update)
+    for _ in range(3):
+        u, s = update(g2, s)
+        r_updates, ref_state = ref_update(g2, ref_state)
+    np.testing.assert_allclose(u["a"], r_updates["a"], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(u["b"], r_updates["b"], rtol=1e-5, atol=1e-7)
+
+    # Linear annealing reaches zero after anneal_steps steps.
+    tx = make_optimizer(lr=0.1, max_grad_norm=1.0, anneal_steps=4)
+    state = tx.init(params)
+    sizes = []
+    update = jax.jit(tx.update)
+    for _ in range(5):
+        u, state = update(grads, state)
+        sizes.append(float(jnp.abs(u["a"][0])))
+    np.testing.assert_allclose(sizes, [0.1, 0.075, 0.05, 0.025, 0.0], rtol=1e-3, atol=1e-9)
+
+    # Extra gradient transformations run first (e.g. a mask keeping pruned weights at zero).
+    mask = {"a": jnp.array([1.0, 0.0, 1.0]), "b": jnp.ones((2, 2))}
+    masked = optax.stateless(lambda g, p=None: jax.tree.map(lambda x, m: x * m, g, mask))
+    tx = make_optimizer(lr=0.1, max_grad_norm=1.0, hooks=Hooks(extra_grad_transforms=(masked,)))
+    u, _ = tx.update(grads, tx.init(params))
+    assert float(u["a"][1]) == 0.0 and float(u["a"][0]) != 0.0
+
+
+def test_optimizer_lr_is_traceable_for_sweeps():
+    params = {"w": jnp.ones(2)}
+    grads = {"w": jnp.array([1.0, -1.0])}
+
+    def one_step(lr):
+        tx = make_optimizer(lr=lr, max_grad_norm=1.0)
+        return tx.update(grads, tx.init(params))[0]["w"]
+
+    swept = jax.jit(jax.vmap(one_step))(jnp.array([0.1, 0.2]))
+    np.testing.assert_allclose(swept, [[-0.1, 0.1], [-0.2, 0.2]], rtol=1e-3)
