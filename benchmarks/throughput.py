@@ -364,6 +364,8 @@ class OurPoint:
         kwargs = dict(settings["config"])
         kwargs["net"] = NetConfig(**{k: v for k, v in kwargs["net"].items()})
         kwargs["total_timesteps"] = total_timesteps
+        if os.environ.get("RLCX_BENCH_PRNG_IMPL"):  # set by --prng-impl in the parent process
+            kwargs["prng_impl"] = os.environ["RLCX_BENCH_PRNG_IMPL"]
         fields = {f.name for f in dataclasses.fields(config_cls)}
         unknown = sorted(set(kwargs) - fields)
         if unknown:
@@ -575,6 +577,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="run only one side (e.g. while the other is unavailable)")
     p.add_argument("--xla-flags", default=None,
                    help="XLA_FLAGS for both workers (default: inherited), e.g. --xla-flags=--xla_cpu_multi_thread_eigen=false")
+    p.add_argument("--prng-impl", default=None, choices=("threefry2x32", "unsafe_rbg", "rbg"),
+                   help="our side's PRNG implementation (config field prng_impl; default: the config's)")
     p.add_argument("--timeout", type=float, default=900.0,
                    help="seconds a worker may take for one request (compile + run + eval) before it counts "
                         "as hung, is killed, restarted and the request retried; later repeats of a point "
@@ -586,6 +590,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=None, help="JSON path (default: benchmarks/results/throughput_<cpu>.json)")
     p.add_argument("--worker", choices=("ours",), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.prng_impl:
+        os.environ["RLCX_BENCH_PRNG_IMPL"] = args.prng_impl  # inherited by our worker process
     if args.algos is None:
         args.algos = ["ppo", "dqn"]
     if args.seeds is None:
