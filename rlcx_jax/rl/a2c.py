@@ -10,8 +10,7 @@ import jax
 from flax import struct
 
 from rlcx_jax.rl import onpolicy
-from rlcx_jax.rl.common import Hooks, Trainer, check_positive, check_range, next_keys
-from rlcx_jax.rl.losses import PolicyBatch, policy_gradient_loss
+from rlcx_jax.rl.common import Hooks, Trainer, check_positive, check_range
 from rlcx_jax.rl.onpolicy import ActorCriticState, OnPolicyMetrics
 from rlcx_jax.rl.returns import gae
 
@@ -44,34 +43,15 @@ class A2CHParams:
         check_positive("max_grad_norm", self.max_grad_norm)
 
 
-def _update(agent: onpolicy.Agent, state: A2CState) -> tuple[A2CState, OnPolicyMetrics]:
-    config: A2CConfig = agent.config  # type: ignore[assignment]
-    hp: A2CHParams = state.hparams
-    key, (key_collect,) = next_keys(state.key, config.prng_impl, 1)
-    state = state.replace(key=key)
-
-    # COLLECT TRAJECTORIES
-    state, col = onpolicy.collect(agent, state, key_collect)
+def _advantages(col: onpolicy.Collected, hp: A2CHParams) -> tuple[jax.Array, jax.Array, A2CHParams]:
+    """GAE(lambda) advantages and their lambda-return targets."""
     traj = col.traj
-
-    # CALCULATE ADVANTAGE
     advantage = gae(traj.reward, col.discount_t, col.v_tm1, col.v_t, hp.gae_lambda, traj.truncated)
-    target = advantage + col.v_tm1
-    if config.normalize_advantages:
-        advantage = (advantage - advantage.mean()) / (advantage.std() + 1e-8)
-    batch = jax.tree.map(
-        onpolicy.flatten_time,
-        PolicyBatch(
-            obs=agent.prep_obs(state.obs_stats, traj.obs),
-            action=traj.action,
-            advantage=advantage,
-            target=target,
-        ),
-    )
+    return advantage, advantage + col.v_tm1, hp
 
-    # UPDATE NETWORK (one step)
-    state, loss, aux = onpolicy.gradient_step(agent, state, policy_gradient_loss, batch, hp)
-    return onpolicy.finish_update(agent, state, col, loss, aux)
+
+def _update(agent: onpolicy.Agent, state: A2CState) -> tuple[A2CState, OnPolicyMetrics]:
+    return onpolicy.single_step_update(agent, state, _advantages)
 
 
 def make(config: A2CConfig = A2CConfig(), hooks: Hooks = Hooks()) -> Trainer:

@@ -31,7 +31,7 @@ from rlcx_jax.rl.common import (
     make_optimizer,
     scan_updates,
 )
-from rlcx_jax.rl.losses import ActorCriticAux
+from rlcx_jax.rl.losses import ActorCriticAux, PolicyBatch, policy_gradient_loss
 from rlcx_jax.rl.policy import distribution, greedy_action
 
 
@@ -49,6 +49,7 @@ class OnPolicyConfig:
     normalize_obs: bool = False
     log_every: int = 1
     prng_impl: str = "threefry2x32"
+    normalize_advantages: bool = True
 
     @property
     def steps_per_update(self) -> int:
@@ -253,6 +254,47 @@ def gradient_step(
     updates, opt_state = agent.optimizer(state.hparams).update(grads, state.opt_state)
     state = state.replace(params=optax.apply_updates(state.params, updates), opt_state=opt_state)
     return state, loss, aux
+
+
+def normalize(advantage: jax.Array) -> jax.Array:
+    """Zero mean, unit standard deviation over the whole batch (once, before any minibatching)."""
+    return (advantage - advantage.mean()) / (advantage.std() + 1e-8)
+
+
+Estimator = Callable[[Collected, Any], tuple[jax.Array, jax.Array, Any]]
+
+
+def single_step_update(
+    agent: Agent, state: ActorCriticState, estimate: Estimator
+) -> tuple[ActorCriticState, OnPolicyMetrics]:
+    """Collect one rollout and take one policy-gradient step on it (A2C, REINFORCE).
+
+    `estimate(collected, hparams) -> (advantage, target, loss_hparams)` is what distinguishes the
+    algorithms; the loss is `losses.policy_gradient_loss`.
+    """
+    key, (key_collect,) = next_keys(state.key, agent.config.prng_impl, 1)
+    state = state.replace(key=key)
+
+    # COLLECT TRAJECTORIES
+    state, col = collect(agent, state, key_collect)
+
+    # CALCULATE ADVANTAGE
+    advantage, target, loss_hparams = estimate(col, state.hparams)
+    if agent.config.normalize_advantages:
+        advantage = normalize(advantage)
+    batch = jax.tree.map(
+        flatten_time,
+        PolicyBatch(
+            obs=agent.prep_obs(state.obs_stats, col.traj.obs),
+            action=col.traj.action,
+            advantage=advantage,
+            target=target,
+        ),
+    )
+
+    # UPDATE NETWORK (one step)
+    state, loss, aux = gradient_step(agent, state, policy_gradient_loss, batch, loss_hparams)
+    return finish_update(agent, state, col, loss, aux)
 
 
 def flatten_time(x: jax.Array) -> jax.Array:

@@ -31,7 +31,6 @@ class PPOConfig(onpolicy.OnPolicyConfig):
 
     update_epochs: int = 4
     num_minibatches: int = 4
-    normalize_advantages: bool = True
     clip_value_loss: bool = True
 
     @property
@@ -94,7 +93,7 @@ def _update(agent: onpolicy.Agent, state: PPOState) -> tuple[PPOState, OnPolicyM
     advantage = gae(traj.reward, col.discount_t, col.v_tm1, col.v_t, hp.gae_lambda, traj.truncated)
     target = advantage + col.v_tm1
     if config.normalize_advantages:  # once over the whole batch, before the minibatch loop
-        advantage = (advantage - advantage.mean()) / (advantage.std() + 1e-8)
+        advantage = onpolicy.normalize(advantage)
     batch = jax.tree.map(
         onpolicy.flatten_time,
         PolicyBatch(

@@ -13,8 +13,7 @@ import jax
 from flax import struct
 
 from rlcx_jax.rl import onpolicy
-from rlcx_jax.rl.common import Hooks, Trainer, check_positive, check_range, next_keys
-from rlcx_jax.rl.losses import PolicyBatch, policy_gradient_loss
+from rlcx_jax.rl.common import Hooks, Trainer, check_positive, check_range
 from rlcx_jax.rl.onpolicy import ActorCriticState, OnPolicyMetrics
 from rlcx_jax.rl.returns import discounted_returns
 
@@ -46,40 +45,22 @@ class ReinforceHParams:
         check_positive("max_grad_norm", self.max_grad_norm)
 
 
+def _make_estimator(use_baseline: bool) -> onpolicy.Estimator:
+    def estimate(col: onpolicy.Collected, hp: ReinforceHParams) -> tuple[jax.Array, jax.Array, ReinforceHParams]:
+        """Monte-Carlo returns; minus the baseline V(s) when it is used."""
+        traj = col.traj
+        if use_baseline:
+            returns = discounted_returns(traj.reward, col.discount_t, col.v_t, traj.truncated)
+            return returns - col.v_tm1, returns, hp
+        returns = discounted_returns(traj.reward, col.discount_t, None, traj.truncated)
+        return returns, returns, hp.replace(vf_coef=0.0)  # the critic is unused: no gradient
+
+    return estimate
+
+
 def _update(agent: onpolicy.Agent, state: ReinforceState) -> tuple[ReinforceState, OnPolicyMetrics]:
     config: ReinforceConfig = agent.config  # type: ignore[assignment]
-    hp: ReinforceHParams = state.hparams
-    key, (key_collect,) = next_keys(state.key, config.prng_impl, 1)
-    state = state.replace(key=key)
-
-    # COLLECT TRAJECTORIES
-    state, col = onpolicy.collect(agent, state, key_collect)
-    traj = col.traj
-
-    # MONTE-CARLO RETURNS
-    if config.use_baseline:
-        returns = discounted_returns(traj.reward, col.discount_t, col.v_t, traj.truncated)
-        advantage = returns - col.v_tm1
-        loss_hp = hp
-    else:
-        returns = discounted_returns(traj.reward, col.discount_t, None, traj.truncated)
-        advantage = returns
-        loss_hp = hp.replace(vf_coef=0.0)  # the critic is unused: give it no gradient
-    if config.normalize_advantages:
-        advantage = (advantage - advantage.mean()) / (advantage.std() + 1e-8)
-    batch = jax.tree.map(
-        onpolicy.flatten_time,
-        PolicyBatch(
-            obs=agent.prep_obs(state.obs_stats, traj.obs),
-            action=traj.action,
-            advantage=advantage,
-            target=returns,
-        ),
-    )
-
-    # UPDATE NETWORK (one step)
-    state, loss, aux = onpolicy.gradient_step(agent, state, policy_gradient_loss, batch, loss_hp)
-    return onpolicy.finish_update(agent, state, col, loss, aux)
+    return onpolicy.single_step_update(agent, state, _make_estimator(config.use_baseline))
 
 
 def make(config: ReinforceConfig = ReinforceConfig(), hooks: Hooks = Hooks()) -> Trainer:
