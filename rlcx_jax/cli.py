@@ -12,14 +12,6 @@ field is a new flag without editing this file. Bad input gives a one-line error 
 
 from __future__ import annotations
 
-import os
-
-# XLA:CPU's Eigen thread pool can wedge on small vmapped training graphs (the run then waits
-# forever with every thread idle); single-threaded Eigen avoids it at no measurable cost for these
-# network sizes. Only set when jax is not configured otherwise; must precede `import jax`.
-if "xla_cpu_multi_thread_eigen" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false").strip()
-
 import dataclasses
 import datetime
 import json

@@ -10,16 +10,6 @@ compiled by one worker only.
 
 from __future__ import annotations
 
-import os
-
-# XLA:CPU's Eigen thread pool can wedge on these small vmapped graphs (a run then waits forever in
-# block_until_ready with every worker idle; seen here in the CLI, the notebook and the benchmark).
-# Single-threaded Eigen avoids it. Set before jax is imported, so the xdist workers, the notebook
-# kernel and the CLI subprocesses (which inherit the environment) all run with it.
-_FLAG = "--xla_cpu_multi_thread_eigen=false"
-if _FLAG not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()
-
 import dataclasses
 from typing import Any
 

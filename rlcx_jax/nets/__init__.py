@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["NetConfig", "ActionSpec", "make", "action_spec", "ActorCritic", "QNetwork", "Torso"]
+__all__ = ["NetConfig", "ActionSpec", "make", "orthogonal_init", "action_spec", "ActorCritic", "QNetwork", "Torso"]
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "tanh": nn.tanh,
@@ -81,8 +81,43 @@ def action_spec(space: Any) -> ActionSpec:
     return ActionSpec(discrete=False, shape=tuple(space.shape), low=low, high=high)
 
 
+def _gram_schmidt_q(a: jax.Array) -> jax.Array:
+    """The Q factor (positive-diagonal R convention) of a tall matrix `a` (m >= n), in plain jnp.
+
+    Gram-Schmidt with one re-orthogonalisation pass ("twice is enough", Giraud et al. 2005),
+    column by column under `lax.fori_loop`. It stands in for `jnp.linalg.qr` because on CPU that is a
+    LAPACK custom call whose batched form (one QR per vmapped seed) schedules work on XLA's intra-op
+    thread pool from inside that pool and can deadlock: a vmapped `train` then waits forever in
+    `block_until_ready` with every thread idle.
+    """
+    _, n = a.shape
+
+    def column(j: jax.Array, q: jax.Array) -> jax.Array:
+        v = a[:, j]
+        v = v - q @ (q.T @ v)  # columns >= j of q are still zero
+        v = v - q @ (q.T @ v)
+        return q.at[:, j].set(v / jnp.linalg.norm(v))
+
+    return jax.lax.fori_loop(0, n, column, jnp.zeros_like(a))
+
+
+def orthogonal_init(scale: float = 1.0) -> Callable[..., jax.Array]:
+    """Orthogonal initializer (Saxe et al. 2014), as `flax.linen.initializers.orthogonal` defines it
+    (rows = all axes but the last), computed without LAPACK (see `_gram_schmidt_q`)."""
+
+    def init(key: jax.Array, shape: Sequence[int], dtype: Any = jnp.float32) -> jax.Array:
+        n_rows, n_cols = int(np.prod(shape[:-1])), int(shape[-1])
+        tall = (max(n_rows, n_cols), min(n_rows, n_cols))
+        q = _gram_schmidt_q(jax.random.normal(key, tall, jnp.float32))
+        if n_rows < n_cols:
+            q = q.T
+        return (scale * q.reshape(shape)).astype(dtype)
+
+    return init
+
+
 def _dense(features: int, scale: float) -> nn.Dense:
-    return nn.Dense(features, kernel_init=nn.initializers.orthogonal(scale), bias_init=nn.initializers.zeros)
+    return nn.Dense(features, kernel_init=orthogonal_init(scale), bias_init=nn.initializers.zeros)
 
 
 class Torso(nn.Module):
