@@ -1,0 +1,1 @@
+"""Compression: pruning and quantization as pure transforms over Flax parameter trees."""
