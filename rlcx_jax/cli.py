@@ -29,11 +29,12 @@ import tyro
 
 from rlcx_jax import checkpoint, envs, nets, rl
 from rlcx_jax import logging as rlog
+from rlcx_jax.compress.training import CompressConfig
 from rlcx_jax.rl.common import broadcast_tree
 from rlcx_jax.rl.evaluate import default_greedy, make_evaluator
 
 # Config fields that the CLI exposes under other names (or not at all).
-_RENAMED = {"env", "total_timesteps", "env_kwargs", "net"}
+_RENAMED = {"env", "total_timesteps", "env_kwargs", "net", "compress"}
 
 
 class CLIError(ValueError):
@@ -79,7 +80,7 @@ def train_args_class(algorithm: str) -> type:
     fields: list[tuple[str, Any, Any]] = []
     for f in dataclasses.fields(RunOptions):
         fields.append((f.name, typing.get_type_hints(RunOptions)[f.name], dataclasses.field(default=f.default)))
-    for obj, prefix in ((config0, ""), (config0.net, "net_"), (hparams0, "")):
+    for obj, prefix in ((config0, ""), (config0.net, "net_"), (config0.compress, ""), (hparams0, "")):
         hints = typing.get_type_hints(type(obj))
         for f in dataclasses.fields(obj):
             if prefix == "" and f.name in _RENAMED:
@@ -114,8 +115,14 @@ def build_run(algorithm: str, args: Any) -> tuple[Any, Any]:
     total = args.total_steps if args.total_steps != -1 else config0.total_timesteps
     env_kwargs = _parse_env_params(args.env_param)
     envs.make(args.env, **dict(env_kwargs))  # unknown env / parameter: clear error now
+    compress = CompressConfig(**{f.name: values[f.name] for f in dataclasses.fields(CompressConfig)})
     config = spec.config_cls(
-        env=args.env, total_timesteps=total, env_kwargs=env_kwargs, net=nets.NetConfig(**net_kwargs), **cfg_kwargs
+        env=args.env,
+        total_timesteps=total,
+        env_kwargs=env_kwargs,
+        net=nets.NetConfig(**net_kwargs),
+        compress=compress,
+        **cfg_kwargs,
     )
     hparams = spec.hparams_cls(**{f.name: values[f.name] for f in dataclasses.fields(spec.hparams_cls)})
     config.validate()

@@ -10,7 +10,7 @@ import jax
 from flax import struct
 
 from rlcx_jax.rl import onpolicy
-from rlcx_jax.rl.common import Hooks, Trainer, check_positive, check_range
+from rlcx_jax.rl.common import Hooks, Trainer, check_positive, check_range, check_sparsity
 from rlcx_jax.rl.onpolicy import ActorCriticState, OnPolicyMetrics
 from rlcx_jax.rl.returns import gae
 
@@ -35,12 +35,14 @@ class A2CHParams:
     ent_coef: float = 0.01
     vf_coef: float = 0.5
     max_grad_norm: float = 0.5
+    sparsity: float = 0.0  # target of CompressConfig.prune_schedule (traced: one vmap sweeps it)
 
     def validate(self) -> None:
         check_positive("lr", self.lr)
         check_range("gamma", self.gamma, 0.0, 1.0)
         check_range("gae_lambda", self.gae_lambda, 0.0, 1.0)
         check_positive("max_grad_norm", self.max_grad_norm)
+        check_sparsity(self.sparsity)
 
 
 def _advantages(col: onpolicy.Collected, hp: A2CHParams) -> tuple[jax.Array, jax.Array, A2CHParams]:

@@ -64,12 +64,48 @@ class Hooks:
     interceptor: a `flax.linen.intercept_methods` interceptor active during every forward pass,
         to transform activations (e.g. fake-quantize layer inputs/outputs).
     extra_grad_transforms: optax transformations applied to the gradient tree before the
-        optimizer (e.g. keep pruned weights at zero, gradient surgery across tasks).
+        optimizer (e.g. gradient surgery across tasks).
+    post_update: `hparams -> optax transformation` applied to the optimizer's final updates
+        (with the parameters), built from the traced hyperparameters (e.g. keep pruned weights at
+        exactly zero, with the target sparsity a hyperparameter).
     """
 
     param_transform: Callable[[Params], Params] | None = None
     interceptor: Callable[..., Any] | None = None
     extra_grad_transforms: tuple[optax.GradientTransformation, ...] = ()
+    post_update: Callable[[Any], optax.GradientTransformation] | None = None
+
+    def merge(self, other: "Hooks") -> "Hooks":
+        """Both sets of hooks: `self`'s parameter transform and interceptor run first (outermost)."""
+        return Hooks(
+            param_transform=_compose(other.param_transform, self.param_transform),
+            interceptor=_nest_interceptors(self.interceptor, other.interceptor),
+            extra_grad_transforms=self.extra_grad_transforms + other.extra_grad_transforms,
+            post_update=_chain_post_updates(self.post_update, other.post_update),
+        )
+
+
+def _compose(outer: Callable | None, inner: Callable | None) -> Callable | None:
+    if outer is None or inner is None:
+        return outer or inner
+    return lambda params: outer(inner(params))
+
+
+def _nest_interceptors(first: Callable | None, second: Callable | None) -> Callable | None:
+    if first is None or second is None:
+        return first or second
+
+    def interceptor(next_fun: Callable, args: Any, kwargs: Any, context: Any) -> Any:
+        inner = lambda *a, **k: second(next_fun, a, k, context)  # noqa: E731
+        return first(inner, args, kwargs, context)
+
+    return interceptor
+
+
+def _chain_post_updates(a: Callable | None, b: Callable | None) -> Callable | None:
+    if a is None or b is None:
+        return a or b
+    return lambda hparams: optax.chain(a(hparams), b(hparams))
 
 
 def make_apply(network: nn.Module, hooks: Hooks = Hooks()) -> ApplyFn:
@@ -94,10 +130,12 @@ def make_optimizer(
     hooks: Hooks = Hooks(),
     anneal_steps: int | None = None,
     eps: float = 1e-5,
+    hparams: Any = None,
 ) -> optax.GradientTransformation:
     """The optax chain, built in one place from traced hyperparameters.
 
-    hooks.extra_grad_transforms -> [flat: clip by global norm -> Adam -> -lr * schedule].
+    hooks.extra_grad_transforms -> [flat: clip by global norm -> Adam -> -lr * schedule]
+    -> hooks.post_update(hparams).
     The Adam part runs on one flat vector (`optax.flatten`): on CPU one large fused update beats a
     tree of small leaves. `anneal_steps` decays the learning rate linearly to zero over that many
     optimizer steps (PureJaxRL's CartPole setting).
@@ -114,7 +152,8 @@ def make_optimizer(
         optax.scale_by_adam(eps=eps),
         optax.scale_by_schedule(schedule),
     )
-    return optax.chain(*hooks.extra_grad_transforms, optax.flatten(core))
+    post = () if hooks.post_update is None else (hooks.post_update(hparams),)
+    return optax.chain(*hooks.extra_grad_transforms, optax.flatten(core), *post)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -192,6 +231,12 @@ def next_keys(state_key: jax.Array, impl: str, n: int) -> tuple[jax.Array, jax.A
     other array."""
     keys = jax.random.split(jax.random.wrap_key_data(state_key, impl=impl), n + 1)
     return jax.random.key_data(keys[0]), keys[1:]
+
+
+def check_sparsity(value: float) -> None:
+    """A target sparsity (fraction of pruned weights) must lie in [0, 1)."""
+    if not 0.0 <= float(value) < 1.0:
+        raise ValueError(f"sparsity must be in [0, 1), got {value}")
 
 
 def check_positive(name: str, value: int | float) -> None:

@@ -26,12 +26,14 @@ from rlcx_jax.rl.common import (
     check_positive,
     check_prng_impl,
     check_range,
+    check_sparsity,
     make_apply,
     next_keys,
     seed_key,
     make_optimizer,
     scan_updates,
 )
+from rlcx_jax.compress.training import CompressConfig, compress_hooks
 from rlcx_jax.rl.losses import QBatch, q_learning_loss
 
 
@@ -56,6 +58,7 @@ class DQNConfig:
     net: nets.NetConfig = nets.NetConfig(hidden=(120, 84), activation="relu")
     log_every: int = 50
     prng_impl: str = "threefry2x32"
+    compress: CompressConfig = CompressConfig()
 
     @property
     def steps_per_update(self) -> int:
@@ -102,6 +105,7 @@ class DQNConfig:
         check_range("eps_end", self.eps_end, 0.0, 1.0)
         check_range("eps_decay_fraction", self.eps_decay_fraction, 0.0, 1.0)
         self.net.validate()
+        self.compress.validate()
 
 
 @struct.dataclass
@@ -110,12 +114,14 @@ class DQNHParams:
     gamma: float = 0.99
     tau: float = 1.0
     max_grad_norm: float = 10.0
+    sparsity: float = 0.0  # target of CompressConfig.prune_schedule (traced: one vmap sweeps it)
 
     def validate(self) -> None:
         check_positive("lr", self.lr)
         check_range("gamma", self.gamma, 0.0, 1.0)
         check_range("tau", self.tau, 0.0, 1.0)
         check_positive("max_grad_norm", self.max_grad_norm)
+        check_sparsity(self.sparsity)
 
 
 @struct.dataclass
@@ -172,11 +178,13 @@ def make(config: DQNConfig = DQNConfig(), hooks: Hooks = Hooks()) -> Trainer:
     spec = nets.action_spec(env.action_space(default_env_params))
     obs_shape = tuple(env.observation_space(default_env_params).shape)
     network = nets.make(config.net, obs_shape, spec, head="q")
+    gradient_steps = config.num_updates - config.learning_starts // config.train_frequency
+    hooks = compress_hooks(config.compress, max(gradient_steps, 1), hooks)
     apply = make_apply(network, hooks)
     vec_steps = config.train_frequency // config.num_envs
 
     def optimizer(hp: DQNHParams) -> optax.GradientTransformation:
-        return make_optimizer(hp.lr, hp.max_grad_norm, hooks)
+        return make_optimizer(hp.lr, hp.max_grad_norm, hooks, hparams=hp)
 
     def init(key: jax.Array, hparams: DQNHParams, env_params: Any = None) -> DQNState:
         env_params = default_env_params if env_params is None else env_params
@@ -234,7 +242,7 @@ def make(config: DQNConfig = DQNConfig(), hooks: Hooks = Hooks()) -> Trainer:
             (loss, aux), grads = jax.value_and_grad(q_learning_loss, has_aux=True)(
                 params, state.target_params, batch, apply, config.double, config.huber_delta
             )
-            updates, opt_state = optimizer(hp).update(grads, opt_state)
+            updates, opt_state = optimizer(hp).update(grads, opt_state, params)
             return optax.apply_updates(params, updates), opt_state, loss, aux.q_mean
 
         def skip(operand: tuple[Params, Any]) -> tuple[Params, Any, jax.Array, jax.Array]:

@@ -31,6 +31,7 @@ from rlcx_jax.rl.common import (
     make_optimizer,
     scan_updates,
 )
+from rlcx_jax.compress.training import CompressConfig, compress_hooks
 from rlcx_jax.rl.losses import ActorCriticAux, PolicyBatch, policy_gradient_loss
 from rlcx_jax.rl.policy import distribution, greedy_action
 
@@ -50,6 +51,7 @@ class OnPolicyConfig:
     log_every: int = 1
     prng_impl: str = "threefry2x32"
     normalize_advantages: bool = True
+    compress: CompressConfig = CompressConfig()
 
     @property
     def steps_per_update(self) -> int:
@@ -79,6 +81,7 @@ class OnPolicyConfig:
             )
         self.net.validate()
         check_prng_impl(self.prng_impl)
+        self.compress.validate()
 
 
 @struct.dataclass
@@ -137,7 +140,7 @@ class Agent:
         anneal = None
         if self.config.anneal_lr:
             anneal = self.config.num_updates * self.config.optimizer_steps_per_update
-        return make_optimizer(hparams.lr, hparams.max_grad_norm, self.hooks, anneal)
+        return make_optimizer(hparams.lr, hparams.max_grad_norm, self.hooks, anneal, hparams=hparams)
 
     def behaviour_policy(self, params: Params, stats: RunningStats) -> rollout.PolicyFn:
         """Sample actions with the policy head alone; log-probabilities and values are computed
@@ -157,6 +160,7 @@ def build_agent(config: OnPolicyConfig, hooks: Hooks = Hooks()) -> Agent:
     spec = nets.action_spec(env.action_space(env_params))
     obs_shape = tuple(env.observation_space(env_params).shape)
     network = nets.make(config.net, obs_shape, spec, head="actor_critic")
+    hooks = compress_hooks(config.compress, config.num_updates * config.optimizer_steps_per_update, hooks)
     return Agent(config, env, env_params, spec, obs_shape, network, make_apply(network, hooks), hooks)
 
 
@@ -251,7 +255,7 @@ def gradient_step(
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.params, batch, hparams, agent.apply, agent.spec
     )
-    updates, opt_state = agent.optimizer(state.hparams).update(grads, state.opt_state)
+    updates, opt_state = agent.optimizer(state.hparams).update(grads, state.opt_state, state.params)
     state = state.replace(params=optax.apply_updates(state.params, updates), opt_state=opt_state)
     return state, loss, aux
 

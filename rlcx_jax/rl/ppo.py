@@ -17,7 +17,7 @@ import optax
 from flax import struct
 
 from rlcx_jax.rl import onpolicy
-from rlcx_jax.rl.common import Hooks, Trainer, check_positive, check_range, next_keys
+from rlcx_jax.rl.common import Hooks, Trainer, check_positive, check_range, check_sparsity, next_keys
 from rlcx_jax.rl.losses import PolicyBatch, ppo_loss
 from rlcx_jax.rl.onpolicy import ActorCriticState, OnPolicyMetrics
 from rlcx_jax.rl.returns import gae
@@ -59,6 +59,7 @@ class PPOHParams:
     ent_coef: float = 0.01
     vf_coef: float = 0.5
     max_grad_norm: float = 0.5
+    sparsity: float = 0.0  # target of CompressConfig.prune_schedule (traced: one vmap sweeps it)
 
     def validate(self) -> None:
         """Check concrete (non-traced) values; called by the CLI before compiling."""
@@ -67,6 +68,7 @@ class PPOHParams:
         check_range("gae_lambda", self.gae_lambda, 0.0, 1.0)
         check_positive("clip_eps", self.clip_eps)
         check_positive("max_grad_norm", self.max_grad_norm)
+        check_sparsity(self.sparsity)
 
 
 def _epoch_permutations(key: jax.Array, config: PPOConfig) -> jax.Array:
@@ -113,7 +115,7 @@ def _update(agent: onpolicy.Agent, state: PPOState) -> tuple[PPOState, OnPolicyM
     def minibatch_step(carry: tuple[Any, Any], mb: PolicyBatch) -> tuple[tuple[Any, Any], Any]:
         params, opt_state = carry
         grads, aux = grad_fn(params, mb, hp, agent.apply, agent.spec, config.clip_value_loss)
-        updates, opt_state = tx.update(grads, opt_state)
+        updates, opt_state = tx.update(grads, opt_state, params)
         return (optax.apply_updates(params, updates), opt_state), aux
 
     def epoch(carry: tuple[Any, Any], perm: jax.Array) -> tuple[tuple[Any, Any], Any]:

@@ -13,7 +13,7 @@ import jax
 from flax import struct
 
 from rlcx_jax.rl import onpolicy
-from rlcx_jax.rl.common import Hooks, Trainer, check_positive, check_range
+from rlcx_jax.rl.common import Hooks, Trainer, check_positive, check_range, check_sparsity
 from rlcx_jax.rl.onpolicy import ActorCriticState, OnPolicyMetrics
 from rlcx_jax.rl.returns import discounted_returns
 
@@ -38,11 +38,13 @@ class ReinforceHParams:
     ent_coef: float = 0.0
     vf_coef: float = 0.5
     max_grad_norm: float = 1.0
+    sparsity: float = 0.0  # target of CompressConfig.prune_schedule (traced: one vmap sweeps it)
 
     def validate(self) -> None:
         check_positive("lr", self.lr)
         check_range("gamma", self.gamma, 0.0, 1.0)
         check_positive("max_grad_norm", self.max_grad_norm)
+        check_sparsity(self.sparsity)
 
 
 def _make_estimator(use_baseline: bool) -> onpolicy.Estimator:

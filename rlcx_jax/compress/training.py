@@ -1,0 +1,203 @@
+"""Compression during training: one static config field turns any core algorithm into sparse training
+or quantization-aware training (DESIGN.md section 6: hooks, never a fork of an algorithm file).
+
+* **Pruning** is an optax transformation placed after the optimizer (`Hooks.post_update`). It keeps a
+  mask tree in its state (so the masks are part of the training state, `find_masks(state)`), and
+  rewrites the final update so that `params + update` is zero wherever the mask is off. Masking
+  the gradient before Adam would not be enough: Adam's moments keep moving a weight whose gradient
+  is zero. The target sparsity is the traced hyperparameter `hparams.sparsity`, so a sweep over
+  sparsity levels is one more `vmap`.
+  Schedules (`CompressConfig.prune_schedule`):
+    - "gradual": Zhu & Gupta (2017), s_t = s_f (1 - (1 - p_t)^3) with p_t the fraction of the way
+      from `prune_start` to `prune_end` (fractions of all optimizer steps), masks recomputed by
+      magnitude every `prune_every` steps and fixed after `prune_end`.
+    - "oneshot": prune to s_f by magnitude once, at `prune_start`, then train with the mask fixed.
+    - "fixed": the zeros of the parameters training starts from stay zero (lottery-ticket
+      retraining and fine-tuning of an already pruned network, see `recipes.py`).
+* **QAT** (`qat_bits > 0`): the forward pass sees fake-quantized weights (`Hooks.param_transform`)
+  and, optionally, fake-quantized layer inputs (`Hooks.interceptor`), with straight-through
+  gradients (`quant.py`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from rlcx_jax.compress import masks as masks_lib
+
+Params = Any
+
+__all__ = [
+    "PRUNE_SCHEDULES",
+    "CompressConfig",
+    "PruneState",
+    "zhu_gupta_sparsity",
+    "prune_transform",
+    "compress_hooks",
+    "find_masks",
+]
+
+PRUNE_SCHEDULES = ("none", "gradual", "oneshot", "fixed")
+# Default layers to prune: every kernel but the output heads (actor-critic `*_head`, and the Q
+# network's top-level `Dense_<i>` head). Pruning a head removes whole actions' logits.
+DEFAULT_PRUNE_INCLUDE = (r".*kernel",)
+DEFAULT_PRUNE_EXCLUDE = (r".*head.*", r"Dense_\d+/kernel")
+
+
+@dataclasses.dataclass(frozen=True)
+class CompressConfig:
+    """Static compression settings of a training run (part of every algorithm's config).
+
+    The target sparsity itself is a traced hyperparameter (`hparams.sparsity`); everything here
+    changes the compiled program. Fractions are of the run's optimizer steps.
+    """
+
+    prune_schedule: str = "none"
+    prune_distribution: str = "uniform"
+    prune_start: float = 0.0
+    prune_end: float = 0.75
+    prune_every: int = 16
+    prune_include: tuple[str, ...] = DEFAULT_PRUNE_INCLUDE
+    prune_exclude: tuple[str, ...] = DEFAULT_PRUNE_EXCLUDE
+    qat_bits: int = 0
+    qat_scheme: str = "uniform"
+    qat_per_channel: bool = True
+    qat_activations: bool = True
+
+    @property
+    def prunes(self) -> bool:
+        return self.prune_schedule != "none"
+
+    def validate(self) -> None:
+        if self.prune_schedule not in PRUNE_SCHEDULES:
+            raise ValueError(f"Unknown prune_schedule {self.prune_schedule!r}; expected one of {PRUNE_SCHEDULES}")
+        if self.prune_distribution not in masks_lib.DISTRIBUTIONS:
+            raise ValueError(
+                f"Unknown prune_distribution {self.prune_distribution!r}; expected one of {masks_lib.DISTRIBUTIONS}"
+            )
+        if not 0.0 <= self.prune_start <= self.prune_end <= 1.0:
+            raise ValueError(
+                f"Need 0 <= prune_start <= prune_end <= 1, got prune_start={self.prune_start}, prune_end={self.prune_end}"
+            )
+        if self.prune_every < 1:
+            raise ValueError(f"prune_every must be >= 1, got {self.prune_every}")
+        if self.qat_bits != 0:
+            self.qat_spec().validate()
+
+    def qat_spec(self) -> Any:
+        from rlcx_jax.compress import quant
+
+        return quant.QuantSpec(scheme=self.qat_scheme, bits=self.qat_bits, per_channel=self.qat_per_channel)
+
+
+# ----------------------------------------------------------------------------------------------
+# The pruning schedule and transformation
+# ----------------------------------------------------------------------------------------------
+def zhu_gupta_sparsity(step: jax.Array, final: jax.Array, start: int, end: int) -> jax.Array:
+    """Sparsity at optimizer step `step` (Zhu & Gupta 2017, eq. 1 with initial sparsity 0):
+    s_t = s_f (1 - (1 - p)^3), p = clip((t - start) / (end - start), 0, 1)."""
+    span = max(end - start, 1)
+    p = jnp.clip((jnp.asarray(step, jnp.float32) - start) / span, 0.0, 1.0)
+    return jnp.asarray(final, jnp.float32) * (1.0 - (1.0 - p) ** 3)
+
+
+class PruneState(NamedTuple):
+    """Optimizer-state part of pruning: the step count and the current masks (True = kept)."""
+
+    count: jax.Array
+    masks: Params
+
+
+def _step_bounds(config: CompressConfig, total_steps: int) -> tuple[int, int]:
+    start = int(round(config.prune_start * total_steps))
+    end = max(int(round(config.prune_end * total_steps)), start)
+    return start, end
+
+
+def prune_transform(
+    config: CompressConfig, sparsity: jax.Array | float, total_steps: int
+) -> optax.GradientTransformation:
+    """Keep pruned weights at exactly zero; update the masks on `config.prune_schedule`.
+
+    Must come last in the optimizer chain: it receives the final updates `u` and the current
+    `params` and returns `where(mask, u, -params)`, so that the new parameters are
+    `where(mask, params + u, 0)`. Mask updates rank `params + u` by magnitude, so weights that are
+    already zero are pruned first and the pruned set only grows.
+    """
+    config.validate()
+    start, end = _step_bounds(config, total_steps)
+    include, exclude = config.prune_include, config.prune_exclude
+
+    def init(params: Params) -> PruneState:
+        masks_lib.select(params, include, exclude)  # a regex selecting nothing fails here, before jit
+        return PruneState(count=jnp.zeros((), jnp.int32), masks=masks_lib.ones_masks(params))
+
+    def schedule(step: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """(whether the masks are recomputed at this step, the sparsity they are recomputed for)."""
+        if config.prune_schedule == "fixed":
+            return step == 0, jnp.zeros((), jnp.float32)
+        if config.prune_schedule == "oneshot":
+            return step == start, jnp.asarray(sparsity, jnp.float32)
+        on_grid = ((step - start) % config.prune_every == 0) | (step == end)
+        return (step >= start) & (step <= end) & on_grid, zhu_gupta_sparsity(step, sparsity, start, end)
+
+    def recompute(candidate: Params, target: jax.Array, current: Params) -> Params:
+        if config.prune_schedule == "fixed":
+            selected = masks_lib.select(candidate, include, exclude)
+            return jax.tree.map(lambda p, sel: (p != 0) if sel else jnp.ones(p.shape, bool), candidate, selected)
+        masks = masks_lib.magnitude_masks(
+            candidate, target, distribution=config.prune_distribution, include=include, exclude=exclude
+        )
+        return jax.tree.map(jnp.logical_and, masks, current)  # never revive a pruned weight
+
+    def update(updates: Params, state: PruneState, params: Params | None = None) -> tuple[Params, PruneState]:
+        if params is None:
+            raise ValueError("prune_transform needs the parameters: call optimizer.update(grads, state, params)")
+        # Rank the weights as they would be after this step; "fixed" keeps the zeros they start from.
+        candidate = params if config.prune_schedule == "fixed" else jax.tree.map(jnp.add, params, updates)
+        now, target = schedule(state.count)
+        # A real branch (the ranking is a sort) as long as the step count is not batched, which
+        # holds under vmap over seeds or hyperparameters: it does not depend on either.
+        current = jax.lax.cond(
+            now, recompute, lambda c, t, m: jax.tree.map(jnp.asarray, m), candidate, target, state.masks
+        )
+        masked = jax.tree.map(lambda m, u, p: jnp.where(m, u, -p), current, updates, params)
+        return masked, PruneState(count=state.count + 1, masks=current)
+
+    return optax.GradientTransformation(init, update)
+
+
+def compress_hooks(config: CompressConfig, total_steps: int, base: Any = None) -> Any:
+    """`base` plus what `config` asks for: the pruning transformation (its target sparsity read
+    from the traced hyperparameters) and QAT's weight and activation fake-quantization."""
+    from rlcx_jax.rl.common import Hooks  # here, not at the top: the algorithms import this module
+
+    config.validate()
+    hooks = Hooks() if base is None else base
+    if config.prunes:
+
+        def post_update(hparams: Any) -> optax.GradientTransformation:
+            return prune_transform(config, getattr(hparams, "sparsity"), total_steps)
+
+        hooks = hooks.merge(Hooks(post_update=post_update))
+    if config.qat_bits:
+        from rlcx_jax.compress import quant
+
+        spec = config.qat_spec()
+        qat = Hooks(
+            param_transform=quant.weight_param_transform(spec, include=DEFAULT_PRUNE_INCLUDE, exclude=()),
+            interceptor=quant.activation_interceptor(spec) if config.qat_activations else None,
+        )
+        hooks = hooks.merge(qat)
+    return hooks
+
+
+def find_masks(tree: Any) -> Params | None:
+    """The pruning masks inside a training state (or optimizer state); None when not pruning."""
+    found = [x for x in jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, PruneState)) if isinstance(x, PruneState)]
+    return found[0].masks if found else None

@@ -1,0 +1,228 @@
+"""Pruning and quantization during training: the optax transformation, the schedule, and their use
+through one config field in the core algorithms (tiny budgets: these check mechanics, not return)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from rlcx_jax.compress import masks as M
+from rlcx_jax.compress.training import CompressConfig, find_masks, prune_transform, zhu_gupta_sparsity
+from rlcx_jax.rl import dqn, ppo
+
+SMALL_PPO = ppo.PPOConfig(num_envs=4, num_steps=32, total_timesteps=4 * 32 * 24, update_epochs=2, num_minibatches=2)
+
+
+def _kernel_sparsity(params) -> dict[str, float]:
+    report = M.sparsity(params).per_layer
+    return {k: v for k, v in report.items() if k.endswith("kernel")}
+
+
+# ----------------------------------------------------------------------------------------------
+# The schedule
+# ----------------------------------------------------------------------------------------------
+def test_zhu_gupta_schedule_matches_formula() -> None:
+    start, end, final = 10, 110, 0.9
+    steps = np.arange(0, 130)
+    ours = np.asarray(jax.vmap(lambda t: zhu_gupta_sparsity(t, final, start, end))(steps))
+    p = np.clip((steps - start) / (end - start), 0.0, 1.0)
+    np.testing.assert_allclose(ours, final * (1 - (1 - p) ** 3), rtol=1e-6, atol=1e-7)
+    assert ours[0] == 0.0 and ours[start] == 0.0 and abs(ours[end] - final) < 1e-6 and abs(ours[-1] - final) < 1e-6
+
+
+def _run_transform(config: CompressConfig, sparsity: float, steps: int, key: jax.Array):
+    """Random-walk updates through [adam -> prune]; returns params and masks after every step."""
+    params = {"torso": {"Dense_0": {"kernel": jax.random.normal(key, (16, 32)), "bias": jnp.zeros(32)}}}
+    tx = optax.chain(optax.adam(1e-2), prune_transform(config, sparsity, steps))
+
+    def body(carry, k):
+        p, s = carry
+        grads = jax.tree.map(lambda x: jax.random.normal(k, x.shape), p)
+        u, s = tx.update(grads, s, p)
+        p = optax.apply_updates(p, u)
+        return (p, s), (p, find_masks(s))
+
+    keys = jax.random.split(key, steps)
+    return jax.lax.scan(body, (params, tx.init(params)), keys)[1]
+
+
+def test_gradual_transform_follows_schedule_and_keeps_pruned_weights_zero() -> None:
+    steps, every = 40, 4
+    config = CompressConfig(prune_schedule="gradual", prune_start=0.25, prune_end=0.75, prune_every=every)
+    history, mask_history = jax.jit(lambda k: _run_transform(config, 0.8, steps, k))(jax.random.PRNGKey(0))
+    kernels = np.asarray(history["torso"]["Dense_0"]["kernel"])
+    masks = np.asarray(mask_history["torso"]["Dense_0"]["kernel"])
+    start, end, n = 10, 30, kernels[0].size
+    for t in range(steps):
+        # The masks in the state are exactly the zeros of the parameters.
+        np.testing.assert_array_equal(kernels[t] != 0, masks[t])
+        last_update = t if start <= t <= end and ((t - start) % every == 0 or t == end) else None
+        if last_update is not None:
+            expected = round(float(zhu_gupta_sparsity(t, 0.8, start, end)) * n)
+            assert int((~masks[t]).sum()) == expected, t
+        if t > 0:  # the pruned set only grows
+            assert np.all(masks[t] <= masks[t - 1])
+    assert int((~masks[-1]).sum()) == round(0.8 * n)
+    np.testing.assert_array_equal(np.asarray(history["torso"]["Dense_0"]["bias"])[-1] != 0, True)  # biases untouched
+
+
+def test_fixed_schedule_keeps_initial_zeros() -> None:
+    config = CompressConfig(prune_schedule="fixed")
+    params = {"torso": {"kernel": jnp.array([[0.0, 1.0], [2.0, 0.0]])}}
+    tx = optax.chain(optax.sgd(0.1), prune_transform(config, 0.0, 10))
+    state = tx.init(params)
+    for _ in range(3):
+        u, state = tx.update({"torso": {"kernel": jnp.ones((2, 2))}}, state, params)
+        params = optax.apply_updates(params, u)
+    k = np.asarray(params["torso"]["kernel"])
+    assert k[0, 0] == 0 and k[1, 1] == 0 and k[0, 1] != 1.0 and k[1, 0] != 2.0
+
+
+# ----------------------------------------------------------------------------------------------
+# Through the algorithms, one config field
+# ----------------------------------------------------------------------------------------------
+class TestPrunedPPO:
+    """One compiled program, vmapped over two sparsity levels (a traced hyperparameter)."""
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def sweep(cls):
+        config = dataclasses.replace(SMALL_PPO, compress=CompressConfig(prune_schedule="gradual", prune_end=0.5, prune_every=4))
+        trainer = ppo.make(config)
+        levels = jnp.array([0.5, 0.9], jnp.float32)
+        hparams = jax.vmap(lambda s: ppo.PPOHParams(sparsity=s))(levels)
+        hparams = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), hparams)
+        out = jax.jit(jax.vmap(trainer.train, in_axes=(None, 0)))(jax.random.PRNGKey(0), hparams)
+        return trainer, levels, out
+
+    def test_each_lane_reaches_its_sparsity_and_heads_stay_dense(self, sweep) -> None:
+        _, levels, out = sweep
+        for i, level in enumerate(np.asarray(levels)):
+            params = jax.tree.map(lambda x: x[i], out.state.params)
+            report = _kernel_sparsity(params)
+            for path, frac in report.items():
+                if "head" in path:
+                    assert frac == 0.0, path
+                else:
+                    assert abs(frac - level) < 1e-2, (path, frac, level)
+
+    def test_masks_in_state_match_zero_weights(self, sweep) -> None:
+        _, _, out = sweep
+        masks = find_masks(out.state)
+        assert masks is not None
+        for m, p in zip(jax.tree.leaves(masks), jax.tree.leaves(out.state.params)):
+            np.testing.assert_array_equal(np.asarray(m), np.asarray(p) != 0)
+
+    def test_lane_equals_separate_run(self, sweep) -> None:
+        trainer, levels, out = sweep
+        single = jax.jit(trainer.train)(jax.random.PRNGKey(0), ppo.PPOHParams(sparsity=jnp.float32(levels[1])))
+        for a, b in zip(jax.tree.leaves(single.state.params), jax.tree.leaves(out.state.params)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b)[1], atol=1e-5)
+
+
+def test_dqn_oneshot_pruned_weights_stay_zero() -> None:
+    config = dqn.DQNConfig(
+        num_envs=4, train_frequency=4, buffer_size=256, batch_size=32, learning_starts=64,
+        target_update_period=40, total_timesteps=1_000, log_every=25,
+        compress=CompressConfig(prune_schedule="oneshot", prune_distribution="global"),
+    )
+    out = jax.jit(dqn.make(config).train)(jax.random.PRNGKey(1), dqn.DQNHParams(sparsity=0.8))
+    torso = [v for k, v in _kernel_sparsity(out.state.params).items() if k.startswith("torso")]
+    total = sum(np.asarray(x).size for x in jax.tree.leaves(out.state.params["torso"]) if np.asarray(x).ndim == 2)
+    zeros = sum(int((np.asarray(x) == 0).sum()) for x in jax.tree.leaves(out.state.params["torso"]) if np.asarray(x).ndim == 2)
+    assert zeros == round(0.8 * total) and len(torso) == 2
+    assert np.all(np.asarray(out.state.params["Dense_0"]["kernel"]) != 0)  # the Q head is not pruned
+
+
+def test_qat_trains_through_fake_quantized_forward() -> None:
+    config = dataclasses.replace(SMALL_PPO, compress=CompressConfig(qat_bits=4))
+    out = jax.jit(ppo.make(config).train)(jax.random.PRNGKey(0), ppo.PPOHParams())
+    leaves = jax.tree.leaves(out.state.params)
+    assert all(np.all(np.isfinite(np.asarray(x))) for x in leaves)
+    dense = jax.jit(ppo.make(SMALL_PPO).train)(jax.random.PRNGKey(0), ppo.PPOHParams())
+    assert any(not np.array_equal(a, b) for a, b in zip(leaves, jax.tree.leaves(dense.state.params)))
+
+
+@pytest.mark.parametrize(
+    "compress, hparams, match",
+    [
+        (CompressConfig(prune_schedule="sometimes"), ppo.PPOHParams(), "prune_schedule"),
+        (CompressConfig(prune_distribution="lognormal"), ppo.PPOHParams(), "prune_distribution"),
+        (CompressConfig(prune_start=0.8, prune_end=0.2), ppo.PPOHParams(), "prune_start"),
+        (CompressConfig(qat_bits=1), ppo.PPOHParams(), "bits"),
+        (CompressConfig(qat_bits=17), ppo.PPOHParams(), "bits"),
+        (CompressConfig(prune_schedule="oneshot"), ppo.PPOHParams(sparsity=1.0), "sparsity"),
+        (CompressConfig(prune_schedule="oneshot"), ppo.PPOHParams(sparsity=-0.1), "sparsity"),
+    ],
+)
+def test_bad_compression_settings_fail_before_compiling(compress, hparams, match) -> None:
+    with pytest.raises(ValueError, match=match):
+        ppo.make(dataclasses.replace(SMALL_PPO, compress=compress))
+        hparams.validate()
+
+
+def test_regex_selecting_nothing_fails_at_trace_time() -> None:
+    config = dataclasses.replace(
+        SMALL_PPO, compress=CompressConfig(prune_schedule="oneshot", prune_include=(r"nothing.*",))
+    )
+    with pytest.raises(ValueError, match="nothing"):
+        jax.eval_shape(ppo.make(config).init, jax.random.PRNGKey(0), ppo.PPOHParams(sparsity=0.5))
+
+
+# ----------------------------------------------------------------------------------------------
+# Recipes and accounting
+# ----------------------------------------------------------------------------------------------
+def test_lottery_ticket_rewinds_survivors_and_keeps_masks() -> None:
+    from rlcx_jax.compress import recipes
+
+    keys = jax.random.split(jax.random.PRNGKey(2), 2)
+    rounds = recipes.lottery_ticket("ppo", SMALL_PPO, ppo.PPOHParams(), keys, [0.5, 0.75], rewind_updates=4)
+    assert [r.sparsity for r in rounds] == [0.0, 0.5, 0.75]
+    prev = None
+    for r in rounds[1:]:
+        kernel = np.asarray(r.state.params["actor_torso"]["Dense_1"]["kernel"])
+        mask = np.asarray(r.masks["actor_torso"]["Dense_1"]["kernel"])
+        assert np.all(kernel[~mask] == 0)
+        assert abs((~mask[0]).mean() - r.sparsity) < 1e-3
+        if prev is not None:  # the pruned set only grows from round to round
+            assert np.all(mask <= prev)
+        prev = mask
+
+
+def test_prune_and_finetune_keeps_the_mask() -> None:
+    from rlcx_jax.compress import recipes
+
+    keys = jax.random.split(jax.random.PRNGKey(3), 2)
+    trainer = ppo.make(SMALL_PPO)
+    trained = jax.jit(jax.vmap(trainer.train, in_axes=(0, None)))(keys, ppo.PPOHParams())
+    state, _, masks = recipes.prune_and_finetune(
+        "ppo", SMALL_PPO, ppo.PPOHParams(), keys, trained.state.params, 0.8, finetune_timesteps=4 * 32 * 8
+    )
+    for m, p in zip(jax.tree.leaves(masks), jax.tree.leaves(state.params)):
+        assert np.all(np.asarray(p)[~np.asarray(m)] == 0)
+    assert abs(_kernel_sparsity(jax.tree.map(lambda x: x[0], state.params))["actor_torso/Dense_0/kernel"] - 0.8) < 0.01
+
+
+def test_size_and_flops_accounting() -> None:
+    from rlcx_jax.compress import size
+
+    params = {
+        "actor_torso": {"Dense_0": {"kernel": jnp.ones((4, 8)).at[0].set(0.0), "bias": jnp.zeros(8)}},
+        "critic_torso": {"Dense_0": {"kernel": jnp.ones((4, 8)), "bias": jnp.zeros(8)}},
+        "policy_head": {"kernel": jnp.ones((8, 2)), "bias": jnp.zeros(2)},
+        "value_head": {"kernel": jnp.ones((8, 1)), "bias": jnp.zeros(1)},
+    }
+    report = size.count(params, bits=8)
+    assert report.params == 32 + 8 + 32 + 8 + 16 + 2 + 8 + 1
+    assert report.nonzeros == 24 + 32 + 16 + 8 and report.bits == 8 * report.nonzeros
+    paths = size.policy_paths(params)
+    assert size.flops_per_forward(params, (4,), paths) == 2 * (24 + 16)
+    conv = {"Conv_0": {"kernel": jnp.ones((3, 3, 4, 16))}}
+    assert size.flops_per_forward(conv, (10, 10, 4)) == 2 * 3 * 3 * 4 * 16 * 8 * 8
+    latency = size.measure_latency(lambda p, x: x @ p["k"], {"k": jnp.ones((4, 4))}, jnp.ones((1, 4)), repeats=5, rounds=2)
+    assert 0 < latency < 1.0
