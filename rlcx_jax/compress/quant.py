@@ -1,0 +1,696 @@
+"""Quantization as pure transforms over parameter trees and activations.
+
+Three schemes, all "fake quantization" (quantize, then dequantize back to float32) so a quantized
+network runs through the ordinary float forward pass and can be trained (QAT) or evaluated (PTQ):
+
+- ``uniform``: affine integer quantization (Jacob et al. 2018, "Quantization and Training of Neural
+  Networks for Efficient Integer-Arithmetic-Only Inference"). Symmetric: ``scale = a / (2^(b-1)-1)``
+  with ``a = max|x|`` and codes in ``[-(2^(b-1)-1), 2^(b-1)-1]``; asymmetric: the range is widened
+  to contain 0, ``scale = (hi - lo) / (2^b - 1)``, an integer zero point ``z = round(-lo/scale)`` and
+  codes in ``[0, 2^b - 1]``, so that real 0 is exactly representable (pruned weights stay 0).
+- ``log``: power-of-two quantization (Miyashita et al. 2016, "Convolutional Neural Networks using
+  Logarithmic Data Representation"): ``sign(x) * 2^round(log2|x|)``, the exponent clipped to the
+  ``M = 2^(b-1) - 1`` levels ending at ``e_max = round(log2 max|x|)``. One bit holds the sign and the
+  magnitude code 0 is reserved for exact zero, so a code is ``sign * m`` with ``m`` in ``[0, M]`` and
+  fits in ``b`` bits; values below the window saturate to its smallest power (only exact zeros are 0).
+- ``kmeans``: weight sharing (Han et al. 2016, "Deep Compression"): a per-tensor codebook of
+  ``2^b`` centroids fitted by a fixed number of 1-D Lloyd iterations (initialised linearly between
+  min and max: deterministic), every weight replaced by its nearest centroid. With a pruning mask,
+  code 0 is reserved for exact zero and ``2^b - 1`` centroids are fitted to the kept weights only.
+
+Gradients use the straight-through estimator (Bengio et al. 2013): the backward pass of quantization
+is the identity inside the clipping range ``[lo, hi]`` (both bounds inclusive) and zero outside. For
+k-means the range is the whole real line (identity STE), as in Han et al. who fine-tune the shared
+centroids, here approximated by letting gradients reach the underlying float weights. The use of
+fake quantization for RL policies, PTQ at 8 bits and QAT below, follows QuaRL (Krishnan et al. 2019).
+
+Everything here is jittable and vmappable; static configuration lives in the hashable `QuantSpec`.
+`quantize_codes` / `dequantize` expose the integer codes that `export.py` writes; `fake_quant` is
+*defined* as ``dequantize(quantize_codes(x))`` (plus the STE), so both agree bit for bit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import re
+from typing import Any, Callable, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+__all__ = [
+    "QuantSpec",
+    "QTensor",
+    "SCHEMES",
+    "RANGE_METHODS",
+    "OUTPUT_SUFFIX",
+    "DEFAULT_INCLUDE",
+    "fake_quant",
+    "fake_quant_uniform",
+    "straight_through",
+    "uniform_affine",
+    "quantize_codes",
+    "dequantize",
+    "code_range",
+    "quantize_tree",
+    "weight_param_transform",
+    "select_paths",
+    "path_str",
+    "flatten_with_paths",
+    "masks_by_path",
+    "activation_range",
+    "activation_interceptor",
+    "calibrate",
+]
+
+Params = Any
+Ranges = dict[str, tuple[jax.Array, jax.Array]]
+
+SCHEMES = ("uniform", "log", "kmeans")
+RANGE_METHODS = ("minmax", "percentile")
+MIN_BITS, MAX_BITS = 2, 16
+DEFAULT_INCLUDE = (r".*kernel",)
+LAYER_TYPES: tuple[type, ...] = (nn.Dense, nn.Conv)
+# Calibrated ranges of a layer's output are stored under "<module path>" + OUTPUT_SUFFIX.
+OUTPUT_SUFFIX = ":output"
+# Smallest normal float32: the floor of every scale, so zero ranges (constant or all-zero tensors)
+# give finite codes and never 0/0, even with the CPU's flush-to-zero of subnormals.
+_FLT_MIN = float(np.finfo(np.float32).tiny)
+_MIN_EXP, _MAX_EXP = -126, 127  # exponents of normal float32 powers of two
+_COMPARE_ALL_LIMIT = 2**22  # k-means assignment: elements x midpoints compared at once
+
+
+# ----------------------------------------------------------------------------------------------
+# Static configuration
+# ----------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class QuantSpec:
+    """How to quantize one kind of tensor (hashable: static under jit).
+
+    scheme: "uniform" (Jacob et al. 2018), "log" (Miyashita et al. 2016) or "kmeans" (Han et al. 2016).
+    bits: code width, 2..16.
+    symmetric: uniform only; zero point fixed at 0 (True) or an integer zero point (False).
+    per_channel: one range (scale, exponent) per output channel = last axis; else one per tensor.
+        k-means always uses one codebook per tensor.
+    range_method: how activation ranges are measured (dynamic ranges and `calibrate`): "minmax" or
+        "percentile" (the `percentile`-th percentile of |x|, or of x at both tails if asymmetric).
+        Weight ranges are always min/max.
+    kmeans_iters: number of Lloyd iterations (fixed, so the fit is deterministic and jittable).
+    """
+
+    scheme: str = "uniform"
+    bits: int = 8
+    symmetric: bool = True
+    per_channel: bool = False
+    range_method: str = "minmax"
+    percentile: float = 99.99
+    kmeans_iters: int = 16
+
+    def validate(self) -> None:
+        """Raise ValueError on an invalid spec (call before anything is compiled)."""
+        if self.scheme not in SCHEMES:
+            raise ValueError(f"Unknown quantization scheme {self.scheme!r}; expected one of {SCHEMES}")
+        if isinstance(self.bits, bool) or not isinstance(self.bits, (int, np.integer)):
+            raise ValueError(f"bits must be an int, got {self.bits!r}")
+        if not MIN_BITS <= self.bits <= MAX_BITS:
+            raise ValueError(f"bits must be in [{MIN_BITS}, {MAX_BITS}], got {self.bits}")
+        if self.range_method not in RANGE_METHODS:
+            raise ValueError(f"Unknown range_method {self.range_method!r}; expected one of {RANGE_METHODS}")
+        if not 0.0 < float(self.percentile) <= 100.0:
+            raise ValueError(f"percentile must be in (0, 100], got {self.percentile}")
+        if isinstance(self.kmeans_iters, bool) or not isinstance(self.kmeans_iters, (int, np.integer)):
+            raise ValueError(f"kmeans_iters must be an int, got {self.kmeans_iters!r}")
+        if self.kmeans_iters < 1:
+            raise ValueError(f"kmeans_iters must be >= 1, got {self.kmeans_iters}")
+        if self.scheme == "kmeans" and self.per_channel:
+            raise ValueError("k-means weight sharing uses one codebook per tensor; set per_channel=False")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "QuantSpec":
+        spec = cls(**dict(data))
+        spec.validate()
+        return spec
+
+
+def code_range(scheme: str, bits: int, symmetric: bool = True) -> tuple[int, int]:
+    """(qmin, qmax): the integer codes a scheme produces at `bits`."""
+    if scheme == "log" or (scheme == "uniform" and symmetric):
+        qmax = 2 ** (bits - 1) - 1
+        return -qmax, qmax
+    return 0, 2**bits - 1
+
+
+@struct.dataclass
+class QTensor:
+    """Integer codes of one tensor and what is needed to map them back to float32.
+
+    codes: int32, the tensor's shape. uniform: `scale` (float32) and `zero_point` (int32), shape ()
+    per tensor or (C,) per channel; value = (code - zero_point) * scale. log: `exponent` (int32,
+    e_max, () or (C,)); value = sign(code) * 2^(e_max - M + |code|), 0 for code 0. kmeans:
+    `codebook` (float32, (2^bits,)); value = codebook[code]; `zero_reserved` means codebook[0] == 0
+    holds pruned weights.
+    """
+
+    codes: jax.Array
+    scale: jax.Array | None = None
+    zero_point: jax.Array | None = None
+    exponent: jax.Array | None = None
+    codebook: jax.Array | None = None
+    scheme: str = struct.field(pytree_node=False, default="uniform")
+    bits: int = struct.field(pytree_node=False, default=8)
+    symmetric: bool = struct.field(pytree_node=False, default=True)
+    zero_reserved: bool = struct.field(pytree_node=False, default=False)
+
+    @property
+    def qmin(self) -> int:
+        return code_range(self.scheme, self.bits, self.symmetric)[0]
+
+    @property
+    def qmax(self) -> int:
+        return code_range(self.scheme, self.bits, self.symmetric)[1]
+
+    def zero_code(self) -> jax.Array | None:
+        """The code (broadcastable to `codes`) that decodes to exactly 0, or None if there is none."""
+        if self.scheme == "uniform":
+            return self.zero_point
+        if self.scheme == "log":
+            return jnp.zeros((), jnp.int32)
+        return jnp.zeros((), jnp.int32) if self.zero_reserved else None
+
+
+# ----------------------------------------------------------------------------------------------
+# Straight-through estimator (Bengio et al. 2013)
+# ----------------------------------------------------------------------------------------------
+@jax.custom_vjp
+def straight_through(x: jax.Array, y: jax.Array, lo: jax.Array, hi: jax.Array) -> jax.Array:
+    """Forward: `y` (the quantized `x`). Backward: d/dx = 1 where lo <= x <= hi, else 0.
+
+    `y` should not depend on `x` through a differentiable path (pass `stop_gradient(y)`); `lo` and
+    `hi` broadcast against `x` and get zero gradients (ranges are not learned here).
+    """
+    return y
+
+
+def _straight_through_fwd(x, y, lo, hi):
+    return y, (x, lo, hi)
+
+
+def _straight_through_bwd(residuals, g):
+    x, lo, hi = residuals
+    inside = (x >= lo) & (x <= hi)
+    return (jnp.where(inside, g, jnp.zeros_like(g)).astype(x.dtype), jnp.zeros_like(g),
+            jnp.zeros_like(lo), jnp.zeros_like(hi))
+
+
+straight_through.defvjp(_straight_through_fwd, _straight_through_bwd)
+
+
+# ----------------------------------------------------------------------------------------------
+# Ranges
+# ----------------------------------------------------------------------------------------------
+def _reduce_axes(x: jax.Array, per_channel: bool) -> tuple[int, ...] | None:
+    """Axes to reduce for a range: all (per tensor) or all but the last (per channel)."""
+    if per_channel and x.ndim >= 1:
+        return tuple(range(x.ndim - 1))
+    return None
+
+
+def _minmax(x: jax.Array, per_channel: bool) -> tuple[jax.Array, jax.Array]:
+    axes = _reduce_axes(x, per_channel)
+    return jnp.min(x, axis=axes), jnp.max(x, axis=axes)
+
+
+def activation_range(x: jax.Array, spec: QuantSpec) -> tuple[jax.Array, jax.Array]:
+    """(lo, hi) of an activation tensor by `spec.range_method` (per channel = last axis if asked).
+
+    "minmax" gives (min x, max x). "percentile" with p = spec.percentile gives (-a, a) with
+    a = percentile(|x|, p) if symmetric, else (percentile(x, 100 - p), percentile(x, p)); clipping
+    rare outliers spends the levels on the bulk of the distribution.
+    """
+    x = jax.lax.stop_gradient(jnp.asarray(x, jnp.float32))
+    if spec.range_method == "minmax":
+        return _minmax(x, spec.per_channel)
+    axes = _reduce_axes(x, spec.per_channel)
+    if axes == ():  # one element per channel: its own range
+        return (-jnp.abs(x), jnp.abs(x)) if spec.symmetric else (x, x)
+    p = float(spec.percentile)
+    if spec.symmetric:
+        a = jnp.percentile(jnp.abs(x), p, axis=axes)
+        return -a, a
+    return jnp.percentile(x, 100.0 - p, axis=axes), jnp.percentile(x, p, axis=axes)
+
+
+# ----------------------------------------------------------------------------------------------
+# Uniform affine quantization (Jacob et al. 2018)
+# ----------------------------------------------------------------------------------------------
+def _levels(bits: int | jax.Array, symmetric: bool) -> tuple[jax.Array, jax.Array]:
+    """(qmin, qmax) as float32; `bits` may be a traced integer array."""
+    b = jnp.asarray(bits, jnp.int32)
+    if symmetric:
+        qmax = (jnp.left_shift(jnp.int32(1), b - 1) - 1).astype(jnp.float32)
+        return -qmax, qmax
+    return jnp.zeros((), jnp.float32), (jnp.left_shift(jnp.int32(1), b) - 1).astype(jnp.float32)
+
+
+def uniform_affine(
+    lo: jax.Array | float, hi: jax.Array | float, bits: int | jax.Array, symmetric: bool
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """Scale, zero point (integer-valued float32) and the clipping range for a range [lo, hi].
+
+    Symmetric: a = max(|lo|, |hi|), scale = a / (2^(b-1) - 1), zero point 0, range [-a, a].
+    Asymmetric: the range widened to [min(lo, 0), max(hi, 0)] (0 exactly representable),
+    scale = (hi - lo) / (2^b - 1), zero point = round(-lo / scale) clipped to [0, 2^b - 1].
+    Scales are floored at the smallest normal float32, so a zero range gives finite codes.
+    The division by the level count is written as a product with its reciprocal: under jit XLA
+    rewrites division by a constant that way, and eager and jitted results must agree bitwise.
+    """
+    lo = jnp.asarray(lo, jnp.float32)
+    hi = jnp.asarray(hi, jnp.float32)
+    qmin, qmax = _levels(bits, symmetric)
+    if symmetric:
+        a = jnp.maximum(jnp.abs(lo), jnp.abs(hi))
+        scale = jnp.maximum(a * (1.0 / qmax), _FLT_MIN)
+        return scale, jnp.zeros_like(scale), -a, a
+    lo = jnp.minimum(lo, 0.0)
+    hi = jnp.maximum(hi, 0.0)
+    scale = jnp.maximum((hi - lo) * (1.0 / (qmax - qmin)), _FLT_MIN)
+    zero_point = jnp.clip(jnp.round(qmin - lo * (1.0 / scale)), qmin, qmax)
+    return scale, zero_point, lo, hi
+
+
+def _uniform_encode(x: jax.Array, scale: jax.Array, zero_point: jax.Array, qmin: jax.Array,
+                    qmax: jax.Array) -> jax.Array:
+    """Integer-valued float codes: clip(round(x * (1 / scale)) + z, qmin, qmax).
+
+    A product with the reciprocal, not a division: XLA turns division by a broadcast scalar into
+    that product inside some fusions only, and eager, jitted and exported codes must be identical.
+    """
+    return jnp.clip(jnp.round(x * (1.0 / scale)) + zero_point, qmin, qmax)
+
+
+def _uniform_decode(codes: jax.Array, scale: jax.Array, zero_point: jax.Array) -> jax.Array:
+    """(q - z) * scale, in float32."""
+    return (codes.astype(jnp.float32) - zero_point.astype(jnp.float32)) * scale
+
+
+def fake_quant_uniform(
+    x: jax.Array, lo: jax.Array | float, hi: jax.Array | float, bits: int | jax.Array,
+    symmetric: bool = True,
+) -> jax.Array:
+    """Uniform fake quantization with explicit (possibly traced) range and (possibly traced) bits.
+
+    `lo`/`hi` broadcast against `x` (a scalar, or shape (C,) for per-channel ranges on the last
+    axis); `bits` may be a traced int array (e.g. vmapped over bit widths), in which case it is not
+    validated. Straight-through gradient inside the clipping range of `uniform_affine`.
+    Bitwise equal to `fake_quant(x, QuantSpec("uniform", bits, symmetric), lo, hi)` for static bits.
+    """
+    x = jnp.asarray(x)
+    xf = x.astype(jnp.float32)
+    scale, zero_point, lo_eff, hi_eff = uniform_affine(lo, hi, bits, symmetric)
+    qmin, qmax = _levels(bits, symmetric)
+    y = _uniform_decode(_uniform_encode(xf, scale, zero_point, qmin, qmax), scale, zero_point)
+    return straight_through(xf, jax.lax.stop_gradient(y), lo_eff, hi_eff).astype(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Power-of-two quantization (Miyashita et al. 2016)
+# ----------------------------------------------------------------------------------------------
+def _pow2(e: jax.Array) -> jax.Array:
+    """2^e for integer e in [-126, 127], exactly, by building the float32 bit pattern."""
+    e = jnp.clip(e.astype(jnp.int32), _MIN_EXP, _MAX_EXP)
+    return jax.lax.bitcast_convert_type(jnp.left_shift(e + 127, 23), jnp.float32)
+
+
+def _log_encode(x: jax.Array, a: jax.Array, bits: int) -> tuple[jax.Array, jax.Array]:
+    """(codes, e_max): code = sign(x) * m, m = e - e_max + M in [1, M] for x != 0, 0 for x == 0."""
+    levels = 2 ** (bits - 1) - 1
+    e_max = jnp.clip(jnp.round(jnp.log2(jnp.maximum(a, _FLT_MIN))), _MIN_EXP, _MAX_EXP).astype(jnp.int32)
+    e_low = jnp.maximum(e_max - (levels - 1), _MIN_EXP)
+    mag = jnp.abs(x)
+    nonzero = mag > 0
+    e = jnp.round(jnp.log2(jnp.where(nonzero, mag, 1.0)))
+    e = jnp.clip(e, e_low.astype(jnp.float32), e_max.astype(jnp.float32)).astype(jnp.int32)
+    codes = jnp.sign(x).astype(jnp.int32) * (e - e_max + levels)
+    return jnp.where(nonzero, codes, 0), e_max
+
+
+def _log_decode(codes: jax.Array, e_max: jax.Array, bits: int) -> jax.Array:
+    levels = 2 ** (bits - 1) - 1
+    value = _pow2(e_max - levels + jnp.abs(codes))
+    return jnp.where(codes == 0, 0.0, jnp.where(codes < 0, -value, value)).astype(jnp.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# k-means weight sharing (Han et al. 2016)
+# ----------------------------------------------------------------------------------------------
+def _nearest_sorted(x: jax.Array, centroids: jax.Array) -> jax.Array:
+    """Index of the nearest of ascending `centroids` (ties to the lower index), via the midpoints."""
+    mids = (centroids[:-1] + centroids[1:]) * 0.5
+    # Comparing against all midpoints compiles fastest; a binary search once that gets large.
+    method = "compare_all" if x.size * mids.size <= _COMPARE_ALL_LIMIT else "scan"
+    return jnp.searchsorted(mids, x, side="left", method=method).astype(jnp.int32)
+
+
+def _lloyd_1d(x: jax.Array, weights: jax.Array, k: int, iters: int) -> jax.Array:
+    """Ascending centroids of 1-D weighted k-means after `iters` Lloyd steps.
+
+    Initialised at lo + (hi - lo) * i / (k - 1) over the kept (weight > 0) values; an empty cluster
+    keeps its centroid. Centroids are re-sorted after each step (1-D Lloyd keeps them ordered up to
+    rounding).
+    """
+    kept = weights > 0
+    any_kept = jnp.any(kept)
+    lo = jnp.where(any_kept, jnp.min(jnp.where(kept, x, jnp.inf)), 0.0)
+    hi = jnp.where(any_kept, jnp.max(jnp.where(kept, x, -jnp.inf)), 0.0)
+    init = lo + (hi - lo) * (jnp.arange(k, dtype=jnp.float32) * np.float32(1.0 / (k - 1)))
+
+    def step(c: jax.Array, _: None) -> tuple[jax.Array, None]:
+        idx = _nearest_sorted(x, c)
+        sums = jax.ops.segment_sum(weights * x, idx, num_segments=k)
+        counts = jax.ops.segment_sum(weights, idx, num_segments=k)
+        c = jnp.where(counts > 0, sums / jnp.maximum(counts, 1.0), c)
+        return jnp.sort(c), None
+
+    centroids, _ = jax.lax.scan(step, init, None, length=iters)
+    return centroids
+
+
+def _kmeans_quantize(x: jax.Array, spec: QuantSpec, mask: jax.Array | None) -> QTensor:
+    flat = x.reshape(-1)
+    reserve = mask is not None
+    k = 2**spec.bits - int(reserve)
+    weights = jnp.ones_like(flat) if mask is None else mask.reshape(-1).astype(jnp.float32)
+    centroids = _lloyd_1d(flat, weights, k, spec.kmeans_iters)
+    codes = _nearest_sorted(flat, centroids)
+    if reserve:
+        codes = jnp.where(mask.reshape(-1), codes + 1, 0)
+        centroids = jnp.concatenate([jnp.zeros((1,), jnp.float32), centroids])
+    return QTensor(codes=codes.reshape(x.shape), codebook=centroids, scheme="kmeans", bits=spec.bits,
+                   symmetric=spec.symmetric, zero_reserved=reserve)
+
+
+# ----------------------------------------------------------------------------------------------
+# Codes <-> floats, and fake quantization
+# ----------------------------------------------------------------------------------------------
+def _check_call(x: Any, spec: QuantSpec, lo: Any, hi: Any, mask: Any) -> None:
+    """Python-side checks of a quantization call (before tracing or compiling anything)."""
+    spec.validate()
+    if spec.scheme == "kmeans" and (lo is not None or hi is not None):
+        raise ValueError("k-means derives its codebook from the data; explicit lo/hi are not supported")
+    if (lo is None) != (hi is None):
+        raise ValueError("Give both lo and hi, or neither")
+    if mask is not None and np.shape(mask) != np.shape(x):
+        raise ValueError(f"mask shape {np.shape(mask)} does not match tensor shape {np.shape(x)}")
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _quantize(
+    x: jax.Array, spec: QuantSpec, lo: Any, hi: Any, mask: jax.Array | None
+) -> tuple[QTensor, jax.Array, jax.Array]:
+    """Codes of float32 `x` (masked entries already 0) and the STE clipping range (lo_eff, hi_eff).
+
+    Jitted (one compiled program per spec and shape; inlined when called under an outer jit)."""
+    if spec.scheme == "kmeans":
+        inf = jnp.float32(jnp.inf)
+        return _kmeans_quantize(x, spec, mask), -inf, inf
+    if lo is None:
+        lo, hi = _minmax(x, spec.per_channel)
+    lo = jax.lax.stop_gradient(jnp.asarray(lo, jnp.float32))
+    hi = jax.lax.stop_gradient(jnp.asarray(hi, jnp.float32))
+    if spec.scheme == "uniform":
+        scale, zero_point, lo_eff, hi_eff = uniform_affine(lo, hi, spec.bits, spec.symmetric)
+        qmin, qmax = _levels(spec.bits, spec.symmetric)
+        codes = _uniform_encode(x, scale, zero_point, qmin, qmax).astype(jnp.int32)
+        q = QTensor(codes=codes, scale=scale, zero_point=zero_point.astype(jnp.int32), scheme="uniform",
+                    bits=spec.bits, symmetric=spec.symmetric)
+        return q, lo_eff, hi_eff
+    a = jnp.maximum(jnp.abs(lo), jnp.abs(hi))
+    codes, e_max = _log_encode(x, a, spec.bits)
+    q = QTensor(codes=codes, exponent=e_max, scheme="log", bits=spec.bits, symmetric=True)
+    return q, -a, a
+
+
+def _masked_f32(x: jax.Array, mask: jax.Array | None) -> jax.Array:
+    x = jnp.asarray(x).astype(jnp.float32)
+    return x if mask is None else jnp.where(mask, x, 0.0)
+
+
+def quantize_codes(
+    x: jax.Array, spec: QuantSpec, lo: Any = None, hi: Any = None, mask: Any = None
+) -> QTensor:
+    """Integer codes of `x` (see `QTensor`); `dequantize` of the result equals `fake_quant` bitwise.
+
+    lo/hi: explicit range (uniform/log), broadcast against `x`; derived from `x` (min/max, per
+    channel if `spec.per_channel`) when None. mask: entries where it is False/0 are set to 0 first
+    (and get the zero code); for k-means, code 0 is then reserved for 0.
+    """
+    _check_call(x, spec, lo, hi, mask)
+    m = None if mask is None else jnp.asarray(mask).astype(bool)
+    return _quantize(jax.lax.stop_gradient(_masked_f32(x, m)), spec, lo, hi, m)[0]
+
+
+@jax.jit
+def _dequantize(q: QTensor) -> jax.Array:
+    if q.scheme == "uniform":
+        return _uniform_decode(q.codes, q.scale, q.zero_point)
+    if q.scheme == "log":
+        return _log_decode(q.codes, q.exponent, q.bits)
+    return jnp.take(q.codebook, q.codes, axis=0)
+
+
+def dequantize(q: QTensor) -> jax.Array:
+    """Float32 values of the codes (the same arithmetic as the forward pass of `fake_quant`)."""
+    if q.scheme not in SCHEMES:
+        raise ValueError(f"Unknown quantization scheme {q.scheme!r}")
+    return _dequantize(q)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _fake_quant(x: jax.Array, spec: QuantSpec, lo: Any, hi: Any, mask: jax.Array | None) -> jax.Array:
+    xf = _masked_f32(x, mask)
+    q, lo_eff, hi_eff = _quantize(jax.lax.stop_gradient(xf), spec, lo, hi, mask)
+    y = jax.lax.stop_gradient(_dequantize(q))
+    return straight_through(xf, y, lo_eff, hi_eff).astype(x.dtype)
+
+
+def fake_quant(
+    x: jax.Array, spec: QuantSpec, lo: Any = None, hi: Any = None, mask: Any = None
+) -> jax.Array:
+    """Quantize then dequantize `x` (same shape and dtype), with a straight-through gradient.
+
+    Forward: `dequantize(quantize_codes(x, spec, lo, hi, mask))`. Backward (Bengio et al. 2013):
+    d/dx = 1 inside the clipping range [lo, hi] (bounds inclusive; the symmetric range is [-a, a],
+    a = max(|lo|, |hi|); the asymmetric one is widened to contain 0) and 0 outside; identity for
+    k-means; 0 where `mask` is False. Ranges derived from `x` are treated as constants. The spec
+    is validated in Python first; the computation is one jitted program per spec and shape.
+    """
+    _check_call(x, spec, lo, hi, mask)
+    m = None if mask is None else jnp.asarray(mask).astype(bool)
+    return _fake_quant(jnp.asarray(x), spec, lo, hi, m)
+
+
+# ----------------------------------------------------------------------------------------------
+# Parameter trees: selection by path, PTQ of weights, the QAT parameter transform
+# ----------------------------------------------------------------------------------------------
+def _key_name(key: Any) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def path_str(path: Sequence[Any]) -> str:
+    """'actor_torso/Dense_0/kernel' from a jax key path."""
+    return "/".join(_key_name(k) for k in path)
+
+
+def flatten_with_paths(tree: Any) -> dict[str, Any]:
+    """{path string: leaf} (None leaves are dropped, as in any pytree)."""
+    leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return {path_str(p): leaf for p, leaf in leaves}
+
+
+def _compile(patterns: Sequence[str], name: str) -> list[re.Pattern[str]]:
+    if isinstance(patterns, str):
+        raise ValueError(f"{name} must be a sequence of regexes, not the string {patterns!r}")
+    try:
+        return [re.compile(p) for p in patterns]
+    except re.error as err:
+        raise ValueError(f"Invalid regex in {name}={tuple(patterns)}: {err}") from err
+
+
+def select_paths(params: Params, include: Sequence[str] = DEFAULT_INCLUDE,
+                 exclude: Sequence[str] = ()) -> list[str]:
+    """Leaf paths that fully match some `include` regex and no `exclude` regex.
+
+    Raises ValueError, listing the tree's paths, if an include regex matches no path or nothing is
+    selected (a typo would otherwise silently leave the network unquantized).
+    """
+    inc, exc = _compile(include, "include"), _compile(exclude, "exclude")
+    paths = list(flatten_with_paths(params))
+    for pattern in inc:
+        if not any(pattern.fullmatch(p) for p in paths):
+            raise ValueError(f"include regex {pattern.pattern!r} matches no parameter; paths are {paths}")
+    selected = [p for p in paths if any(r.fullmatch(p) for r in inc) and not any(r.fullmatch(p) for r in exc)]
+    if not selected:
+        raise ValueError(f"include={tuple(include)} exclude={tuple(exclude)} select no parameter; "
+                         f"paths are {paths}")
+    return selected
+
+
+def masks_by_path(params: Params, masks: Any) -> dict[str, Any]:
+    """{param path: mask} for the masked leaves; checks paths and shapes."""
+    if masks is None:
+        return {}
+    shapes = {p: np.shape(v) for p, v in flatten_with_paths(params).items()}
+    found = flatten_with_paths(masks)
+    for p, m in found.items():
+        if p not in shapes:
+            raise ValueError(f"mask path {p!r} is not a parameter; paths are {list(shapes)}")
+        if np.shape(m) != shapes[p]:
+            raise ValueError(f"mask {p!r} has shape {np.shape(m)}, parameter has {shapes[p]}")
+    return found
+
+
+def quantize_tree(
+    params: Params, spec: QuantSpec, include: Sequence[str] = DEFAULT_INCLUDE,
+    exclude: Sequence[str] = (), masks: Any = None,
+) -> Params:
+    """Fake-quantize the selected leaves (weights PTQ; with the STE also the QAT transform).
+
+    Leaves are selected by `re.fullmatch` of their '/'-joined path (`select_paths`). `masks` (a
+    pytree of boolean arrays parallel to params, missing/None leaves = unmasked) zeroes pruned
+    entries of every masked leaf, quantized or not; for k-means it also reserves the zero code. The
+    result is exactly what `export.export(params, masks=masks, qspec=spec, ...)` ships.
+    """
+    spec.validate()
+    selected = set(select_paths(params, include, exclude))
+    mask_of = masks_by_path(params, masks)
+
+    def transform(path: Any, leaf: jax.Array) -> jax.Array:
+        name = path_str(path)
+        mask = mask_of.get(name)
+        if name in selected:
+            return fake_quant(leaf, spec, mask=mask)
+        if mask is not None:
+            return jnp.where(jnp.asarray(mask).astype(bool), leaf, jnp.zeros_like(leaf))
+        return leaf
+
+    return jax.tree_util.tree_map_with_path(transform, params)
+
+
+def weight_param_transform(
+    spec: QuantSpec, include: Sequence[str] = DEFAULT_INCLUDE, exclude: Sequence[str] = (),
+    masks: Any = None,
+) -> Callable[[Params], Params]:
+    """`params -> quantize_tree(params, spec, ...)` for `Hooks.param_transform` (QAT weights).
+
+    The spec and regexes are checked now, in Python, before any compilation.
+    """
+    spec.validate()
+    _compile(include, "include")
+    _compile(exclude, "exclude")
+
+    def transform(params: Params) -> Params:
+        return quantize_tree(params, spec, include, exclude, masks)
+
+    return transform
+
+
+# ----------------------------------------------------------------------------------------------
+# Activations: interceptor (QAT, dynamic or calibrated PTQ) and calibration
+# ----------------------------------------------------------------------------------------------
+def _module_path(module: nn.Module) -> str:
+    return "/".join(str(k) for k in module.path)
+
+
+def _is_layer_call(context: Any, layer_types: tuple[type, ...], args: tuple[Any, ...]) -> bool:
+    return context.method_name == "__call__" and isinstance(context.module, layer_types) and len(args) > 0
+
+
+def _check_activation_spec(spec: QuantSpec) -> None:
+    spec.validate()
+    if spec.scheme == "kmeans":
+        raise ValueError("k-means weight sharing fits a codebook to weights; use 'uniform' or 'log' "
+                         "for activations")
+
+
+def activation_interceptor(
+    spec: QuantSpec, ranges: Mapping[str, tuple[Any, Any]] | None = None, outputs: bool = False,
+    layer_types: tuple[type, ...] = LAYER_TYPES,
+) -> Callable[..., Any]:
+    """A `flax.linen.intercept_methods` interceptor fake-quantizing the input of every Dense/Conv.
+
+    ranges=None: each tensor's own range (`activation_range`, per call: dynamic quantization).
+    ranges={module path: (lo, hi)} (from `calibrate`): static calibrated ranges (PTQ / QAT with
+    fixed ranges). outputs=True also quantizes layer outputs (ranges under path + OUTPUT_SUFFIX).
+    The STE lets gradients through inside the ranges, so `Hooks(weight_param_transform(...),
+    activation_interceptor(...))` is quantization-aware training in any algorithm.
+    """
+    _check_activation_spec(spec)
+
+    def quantize(x: jax.Array, key: str) -> jax.Array:
+        if ranges is None:
+            lo, hi = activation_range(x, spec)
+        elif key in ranges:
+            lo, hi = ranges[key]
+        else:
+            raise ValueError(f"No calibrated range for layer {key!r}; ranges hold {sorted(ranges)}")
+        return fake_quant(x, spec, lo, hi)
+
+    def interceptor(next_fun: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
+                    context: Any) -> Any:
+        if not _is_layer_call(context, layer_types, args):
+            return next_fun(*args, **kwargs)
+        path = _module_path(context.module)
+        out = next_fun(quantize(args[0], path), *args[1:], **kwargs)
+        return quantize(out, path + OUTPUT_SUFFIX) if outputs else out
+
+    return interceptor
+
+
+def calibrate(
+    apply_fn: Callable[..., Any], params: Params, observations: jax.Array, spec: QuantSpec,
+    outputs: bool = False, layer_types: tuple[type, ...] = LAYER_TYPES,
+) -> Ranges:
+    """Activation ranges {module path: (lo, hi)} measured on a batch of observations.
+
+    Runs `apply_fn(params, observations)` once (e.g. `rl.common.make_apply(network)`, or one with
+    quantized weights) with an interceptor recording `activation_range` of each Dense/Conv input
+    (and output if `outputs`). A layer called several times gets the union of its ranges. apply_fn
+    must not be jitted (the interceptor has to run); observations come e.g. from rollouts.
+    """
+    _check_activation_spec(spec)
+    stats: dict[str, tuple[jax.Array, jax.Array]] = {}
+
+    def record(key: str, x: jax.Array) -> None:
+        lo, hi = activation_range(x, spec)
+        if isinstance(lo, jax.core.Tracer):
+            raise ValueError("calibrate needs an un-jitted apply_fn (its interceptor records values)")
+        if key in stats:
+            lo, hi = jnp.minimum(stats[key][0], lo), jnp.maximum(stats[key][1], hi)
+        stats[key] = (lo, hi)
+
+    def interceptor(next_fun: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
+                    context: Any) -> Any:
+        if not _is_layer_call(context, layer_types, args):
+            return next_fun(*args, **kwargs)
+        path = _module_path(context.module)
+        record(path, args[0])
+        out = next_fun(*args, **kwargs)
+        if outputs:
+            record(path + OUTPUT_SUFFIX, out)
+        return out
+
+    with nn.intercept_methods(interceptor):
+        apply_fn(params, observations)
+    if not stats:
+        raise ValueError("calibrate recorded no Dense/Conv call; is apply_fn jitted or the network empty?")
+    return stats

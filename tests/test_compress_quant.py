@@ -1,0 +1,428 @@
+"""Quantization (rlcx_jax.compress.quant): fake quantization against NumPy references, the STE,
+codes, parameter-tree selection, the activation interceptor and calibration."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rlcx_jax import nets
+from rlcx_jax.compress.quant import (
+    OUTPUT_SUFFIX,
+    QuantSpec,
+    activation_interceptor,
+    calibrate,
+    code_range,
+    dequantize,
+    fake_quant,
+    fake_quant_uniform,
+    quantize_codes,
+    quantize_tree,
+    select_paths,
+    weight_param_transform,
+)
+from rlcx_jax.rl.common import Hooks, make_apply
+
+F32 = np.float32
+TINY = np.finfo(np.float32).tiny
+SPECS = [
+    QuantSpec("uniform", 8),
+    QuantSpec("uniform", 3, symmetric=False, per_channel=True),
+    QuantSpec("uniform", 5, per_channel=True),
+    QuantSpec("log", 4),
+    QuantSpec("log", 3, per_channel=True),
+    QuantSpec("kmeans", 3),
+]
+
+
+def _x(shape=(24, 6), seed=0, scale=2.0) -> np.ndarray:
+    return (np.random.default_rng(seed).normal(size=shape) * scale).astype(F32)
+
+
+# ----------------------------------------------------------------------------------------------
+# NumPy references
+# ----------------------------------------------------------------------------------------------
+def np_uniform(x: np.ndarray, bits: int, symmetric: bool, per_channel: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(fake-quantized x, scale) in float32 NumPy arithmetic (Jacob et al. 2018)."""
+    axes = tuple(range(x.ndim - 1)) if per_channel else None
+    lo, hi = x.min(axis=axes), x.max(axis=axes)
+    if symmetric:
+        qmax = F32(2 ** (bits - 1) - 1)
+        qmin, zp = -qmax, F32(0)
+        scale = np.maximum(np.maximum(np.abs(lo), np.abs(hi)) * (F32(1) / qmax), F32(TINY))
+    else:
+        qmin, qmax = F32(0), F32(2**bits - 1)
+        lo, hi = np.minimum(lo, F32(0)), np.maximum(hi, F32(0))
+        scale = np.maximum((hi - lo) * (F32(1) / (qmax - qmin)), F32(TINY))
+        zp = np.clip(np.round(qmin - lo * (F32(1) / scale)), qmin, qmax)
+    codes = np.clip(np.round(x * (F32(1) / scale)) + zp, qmin, qmax)
+    return ((codes - zp) * scale).astype(F32), np.asarray(scale, F32)
+
+
+def np_log(x: np.ndarray, bits: int) -> np.ndarray:
+    """sign * 2^round(log2|x|), exponent clipped to the 2^(b-1)-1 levels below round(log2 max|x|)."""
+    levels = 2 ** (bits - 1) - 1
+    e_max = np.round(np.log2(np.abs(x).max()))
+    e = np.clip(np.round(np.log2(np.where(x == 0, 1, np.abs(x)))), e_max - levels + 1, e_max)
+    return np.where(x == 0, 0.0, np.sign(x) * 2.0**e).astype(F32)
+
+
+def np_lloyd(x: np.ndarray, k: int, iters: int) -> np.ndarray:
+    """1-D Lloyd's algorithm: linear init over [min, max], argmin assignment, empty clusters stay."""
+    c = (x.min() + (x.max() - x.min()) * (np.arange(k, dtype=F32) * F32(1.0 / (k - 1)))).astype(np.float64)
+    for _ in range(iters):
+        idx = np.argmin(np.abs(x[:, None] - c[None, :]), axis=1)
+        for j in range(k):
+            if np.any(idx == j):
+                c[j] = x[idx == j].mean()
+        c = np.sort(c)
+    return c
+
+
+def grad_sum(spec: QuantSpec, lo, hi):
+    return jax.grad(lambda v: jnp.sum(fake_quant(v, spec, lo, hi)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(bits=1), r"bits must be in \[2, 16\], got 1"),
+        (dict(bits=17), r"bits must be in \[2, 16\], got 17"),
+        (dict(bits=8.0), "bits must be an int"),
+        (dict(scheme="ternary"), "Unknown quantization scheme 'ternary'"),
+        (dict(range_method="mean"), "Unknown range_method"),
+        (dict(percentile=0.0), "percentile"),
+        (dict(kmeans_iters=0), "kmeans_iters"),
+        (dict(scheme="kmeans", per_channel=True), "one codebook per tensor"),
+    ],
+)
+def test_validate_rejects_bad_specs(kwargs, message) -> None:
+    spec = QuantSpec(**kwargs)
+    with pytest.raises(ValueError, match=message):
+        spec.validate()
+    with pytest.raises(ValueError, match=message):
+        fake_quant(jnp.ones(3), spec)
+
+
+def test_bad_calls_raise_clear_errors() -> None:
+    with pytest.raises(ValueError, match="explicit lo/hi"):
+        fake_quant(jnp.ones(3), QuantSpec("kmeans", 3), -1.0, 1.0)
+    with pytest.raises(ValueError, match="both lo and hi"):
+        fake_quant(jnp.ones(3), QuantSpec(), lo=-1.0)
+    with pytest.raises(ValueError, match="mask shape"):
+        fake_quant(jnp.ones(3), QuantSpec(), mask=jnp.ones(4, bool))
+    with pytest.raises(ValueError, match="activations"):
+        activation_interceptor(QuantSpec("kmeans", 4))
+
+
+# ----------------------------------------------------------------------------------------------
+# Straight-through estimator
+# ----------------------------------------------------------------------------------------------
+def _probe_points(lo: float, hi: float) -> tuple[np.ndarray, np.ndarray]:
+    """Points at, just inside and just outside both bounds, with the expected STE gradient."""
+    lo32, hi32 = F32(lo), F32(hi)
+    x = np.array([lo - 0.5, np.nextafter(lo32, F32(-np.inf)), lo32, np.nextafter(lo32, F32(np.inf)),
+                  (lo32 + hi32) / 2, np.nextafter(hi32, F32(-np.inf)), hi32, np.nextafter(hi32, F32(np.inf)),
+                  hi + 0.5], F32)
+    return x, np.array([0, 0, 1, 1, 1, 1, 1, 0, 0], F32)
+
+
+@pytest.mark.parametrize(
+    "spec, lo, hi",
+    [(QuantSpec("uniform", 4), -1.0, 1.0), (QuantSpec("uniform", 4, symmetric=False), -1.0, 2.0),
+     (QuantSpec("log", 4), -0.75, 0.75), (QuantSpec("uniform", 16, symmetric=False), -3.0, 0.5)],
+)
+def test_ste_gradient_is_one_inside_inclusive_and_zero_outside(spec: QuantSpec, lo: float, hi: float) -> None:
+    x, expected = _probe_points(lo, hi)
+    np.testing.assert_array_equal(grad_sum(spec, lo, hi)(jnp.asarray(x)), expected)
+    # The same through jit, with traced ranges.
+    g = jax.jit(jax.grad(lambda v, a, b: jnp.sum(fake_quant(v, spec, a, b))))(x, F32(lo), F32(hi))
+    np.testing.assert_array_equal(g, expected)
+
+
+def test_ste_per_channel_ranges_and_traced_bits() -> None:
+    x1, e1 = _probe_points(-1.0, 1.0)
+    x2, e2 = _probe_points(-0.25, 0.25)
+    x = jnp.stack([x1, x2], axis=-1)  # channel axis last
+    lo, hi = jnp.array([-1.0, -0.25]), jnp.array([1.0, 0.25])
+    g = jax.grad(lambda v, b: jnp.sum(fake_quant_uniform(v, lo, hi, b)))(x, jnp.int32(6))
+    np.testing.assert_array_equal(g, np.stack([e1, e2], axis=-1))
+
+
+def test_asymmetric_range_is_widened_to_contain_zero() -> None:
+    # [0.5, 2] becomes [0, 2] (Jacob et al.: real zero exactly representable), so 0 and 0.25 pass.
+    g = grad_sum(QuantSpec("uniform", 8, symmetric=False), 0.5, 2.0)(jnp.array([-0.1, 0.0, 0.25, 2.0, 2.1]))
+    np.testing.assert_array_equal(g, [0, 1, 1, 1, 0])
+    np.testing.assert_array_equal(fake_quant(jnp.zeros(2), QuantSpec("uniform", 3, symmetric=False), 0.5, 2.0), 0)
+
+
+# ----------------------------------------------------------------------------------------------
+# The three schemes against NumPy
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_uniform_matches_numpy_and_error_is_at_most_half_a_step(symmetric: bool, per_channel: bool) -> None:
+    x = _x(seed=int(symmetric) + 2 * int(per_channel))
+    axes = (0,) if per_channel else None
+    all_bits = np.arange(2, 17)
+    # Every width 2..16 in one compiled program: bits traced and vmapped (fake_quant_uniform).
+    fq_bits = jax.jit(jax.vmap(lambda b: fake_quant_uniform(x, x.min(axis=axes), x.max(axis=axes), b, symmetric)))
+    ys = np.asarray(fq_bits(jnp.asarray(all_bits)))
+    for bits, y in zip(all_bits, ys):
+        ref, scale = np_uniform(x, int(bits), symmetric, per_channel)
+        np.testing.assert_array_equal(y, ref, err_msg=f"bits={bits}")
+        assert np.all(np.abs(y - x) <= scale / 2 * (1 + 1e-5) + 1e-30), f"bits={bits}"
+    # The static-spec path and its integer codes, at a few widths.
+    for bits in (2, 5, 16):
+        spec = QuantSpec("uniform", bits, symmetric=symmetric, per_channel=per_channel)
+        np.testing.assert_array_equal(np.asarray(fake_quant(x, spec)), ys[bits - 2])
+        codes = np.asarray(quantize_codes(x, spec).codes)
+        qmin, qmax = code_range("uniform", bits, symmetric)
+        assert codes.dtype == np.int32 and codes.min() >= qmin and codes.max() <= qmax
+        assert len(np.unique(codes)) <= 2**bits
+
+
+def test_uniform_explicit_range_clips_and_keeps_half_step_inside() -> None:
+    x = np.linspace(-3, 3, 121, dtype=F32)
+    spec = QuantSpec("uniform", 4, symmetric=False)
+    y = np.asarray(fake_quant(x, spec, -1.0, 2.0))
+    scale = 3.0 / 15
+    inside = (x >= -1) & (x <= 2)
+    assert np.all(np.abs(y[inside] - x[inside]) <= scale / 2 + 1e-6)
+    assert y.min() >= -1 - 1e-6 and y.max() <= 2 + scale / 2
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_log_gives_signed_powers_of_two_in_the_window(bits: int) -> None:
+    x = _x(shape=(200,), seed=bits, scale=1.0)
+    x[:5] = 0.0
+    x[5] = 1e-6  # below the window: saturates to its smallest power
+    y = np.asarray(fake_quant(x, QuantSpec("log", bits)))
+    np.testing.assert_array_equal(y, np_log(x, bits))
+    np.testing.assert_array_equal(y[:5], 0.0)
+    nz = y[y != 0]
+    mantissa, exponent = np.frexp(np.abs(nz))
+    np.testing.assert_array_equal(mantissa, 0.5)  # exact powers of two
+    assert len(np.unique(exponent)) <= 2 ** (bits - 1) - 1
+    np.testing.assert_array_equal(np.sign(y[5:]), np.sign(x[5:]))
+
+
+def test_kmeans_matches_numpy_lloyd() -> None:
+    x = _x(shape=(40, 10), seed=10)
+    for bits in (2, 4):
+        spec = QuantSpec("kmeans", bits, kmeans_iters=12)
+        q = quantize_codes(x, spec)
+        y = np.asarray(dequantize(q))
+        centroids = np_lloyd(x.reshape(-1), 2**bits, 12)
+        np.testing.assert_allclose(np.asarray(q.codebook), centroids, rtol=1e-5, atol=1e-6)
+        nearest = centroids[np.argmin(np.abs(x.reshape(-1, 1) - centroids[None]), axis=1)].reshape(x.shape)
+        np.testing.assert_allclose(y, nearest, rtol=1e-5, atol=1e-6)
+        assert len(np.unique(y)) <= 2**bits
+    g = jax.grad(lambda v: jnp.sum(fake_quant(v, spec)))(x)
+    np.testing.assert_array_equal(g, 1.0)  # identity STE
+
+
+def test_kmeans_with_mask_fits_kept_weights_and_reserves_zero() -> None:
+    x = _x(shape=(30, 10), seed=3)
+    mask = np.random.default_rng(4).random(x.shape) < 0.3
+    spec = QuantSpec("kmeans", 3, kmeans_iters=10)
+    q = quantize_codes(x, spec, mask=mask)
+    y = np.asarray(fake_quant(x, spec, mask=mask))
+    np.testing.assert_array_equal(y[~mask], 0.0)
+    assert np.asarray(q.codebook)[0] == 0.0 and np.all(np.asarray(q.codes)[mask] >= 1)
+    np.testing.assert_allclose(np.asarray(q.codebook)[1:], np_lloyd(x[mask], 2**3 - 1, 10), rtol=1e-5, atol=1e-6)
+    assert len(np.unique(y[mask])) <= 2**3 - 1
+    g = jax.grad(lambda v: jnp.sum(fake_quant(v, spec, mask=mask)))(x)
+    np.testing.assert_array_equal(g, mask.astype(F32))
+
+
+@pytest.mark.parametrize("spec", SPECS + [QuantSpec("uniform", 16, symmetric=False, per_channel=True)],
+                         ids=lambda s: f"{s.scheme}{s.bits}{'s' if s.symmetric else 'a'}{'c' if s.per_channel else ''}")
+def test_constant_and_zero_tensors_stay_finite(spec: QuantSpec) -> None:
+    grad = jax.grad(lambda v: jnp.sum(fake_quant(v, spec)))
+    for value in (0.0, 3.0, -2.0, 1e-30):
+        x = jnp.full((5, 4), value, jnp.float32)
+        y = np.asarray(fake_quant(x, spec))
+        assert np.all(np.isfinite(y)) and np.all(np.isfinite(grad(x))), value
+        if value == 0.0:
+            np.testing.assert_array_equal(y, 0.0)
+        if value in (3.0, -2.0) and spec.scheme != "log":
+            np.testing.assert_allclose(y, value, rtol=1e-6)
+        if value in (3.0, -2.0) and spec.scheme == "log":
+            np.testing.assert_array_equal(y, np.sign(value) * 2.0 ** np.round(np.log2(abs(value))))
+        assert np.all(np.isfinite(np.asarray(dequantize(quantize_codes(x, spec)))))
+
+
+# ----------------------------------------------------------------------------------------------
+# Codes, jit, vmap
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: f"{s.scheme}{s.bits}")
+def test_dequantized_codes_equal_fake_quant_bitwise_under_jit_and_vmap(spec: QuantSpec) -> None:
+    x = _x(shape=(4, 12, 6), seed=7)
+    mask = np.random.default_rng(8).random(x.shape) < 0.5
+    for m in (None, mask):
+        y = np.asarray(fake_quant(x, spec, mask=m))
+        np.testing.assert_array_equal(np.asarray(dequantize(quantize_codes(x, spec, mask=m))), y)
+        np.testing.assert_array_equal(np.asarray(jax.jit(lambda v: fake_quant(v, spec, mask=m))(x)), y)
+
+    # vmap over the input: each slice quantized on its own (own range / codebook).
+    batched = jax.jit(jax.vmap(lambda v: fake_quant(v, spec)))(x)
+    for i in range(x.shape[0]):
+        np.testing.assert_array_equal(np.asarray(batched[i]), np.asarray(fake_quant(x[i], spec)))
+
+
+def test_fake_quant_uniform_vmaps_over_traced_ranges_and_bits() -> None:
+    x = _x(shape=(10, 3), seed=9)
+    bits = jnp.array([2, 4, 8, 16])
+    lo, hi = jnp.array([-1.0, -0.5, -2.0, -1.5]), jnp.array([1.0, 2.0, 0.5, 1.5])
+    out = jax.jit(jax.vmap(lambda b, a, c: fake_quant_uniform(x, a, c, b, symmetric=False)))(bits, lo, hi)
+    for i, b in enumerate([2, 4, 8, 16]):
+        ref = fake_quant(x, QuantSpec("uniform", b, symmetric=False), lo[i], hi[i])
+        np.testing.assert_array_equal(np.asarray(out[i]), np.asarray(ref))
+
+
+# ----------------------------------------------------------------------------------------------
+# Parameter trees
+# ----------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def actor_critic():
+    spec = nets.ActionSpec(discrete=True, num_actions=2)
+    net = nets.make(nets.NetConfig(hidden=(32, 32)), (4,), spec)
+    params = jax.jit(net.init)(jax.random.PRNGKey(0), jnp.zeros((1, 4)))["params"]
+    # Non-zero biases, so the tests see whether biases are touched.
+    rng = np.random.default_rng(1)
+    params = jax.tree.map(lambda p: jnp.asarray(p + 0.05 * rng.normal(size=p.shape).astype(F32)), params)
+    obs = jnp.asarray(rng.normal(size=(64, 4)).astype(F32) * 2.0)
+    return net, params, obs
+
+
+def test_quantize_tree_selects_leaves_by_regex(actor_critic) -> None:
+    _, params, _ = actor_critic
+    spec = QuantSpec("uniform", 3)
+    out = quantize_tree(params, spec, include=(r".*kernel",), exclude=(r"value_head/.*",))
+    flat_in = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+    flat_out = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_flatten_with_path(out)[0]}
+    for key, value in flat_in.items():
+        quantized = "kernel" in key and "value_head" not in key
+        assert np.array_equal(flat_out[key], value) != quantized, key
+        if quantized:
+            assert len(np.unique(np.asarray(flat_out[key]))) <= 7
+    assert "actor_torso/Dense_0/kernel" in select_paths(params)
+
+
+def test_regex_selecting_nothing_raises_with_the_paths(actor_critic) -> None:
+    _, params, _ = actor_critic
+    with pytest.raises(ValueError, match=r"'.\*kernal' matches no parameter.*actor_torso/Dense_0/kernel"):
+        quantize_tree(params, QuantSpec(), include=(r".*kernal",))
+    with pytest.raises(ValueError, match="select no parameter"):
+        quantize_tree(params, QuantSpec(), exclude=(r".*",))
+    with pytest.raises(ValueError, match="Invalid regex"):
+        weight_param_transform(QuantSpec(), include=(r"(",))
+
+
+def test_quantize_tree_applies_masks(actor_critic) -> None:
+    _, params, _ = actor_critic
+    rng = np.random.default_rng(0)
+    kernel = params["actor_torso"]["Dense_1"]["kernel"]
+    masks = {"actor_torso": {"Dense_1": {"kernel": rng.random(kernel.shape) < 0.2}},
+             "policy_head": {"bias": np.array([True, False])}}
+    out = quantize_tree(params, QuantSpec("uniform", 8, symmetric=False), masks=masks)
+    assert np.all(np.asarray(out["actor_torso"]["Dense_1"]["kernel"])[~masks["actor_torso"]["Dense_1"]["kernel"]] == 0)
+    np.testing.assert_array_equal(out["policy_head"]["bias"], [params["policy_head"]["bias"][0], 0.0])
+    with pytest.raises(ValueError, match="has shape"):
+        quantize_tree(params, QuantSpec(), masks={"policy_head": {"bias": np.ones(3, bool)}})
+
+
+def test_qat_hooks_train_through_the_ste(actor_critic) -> None:
+    net, params, obs = actor_critic
+    spec = QuantSpec("uniform", 4)
+    apply = make_apply(net, Hooks(param_transform=weight_param_transform(spec),
+                                  interceptor=activation_interceptor(QuantSpec("uniform", 8))))
+
+    def loss(p):
+        logits, value = apply(p, obs)
+        return jnp.mean(logits**2) + jnp.mean(value**2)
+
+    grads = jax.jit(jax.grad(loss))(params)
+    for g in jax.tree.leaves(grads):
+        assert np.all(np.isfinite(g))
+    assert float(jnp.abs(grads["actor_torso"]["Dense_0"]["kernel"]).sum()) > 0
+    assert float(jnp.abs(grads["policy_head"]["kernel"]).sum()) > 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Activations
+# ----------------------------------------------------------------------------------------------
+def _record_inputs(net: nn.Module, params, obs) -> dict[str, list[np.ndarray]]:
+    seen: dict[str, list[np.ndarray]] = {}
+
+    def recorder(next_fun, args, kwargs, context):
+        if context.method_name == "__call__" and isinstance(context.module, nn.Dense):
+            seen.setdefault("/".join(context.module.path), []).append(np.asarray(args[0]))
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(recorder):
+        net.apply({"params": params}, obs)
+    return seen
+
+
+def test_interceptor_changes_activations_at_low_bits_only(actor_critic) -> None:
+    net, params, obs = actor_critic
+    ref = make_apply(net)(params, obs)
+    low = make_apply(net, Hooks(interceptor=activation_interceptor(QuantSpec("uniform", 2))))(params, obs)
+    high = make_apply(net, Hooks(interceptor=activation_interceptor(QuantSpec("uniform", 16, per_channel=True),
+                                                                    outputs=True)))(params, obs)
+    assert not np.allclose(low[0], ref[0], atol=1e-3) and not np.allclose(low[1], ref[1], atol=1e-3)
+    for a, b in zip(high, ref):
+        np.testing.assert_allclose(a, b, atol=2e-3)
+
+
+def test_calibrate_records_numpy_minmax_and_percentiles(actor_critic) -> None:
+    net, params, obs = actor_critic
+    seen = _record_inputs(net, params, obs)
+    ranges = calibrate(make_apply(net), params, obs, QuantSpec("uniform", 8), outputs=True)
+    assert set(seen) == {k for k in ranges if not k.endswith(OUTPUT_SUFFIX)}
+    assert set(ranges) == set(seen) | {k + OUTPUT_SUFFIX for k in seen}
+    for key, inputs in seen.items():
+        x = np.concatenate([v.reshape(-1, v.shape[-1]) for v in inputs])
+        assert float(ranges[key][0]) == x.min() and float(ranges[key][1]) == x.max()
+
+    pct = calibrate(make_apply(net), params, obs,
+                    QuantSpec("uniform", 8, symmetric=False, per_channel=True, range_method="percentile",
+                              percentile=90.0))
+    x = seen["critic_torso/Dense_1"][0]
+    np.testing.assert_allclose(pct["critic_torso/Dense_1"][0], np.percentile(x, 10.0, axis=0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(pct["critic_torso/Dense_1"][1], np.percentile(x, 90.0, axis=0), rtol=1e-5, atol=1e-6)
+
+
+def test_calibrated_interceptor_uses_the_ranges(actor_critic) -> None:
+    net, params, obs = actor_critic
+    spec = QuantSpec("uniform", 8, symmetric=False)
+    ranges = calibrate(make_apply(net), params, obs, spec)
+    static = make_apply(net, Hooks(interceptor=activation_interceptor(spec, ranges)))(params, obs)
+    dynamic = make_apply(net, Hooks(interceptor=activation_interceptor(spec)))(params, obs)
+    # On the calibration batch the ranges are the dynamic ones, up to the (8-bit) change that
+    # quantizing earlier layers makes to the inputs of later ones.
+    for a, b in zip(static, dynamic):
+        np.testing.assert_allclose(a, b, atol=2e-2)
+    # One layer: calibrated and dynamic quantization of the calibration batch are identical.
+    dense = nn.Dense(3)
+    dense_params = dense.init(jax.random.PRNGKey(3), obs)["params"]
+    dense_ranges = calibrate(make_apply(dense), dense_params, obs, spec)
+    assert set(dense_ranges) == {""}  # the root module's path is empty
+    np.testing.assert_array_equal(
+        make_apply(dense, Hooks(interceptor=activation_interceptor(spec, dense_ranges)))(dense_params, obs),
+        make_apply(dense, Hooks(interceptor=activation_interceptor(spec)))(dense_params, obs))
+    # A narrow range for the first actor layer clips observations: the policy changes.
+    narrow = dict(ranges, **{"actor_torso/Dense_0": (jnp.float32(-0.1), jnp.float32(0.1))})
+    clipped = make_apply(net, Hooks(interceptor=activation_interceptor(spec, narrow)))(params, obs)
+    assert not np.allclose(clipped[0], static[0])
+    missing = {k: v for k, v in ranges.items() if k != "value_head"}
+    with pytest.raises(ValueError, match="No calibrated range for layer 'value_head'"):
+        make_apply(net, Hooks(interceptor=activation_interceptor(spec, missing)))(params, obs)
