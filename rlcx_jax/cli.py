@@ -29,6 +29,7 @@ import tyro
 
 from rlcx_jax import checkpoint, envs, nets, rl
 from rlcx_jax import logging as rlog
+from rlcx_jax.compress.pipeline import CompressOptions, compress_run
 from rlcx_jax.compress.training import CompressConfig
 from rlcx_jax.rl.common import broadcast_tree
 from rlcx_jax.rl.evaluate import default_greedy, make_evaluator
@@ -315,13 +316,95 @@ def run_eval(argv: Sequence[str]) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------------------
+# Compression of a trained run
+# ----------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class CompressArgs(CompressOptions):
+    run_dir: tyro.conf.Positional[str] = ""
+    """A directory written by `rlcx train`."""
+    episodes: int = 32
+    """Evaluation episodes per seed."""
+    out: str = ""
+    """Where the artifacts go (default: RUN_DIR/compressed)."""
+    seed: int = 0
+    """Evaluation PRNG seed."""
+
+
+def run_compress(argv: Sequence[str]) -> dict[str, Any]:
+    args = tyro.cli(CompressArgs, args=list(argv), prog="rlcx compress")
+    options = CompressOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(CompressOptions)})
+    options.validate()  # bad sparsity, bit width, N:M or scheme: clear error before anything compiles
+    if args.episodes < 1:
+        raise CLIError(f"--episodes must be >= 1, got {args.episodes}")
+    run_dir = pathlib.Path(args.run_dir)
+    if not args.run_dir or not run_dir.is_dir():
+        raise CLIError(f"No run directory at {run_dir}")
+    run_spec, _, step, state = restore_run(run_dir)
+    out_dir = pathlib.Path(args.out) if args.out else run_dir / "compressed"
+    rows = compress_run(run_spec.algorithm, run_spec.config, state, options, out_dir, args.episodes, args.seed)
+    _print_compress_table(run_spec, step, options, rows)
+    summary = {
+        "options": dataclasses.asdict(options),
+        "checkpoint_step": step,
+        "rows": [
+            {
+                "name": r.name,
+                "return_per_seed": r.returns.mean(axis=1).tolist(),
+                "return_iqm": rlog.iqm(r.returns.mean(axis=1)),
+                "greedy_agreement_per_seed": r.agreement.tolist(),
+                "params": r.params,
+                "nonzeros": r.nonzeros,
+                "artifact_bytes": r.artifact_bytes,
+                "flops": r.flops,
+                "latency_s": r.latency_s,
+                "export_exact": r.export_exact,
+            }
+            for r in rows
+        ],
+    }
+    checkpoint.atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2))
+    return summary
+
+
+def _print_compress_table(run_spec: checkpoint.RunSpec, step: int, options: CompressOptions, rows: list[Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    changes = {k: v for k, v in dataclasses.asdict(options).items() if v and k not in ("include", "exclude", "distribution")}
+    table = Table(title=f"{run_spec.algorithm} on {run_spec.config.env} (update {step}), compressed with {changes}")
+    for col in ("policy", "return (mean)", "return (IQM)", "greedy agreement", "policy params", "non-zeros",
+                "file bytes", "FLOPs/forward", "latency (us)"):
+        table.add_column(col, justify="right")
+    base = rows[0]
+    for r in rows:
+        per_seed = r.returns.mean(axis=1)
+        table.add_row(
+            r.name,
+            f"{per_seed.mean():.1f}",
+            f"{rlog.iqm(per_seed):.1f}",
+            f"{100 * r.agreement.mean():.2f}%",
+            f"{r.params:,}",
+            f"{r.nonzeros:,}",
+            f"{r.artifact_bytes:,.0f} ({base.artifact_bytes / r.artifact_bytes:.1f}x smaller)" if r is not base else f"{r.artifact_bytes:,.0f}",
+            f"{r.flops:,}",
+            f"{1e6 * r.latency_s:.1f}",
+        )
+    console = Console(width=max(Console().width, 150))
+    console.print(table)
+    if not rows[-1].export_exact:
+        console.print("[red]warning: the loaded artifact's greedy actions differ from the evaluated policy's[/red]")
+    console.print("file bytes: one exported artifact (mean over seeds); latency: one jitted forward, batch 1, float compute")
+
+
+# ----------------------------------------------------------------------------------------------
 # Entry point
 # ----------------------------------------------------------------------------------------------
-USAGE = """usage: rlcx {train,eval} ...
+USAGE = """usage: rlcx {train,eval,compress} ...
 
   rlcx train {dqn,reinforce,a2c,ppo} [--env ID] [--seeds N] [--total-steps N] [--out DIR] [flags]
   rlcx train ppo --help         all flags of one algorithm
   rlcx eval RUN_DIR [--episodes N]
+  rlcx compress RUN_DIR [--prune 0.9] [--structured 0.5] [--nm 2:4] [--quant int8] [--activations minmax]
 """
 
 
@@ -344,8 +427,10 @@ def _dispatch(argv: list[str]) -> None:
         run_train(algorithm, args)
     elif command == "eval":
         run_eval(rest)
+    elif command == "compress":
+        run_compress(rest)
     else:
-        raise CLIError(f"unknown command {command!r}; expected train or eval")
+        raise CLIError(f"unknown command {command!r}; expected train, eval or compress")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

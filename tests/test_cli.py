@@ -101,6 +101,14 @@ def test_sigkill_then_resume_matches_uninterrupted(full_run: pathlib.Path, tmp_p
         (["train", "ppo", "--net-activation", "sigmoidd"], "Unknown activation"),
         (["eval", "/nonexistent/run"], "No run directory"),
         (["frobnicate"], "unknown command"),
+        (["train", "ppo", "--sparsity", "1.0"], "sparsity must be in [0, 1)"),
+        (["train", "ppo", "--prune-schedule", "sometimes"], "Unknown prune_schedule"),
+        (["train", "ppo", "--qat-bits", "17"], "bits"),
+        (["compress", "/nonexistent/run", "--prune", "0.5"], "No run directory"),
+        (["compress", "/nonexistent/run", "--prune", "1.2"], "must be in [0, 1)"),
+        (["compress", "/nonexistent/run", "--quant", "int1"], "bits"),
+        (["compress", "/nonexistent/run", "--quant", "float8"], "--quant must be"),
+        (["compress", "/nonexistent/run", "--nm", "2-4"], "--nm must look like"),
     ],
 )
 def test_bad_input_is_one_line_error(argv: list[str], message: str, capsys, tmp_path) -> None:
@@ -136,3 +144,18 @@ def test_eval_of_mismatched_checkpoint_is_clear(full_run: pathlib.Path, tmp_path
     shutil.rmtree(copy / "checkpoints")
     assert main(["eval", str(copy)]) == 2
     assert "No checkpoint" in capsys.readouterr().err
+
+
+def test_compress_prunes_quantizes_exports_and_reports(full_run: pathlib.Path, capsys, tmp_path) -> None:
+    out = tmp_path / "artifacts"
+    argv = ["compress", str(full_run), "--prune", "0.8", "--quant", "int8", "--episodes", "2", "--out", str(out)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "greedy agreement" in printed and "smaller" in printed
+    summary = json.loads((out / "summary.json").read_text())
+    original, compressed = summary["rows"]
+    assert compressed["export_exact"] is True
+    assert compressed["nonzeros"] < original["nonzeros"] and compressed["flops"] < original["flops"]
+    assert compressed["artifact_bytes"] * 5 < original["artifact_bytes"]
+    assert all(0.0 <= a <= 1.0 for a in compressed["greedy_agreement_per_seed"])
+    assert sorted(p.name for p in out.glob("*.rlcx")) == ["seed_0.rlcx", "seed_1.rlcx"]

@@ -1,0 +1,319 @@
+"""Post-training compression of a trained run (what `rlcx compress` does), for every seed of the run.
+
+prune (unstructured magnitude, N:M) and/or shrink (structured, physically smaller network), then
+quantize weights (and optionally activations, calibrated on observations from the original policy's
+rollouts), evaluate the return, measure greedy-action agreement with the original policy, export one
+artifact file per seed and check that the loaded artifact acts exactly like the evaluated policy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import re
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rlcx_jax import rl
+from rlcx_jax.compress import export as export_lib
+from rlcx_jax.compress import masks as masks_lib
+from rlcx_jax.compress import quant, size, structured
+from rlcx_jax.compress.training import DEFAULT_PRUNE_EXCLUDE, DEFAULT_PRUNE_INCLUDE
+from rlcx_jax.rl import rollout
+from rlcx_jax.rl.common import Hooks, make_apply
+from rlcx_jax.rl.evaluate import default_greedy, make_evaluator
+from rlcx_jax.rl.policy import greedy_action
+
+Params = Any
+
+__all__ = ["CompressOptions", "parse_quant", "Variant", "compress_run"]
+
+QUANT_FORMAT = re.compile(r"(int|uint|log|kmeans)(\d+)")
+QUANT_INCLUDE = (r".*kernel", r".*bias")
+
+
+@dataclasses.dataclass(frozen=True)
+class CompressOptions:
+    """What to do to a trained policy (all off by default)."""
+
+    prune: float = 0.0
+    """Unstructured magnitude sparsity in [0, 1) of the prunable kernels (heads excluded)."""
+    distribution: str = "uniform"
+    """How the sparsity is spread over layers: uniform, global or erk."""
+    nm: str = ""
+    """N:M sparsity along each kernel's input axis, e.g. 2:4 (combined with --prune)."""
+    structured: float = 0.0
+    """Fraction of hidden units (neurons / conv filters) removed physically, ranked by L1 norm."""
+    quant: str = ""
+    """Weight quantization: int<b> (symmetric), uint<b> (asymmetric), log<b>, kmeans<b>; b in 2..16."""
+    per_channel: bool = False
+    """One scale per output channel (uniform schemes); costs 4 bytes per channel in the file."""
+    finetune_steps: int = 0
+    """After pruning, train on for this many env steps with the mask fixed (0: no fine-tuning)."""
+    activations: str = ""
+    """Also fake-quantize every layer's input with ranges calibrated on rollouts: minmax or percentile."""
+    include: tuple[str, ...] = DEFAULT_PRUNE_INCLUDE
+    """Regexes of the parameters pruned (by path, e.g. actor_torso/Dense_0/kernel)."""
+    exclude: tuple[str, ...] = DEFAULT_PRUNE_EXCLUDE
+    """Regexes of parameters never pruned."""
+
+    def validate(self) -> None:
+        if self.prune:
+            masks_lib.validate_sparsity(self.prune)
+        if self.structured:
+            masks_lib.validate_sparsity(self.structured)
+        if self.distribution not in masks_lib.DISTRIBUTIONS:
+            raise ValueError(f"Unknown distribution {self.distribution!r}; expected one of {masks_lib.DISTRIBUTIONS}")
+        if self.nm:
+            self.nm_pair()
+        if self.quant:
+            parse_quant(self.quant, self.activations, self.per_channel).validate()
+        if self.activations and not self.quant:
+            raise ValueError("--activations needs --quant (the bit width and scheme of the activations)")
+        if self.finetune_steps < 0:
+            raise ValueError(f"--finetune-steps must be >= 0, got {self.finetune_steps}")
+        if self.finetune_steps and not (self.prune or self.nm):
+            raise ValueError("--finetune-steps needs --prune or --nm (it retrains the pruned network)")
+        if self.activations not in ("", "minmax", "percentile"):
+            raise ValueError(f"--activations must be minmax or percentile, got {self.activations!r}")
+
+    def nm_pair(self) -> tuple[int, int]:
+        match = re.fullmatch(r"(\d+):(\d+)", self.nm)
+        if not match:
+            raise ValueError(f"--nm must look like N:M (e.g. 2:4), got {self.nm!r}")
+        return int(match.group(1)), int(match.group(2))
+
+
+def parse_quant(text: str, range_method: str = "", per_channel: bool = False) -> quant.QuantSpec:
+    """'int8' -> uniform symmetric 8-bit; 'uint4' asymmetric; 'log4'; 'kmeans3'."""
+    match = QUANT_FORMAT.fullmatch(text)
+    if not match:
+        raise ValueError(f"--quant must be int<bits>, uint<bits>, log<bits> or kmeans<bits>, got {text!r}")
+    kind, bits = match.group(1), int(match.group(2))
+    scheme = {"int": "uniform", "uint": "uniform", "log": "log", "kmeans": "kmeans"}[kind]
+    spec = quant.QuantSpec(
+        scheme=scheme,
+        bits=bits,
+        symmetric=kind != "uint",
+        per_channel=per_channel and scheme == "uniform",
+        range_method=range_method or "minmax",
+    )
+    spec.validate()
+    return spec
+
+
+class Variant(NamedTuple):
+    """One row of the comparison table (per-seed arrays have a leading seed axis)."""
+
+    name: str
+    returns: np.ndarray  # (seeds, episodes)
+    agreement: np.ndarray  # (seeds,) greedy-action agreement with the original policy
+    params: int
+    nonzeros: int
+    artifact_bytes: float  # mean over seeds
+    flops: int
+    latency_s: float
+    export_exact: bool
+
+
+def _seed(tree: Any, i: int) -> Any:
+    return jax.tree.map(lambda x: x[i], tree)
+
+
+def _observations(
+    trainer: Any, state: Any, greedy: bool, num_envs: int, num_steps: int, key: jax.Array
+) -> jax.Array:
+    """(seeds, num_envs * num_steps, *obs) raw observations visited by each seed's original policy."""
+    from rlcx_jax import envs
+
+    config = trainer.config
+    env, env_params = envs.make_training_env(config.env, config.env_kwargs)
+
+    def one(params: Params, stats: Any, k: jax.Array) -> jax.Array:
+        k_reset, k_run = jax.random.split(k)
+        runner = rollout.reset(env, env_params, k_reset, num_envs)
+
+        def policy_fn(kk: jax.Array, obs: jax.Array) -> tuple[jax.Array, None]:
+            return trainer.act(params, stats, obs, kk, greedy), None
+
+        _, traj = rollout.collect(env, env_params, policy_fn, runner, k_run, num_steps)
+        return traj.obs.reshape((-1,) + traj.obs.shape[2:])
+
+    n = jax.tree.leaves(state.params)[0].shape[0]
+    return jax.jit(jax.vmap(one))(state.params, state.obs_stats, jax.random.split(key, n))
+
+
+def _policy_forward(network: Any, hooks: Hooks, spec: Any, head: str):
+    apply = make_apply(network, hooks)
+    method = "policy" if head == "actor_critic" else None
+
+    def forward(params: Params, obs: jax.Array) -> jax.Array:
+        out = apply(params, obs, method=method) if method else apply(params, obs)
+        return greedy_action(out, spec)
+
+    return forward
+
+
+def compress_run(
+    algorithm: str,
+    config: Any,
+    state: Any,
+    options: CompressOptions,
+    out_dir: pathlib.Path,
+    num_episodes: int = 32,
+    seed: int = 0,
+) -> list[Variant]:
+    """Compress every seed of a trained (vmapped) `state`; returns [original, compressed] rows."""
+    options.validate()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    trainer = rl.make(algorithm, config)
+    head = "q" if algorithm == "dqn" else "actor_critic"
+    from rlcx_jax import envs, nets
+
+    env, env_params = envs.make_training_env(config.env, config.env_kwargs)
+    spec = nets.action_spec(env.action_space(env_params))
+    obs_shape = tuple(env.observation_space(env_params).shape)
+    key = jax.random.PRNGKey(seed + 20_000)
+    obs = _observations(trainer, state, default_greedy(algorithm), num_envs=16, num_steps=256, key=key)
+    params = state.params
+    n_seeds = jax.tree.leaves(params)[0].shape[0]
+    normalize = bool(getattr(config, "normalize_obs", False))
+
+    def prep(i: int, x: jax.Array) -> jax.Array:
+        if not normalize:
+            return x
+        from rlcx_jax.envs.normalize import normalize as norm
+
+        return norm(_seed(state.obs_stats, i), x)
+
+    # -- 1. structured shrinking (a smaller network) ---------------------------------------------
+    net_config = config.net
+    if options.structured:
+        shrunk = [structured.shrink(_seed(params, i), config.net, options.structured) for i in range(n_seeds)]
+        net_config = shrunk[0][1]
+        params = jax.tree.map(lambda *xs: jnp.stack(xs), *[p for p, _ in shrunk])
+    small_config = dataclasses.replace(config, net=net_config)
+
+    # -- 2. unstructured / N:M masks -------------------------------------------------------------
+    masks = None
+    if options.prune or options.nm:
+        def seed_masks(p: Params) -> Params:
+            m = masks_lib.ones_masks(p)
+            if options.prune:
+                m = masks_lib.magnitude_masks(p, options.prune, options.distribution, options.include, options.exclude)
+            if options.nm:
+                n, mm = options.nm_pair()
+                m = jax.tree.map(jnp.logical_and, m, masks_lib.nm_masks(p, n, mm, include=options.include, exclude=options.exclude))
+            return m
+
+        masks = jax.vmap(seed_masks)(params)
+        if options.finetune_steps:
+            params, masks = _finetune(algorithm, small_config, state, params, masks, options.finetune_steps, seed)
+
+    # -- 3. weight quantization (fake-quantized floats = what the artifact holds) ----------------
+    qspec = parse_quant(options.quant, options.activations, options.per_channel) if options.quant else None
+    compressed = []
+    for i in range(n_seeds):
+        p, m = _seed(params, i), (None if masks is None else _seed(masks, i))
+        if qspec is not None:
+            p = quant.quantize_tree(p, qspec, include=QUANT_INCLUDE, masks=m)
+        elif m is not None:
+            p = masks_lib.apply_masks(p, m)
+        compressed.append(p)
+
+    # -- 4. activation calibration, evaluation, agreement, export -------------------------------
+    network = nets.make(net_config, obs_shape, spec, head=head)
+    evaluator_greedy = default_greedy(algorithm)
+    returns, agreement, sizes, exact = [], [], [], True
+    original_forward = jax.jit(_policy_forward(nets.make(config.net, obs_shape, spec, head=head), Hooks(), spec, head))
+    for i, p in enumerate(compressed):
+        hooks = Hooks()
+        if options.activations:
+            calib_obs = prep(i, obs[i][:2048])
+            ranges = quant.calibrate(make_apply(network), p, calib_obs, qspec)
+            hooks = Hooks(interceptor=quant.activation_interceptor(qspec, ranges))
+        trainer_c = rl.make(algorithm, small_config, hooks)
+        evaluator = jax.jit(make_evaluator(trainer_c, num_episodes, evaluator_greedy))
+        eval_key = jax.random.fold_in(jax.random.PRNGKey(seed + 10_000), i)
+        returns.append(np.asarray(evaluator(p, _seed(state.obs_stats, i), eval_key)))
+        forward = jax.jit(_policy_forward(network, hooks, spec, head))
+        x = prep(i, obs[i])
+        a_orig = np.asarray(original_forward(_seed(state.params, i), x))
+        a_new = np.asarray(forward(p, x))
+        agreement.append(float(np.mean(a_orig == a_new)))
+        path = out_dir / f"seed_{i}.rlcx"
+        sizes.append(
+            export_lib.export(
+                p, path, masks=None if masks is None else _seed(masks, i), qspec=qspec,
+                include=QUANT_INCLUDE, net_config=net_config, obs_shape=obs_shape, action_spec=spec, head=head,
+                meta={"algorithm": algorithm, "env": config.env, "seed": i, "options": dataclasses.asdict(options)},
+            )
+        )
+        if not options.activations:  # the artifact holds weights only; activations need the hooks
+            loaded = export_lib.load(path)
+            exact &= bool(np.array_equal(np.asarray(loaded.policy(x)), a_new))
+
+    # -- 5. the table rows -------------------------------------------------------------------------
+    paths = size.policy_paths(_seed(state.params, 0))
+    batch1 = obs[0][:1]
+    dense_bytes = export_lib.dense_float32_bytes(
+        _seed(state.params, 0), net_config=config.net, obs_shape=obs_shape, action_spec=spec, head=head
+    )
+    dense_count = size.count(_seed(state.params, 0), 32, paths)
+    original = Variant(
+        name="original (float32)",
+        returns=np.asarray(_eval_original(algorithm, config, state, num_episodes, seed)),
+        agreement=np.ones(n_seeds),
+        params=dense_count.params,
+        nonzeros=dense_count.nonzeros,
+        artifact_bytes=float(dense_bytes),
+        flops=size.flops_per_forward(_seed(state.params, 0), obs_shape, paths),
+        latency_s=size.measure_latency(original_forward, _seed(state.params, 0), batch1),
+        export_exact=True,
+    )
+    c0 = compressed[0]
+    c_count = size.count(c0, qspec.bits if qspec else 32, size.policy_paths(c0))
+    new = Variant(
+        name="compressed",
+        returns=np.stack(returns),
+        agreement=np.asarray(agreement),
+        params=c_count.params,
+        nonzeros=c_count.nonzeros,
+        artifact_bytes=float(np.mean(sizes)),
+        flops=size.flops_per_forward(c0, obs_shape, size.policy_paths(c0)),
+        latency_s=size.measure_latency(jax.jit(_policy_forward(network, Hooks(), spec, head)), c0, batch1),
+        export_exact=exact,
+    )
+    return [original, new]
+
+
+def _finetune(
+    algorithm: str, config: Any, state: Any, params: Params, masks: Params, timesteps: int, seed: int
+) -> tuple[Params, Params]:
+    """Train the masked parameters on for `timesteps` env steps per seed with the mask fixed."""
+    from rlcx_jax.compress import recipes
+
+    trainer = rl.make(algorithm, recipes.fixed_mask_config(config, timesteps))
+    n = jax.tree.leaves(params)[0].shape[0]
+    keys = jax.random.split(jax.random.PRNGKey(seed + 30_000), n)
+    fresh = jax.jit(jax.vmap(trainer.init))(keys, state.hparams)
+    start = recipes.replace_masks(recipes.with_params(fresh, masks_lib.apply_masks(params, masks)), masks)
+    if hasattr(start, "obs_stats"):
+        start = start.replace(obs_stats=state.obs_stats)
+    final, _ = jax.jit(jax.vmap(trainer.learn, in_axes=(0, None)), static_argnums=1)(start, trainer.num_updates)
+    return final.params, masks
+
+
+def _eval_original(algorithm: str, config: Any, state: Any, num_episodes: int, seed: int) -> np.ndarray:
+    trainer = rl.make(algorithm, config)
+    evaluator = jax.jit(make_evaluator(trainer, num_episodes, default_greedy(algorithm)))
+    n = jax.tree.leaves(state.params)[0].shape[0]
+    return np.stack(
+        [
+            np.asarray(evaluator(_seed(state.params, i), _seed(state.obs_stats, i), jax.random.fold_in(jax.random.PRNGKey(seed + 10_000), i)))
+            for i in range(n)
+        ]
+    )
