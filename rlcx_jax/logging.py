@@ -89,6 +89,53 @@ def iqm(x: np.ndarray) -> float:
     return float(np.mean(x[lo:hi])) if hi > lo else float(np.mean(x))
 
 
+def _iqm_rows(x: np.ndarray) -> np.ndarray:
+    """`iqm` of every row of a 2-D array at once (same trimming rule as `iqm`)."""
+    x = np.sort(np.asarray(x, dtype=np.float64), axis=-1)
+    n = x.shape[-1]
+    lo, hi = int(np.floor(0.25 * n)), int(np.ceil(0.75 * n))
+    if hi <= lo:
+        lo, hi = 0, n
+    return np.mean(x[..., lo:hi], axis=-1)
+
+
+def bootstrap_ci(
+    x: np.ndarray,
+    statistic: str = "iqm",
+    num_resamples: int = 2000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> tuple[float, float, float]:
+    """(point estimate, lower, upper): percentile bootstrap confidence interval of `statistic`
+    ("iqm" or "mean") over runs (Efron & Tibshirani 1993; as in Agarwal et al. 2021, rliable).
+
+    `x` is `[runs]` (e.g. one score per seed) or `[runs, tasks]`. The bootstrap is stratified: each
+    resample draws `runs` rows with replacement independently within every task column, then the
+    statistic is taken over all resampled scores (so every task keeps its number of runs).
+    A fixed `seed` makes the interval reproducible.
+    """
+    if statistic not in ("iqm", "mean"):
+        raise ValueError(f"statistic must be 'iqm' or 'mean', got {statistic!r}")
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    if num_resamples < 1:
+        raise ValueError(f"num_resamples must be >= 1, got {num_resamples}")
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim == 1:
+        x = x[:, None]
+    if x.ndim != 2 or x.shape[0] == 0:
+        raise ValueError(f"x must be [runs] or [runs, tasks] with runs >= 1, got shape {x.shape}")
+    stat = _iqm_rows if statistic == "iqm" else (lambda v: np.mean(v, axis=-1))
+    runs, tasks = x.shape
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, runs, size=(num_resamples, runs, tasks))  # stratified: per task column
+    resampled = np.take_along_axis(np.broadcast_to(x, (num_resamples, runs, tasks)), idx, axis=1)
+    values = stat(resampled.reshape(num_resamples, runs * tasks))
+    alpha = 100.0 * (1.0 - confidence) / 2.0
+    lo, hi = np.percentile(values, [alpha, 100.0 - alpha])
+    return float(stat(x.reshape(1, -1))[0]), float(lo), float(hi)
+
+
 def curves_from_rows(rows: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
     """(env_steps[rows], returns[seeds, rows]) forward-filled, from metrics.jsonl rows."""
     seeds = sorted({r["seed"] for r in rows})

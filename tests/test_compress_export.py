@@ -191,6 +191,27 @@ def test_sparse_int8_mlp_is_much_smaller_than_dense_float32(tmp_path) -> None:
     assert n4 < 0.55 * n8 and n8 < 0.3 * dense
 
 
+def test_lzma_payload_is_lossless_and_smaller(tmp_path) -> None:
+    """The entropy-coding stage: same parameters bit for bit, fewer bytes on a pruned int8 policy."""
+    rng = np.random.default_rng(4)
+    params = {name: {"kernel": rng.normal(size=s).astype(F32) / np.sqrt(s[0]), "bias": 0.1 * rng.normal(size=s[1:]).astype(F32)}
+              for name, s in {"Dense_0": (4, 256), "Dense_1": (256, 256)}.items()}
+    masks = random_masks(params, 0.1, seed=3)
+    qspec = QuantSpec("uniform", 8)
+    plain = export(params, tmp_path / "plain.rlcx", masks=masks, qspec=qspec)
+    packed = export(params, tmp_path / "lzma.rlcx", masks=masks, qspec=qspec, payload_codec="lzma")
+    assert packed < plain
+    assert packed == os.path.getsize(tmp_path / "lzma.rlcx") == load(tmp_path / "lzma.rlcx").nbytes
+    assert_trees_bitwise_equal(load(tmp_path / "lzma.rlcx").params, load(tmp_path / "plain.rlcx").params)
+    assert_trees_bitwise_equal(load(tmp_path / "lzma.rlcx").params, quantize_tree(params, qspec, masks=masks))
+    with pytest.raises(ValueError, match="payload_codec must be one of"):
+        export(params, tmp_path / "x.rlcx", payload_codec="zip")
+    data = (tmp_path / "lzma.rlcx").read_bytes()
+    (tmp_path / "bad.rlcx").write_bytes(data[:-40] + bytes(40))
+    with pytest.raises(ValueError, match="corrupt artifact payload|Truncated"):
+        load(tmp_path / "bad.rlcx")
+
+
 # ----------------------------------------------------------------------------------------------
 # Files
 # ----------------------------------------------------------------------------------------------

@@ -9,7 +9,10 @@ File layout (little-endian)::
               (net_config, obs_shape, action_spec, head, qspec, include/exclude, user meta) and one
               record per parameter leaf: path, shape, storage, index encoding and the
               [offset, length] of its blobs in the payload
-    payload   the blobs, back to back
+    payload   the blobs, back to back; with `payload_codec="lzma"` (header field "payload_codec")
+              the payload is one raw LZMA2 stream instead: a lossless entropy-coding stage over
+              codes, indices and floats, the role Huffman coding plays in Han et al. 2016's
+              Deep Compression (prune, quantize, entropy-code)
 
 Per leaf, values are either float32 / float16 (unquantized) or integer codes (`quant.QTensor`)
 packed at exactly `bits` bits each (`pack_bits`: 4-bit codes two per byte, 2-bit four per byte,
@@ -39,6 +42,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import lzma
 import math
 import os
 import struct as pystruct
@@ -81,6 +85,9 @@ FORMAT_VERSION = 1
 FLOAT_DTYPES = {"float32": np.float32, "float16": np.float16}
 MAX_GAP_BITS = 16
 _HEADER_LEN = pystruct.Struct("<I")
+PAYLOAD_CODECS = ("none", "lzma")
+# Raw LZMA2 (no container header: small files stay small), strongest preset; the payloads are tiny.
+_LZMA_FILTERS = [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -373,6 +380,7 @@ def export(
     meta: Mapping[str, Any] | None = None,
     float_dtype: str = "float32",
     sparse: bool = True,
+    payload_codec: str = "none",
 ) -> int:
     """Write `params` (a nested dict of float arrays) as one artifact file; return its size in bytes.
 
@@ -380,11 +388,14 @@ def export(
     None stores every leaf as float. masks: pruning masks parallel to params (see
     `quant.quantize_tree`). float_dtype: "float32" or "float16" for unquantized leaves (float16 is
     lossy: loaded values are then the float16 roundings). sparse=False forces dense storage.
+    payload_codec: "none", or "lzma" to entropy-code the payload (lossless; see the module docstring).
     net_config / obs_shape / action_spec / head let `load(...).policy` rebuild the network via
     `nets.make`; `meta` is any JSON-serialisable dict (e.g. env name, returns, sparsity).
     """
     if float_dtype not in FLOAT_DTYPES:
         raise ValueError(f"float_dtype must be one of {sorted(FLOAT_DTYPES)}, got {float_dtype!r}")
+    if payload_codec not in PAYLOAD_CODECS:
+        raise ValueError(f"payload_codec must be one of {PAYLOAD_CODECS}, got {payload_codec!r}")
     if qspec is not None:
         qspec.validate()
     selected = select_paths(params, include, exclude) if qspec is not None else []
@@ -406,8 +417,12 @@ def export(
         records.append(rec)
     header = _metadata(net_config, obs_shape, action_spec, head, qspec, include, exclude, meta)
     header["leaves"] = records
+    payload = b"".join(writer.parts)
+    if payload_codec == "lzma":
+        header["payload_codec"] = "lzma"
+        payload = lzma.compress(payload, format=lzma.FORMAT_RAW, filters=_LZMA_FILTERS)
     header_bytes = zlib.compress(json.dumps(header, separators=(",", ":")).encode("utf-8"), 9)
-    data = b"".join([MAGIC, _HEADER_LEN.pack(len(header_bytes)), header_bytes, *writer.parts])
+    data = b"".join([MAGIC, _HEADER_LEN.pack(len(header_bytes)), header_bytes, payload])
     return _write_atomic(os.fspath(path), data)
 
 
@@ -488,7 +503,16 @@ def _read(path: str) -> tuple[dict[str, Any], memoryview, int]:
         raise ValueError(f"{path}: corrupt artifact header ({err})") from err
     if header.get("format") != FORMAT_VERSION:
         raise ValueError(f"{path}: unsupported artifact format {header.get('format')!r}")
-    return header, memoryview(data)[start + length:], len(data)
+    payload = memoryview(data)[start + length:]
+    codec = header.get("payload_codec", "none")
+    if codec == "lzma":
+        try:
+            payload = memoryview(lzma.decompress(payload, format=lzma.FORMAT_RAW, filters=_LZMA_FILTERS))
+        except lzma.LZMAError as err:
+            raise ValueError(f"{path}: corrupt artifact payload ({err})") from err
+    elif codec != "none":
+        raise ValueError(f"{path}: unknown payload codec {codec!r}")
+    return header, payload, len(data)
 
 
 def load(path: str | os.PathLike[str]) -> Artifact:

@@ -123,7 +123,7 @@ def _seed(tree: Any, i: int) -> Any:
     return jax.tree.map(lambda x: x[i], tree)
 
 
-def _observations(
+def policy_observations(
     trainer: Any, state: Any, greedy: bool, num_envs: int, num_steps: int, key: jax.Array
 ) -> jax.Array:
     """(seeds, num_envs * num_steps, *obs) raw observations visited by each seed's original policy."""
@@ -177,7 +177,7 @@ def compress_run(
     spec = nets.action_spec(env.action_space(env_params))
     obs_shape = tuple(env.observation_space(env_params).shape)
     key = jax.random.PRNGKey(seed + 20_000)
-    obs = _observations(trainer, state, default_greedy(algorithm), num_envs=16, num_steps=256, key=key)
+    obs = policy_observations(trainer, state, default_greedy(algorithm), num_envs=16, num_steps=256, key=key)
     params = state.params
     n_seeds = jax.tree.leaves(params)[0].shape[0]
     normalize = bool(getattr(config, "normalize_obs", False))
