@@ -383,6 +383,29 @@ def test_interceptor_changes_activations_at_low_bits_only(actor_critic) -> None:
         np.testing.assert_allclose(a, b, atol=2e-3)
 
 
+@pytest.mark.parametrize("range_method", ["minmax", "percentile"])
+def test_sample_ranges_make_the_quantized_network_batch_independent(actor_critic, range_method) -> None:
+    """dynamic="sample": a batch gives, row by row, what each observation gives alone (and what
+    per-tensor dynamic quantization gives for a batch of one); per-tensor ranges do not."""
+    net, params, obs = actor_critic
+    spec = QuantSpec("uniform", 4, symmetric=False, range_method=range_method, percentile=90.0)
+    per_sample = jax.jit(make_apply(net, Hooks(interceptor=activation_interceptor(spec))))
+    per_tensor = jax.jit(make_apply(net, Hooks(interceptor=activation_interceptor(spec, dynamic="tensor"))))
+    batch_logits, batch_values = per_sample(params, obs)
+    for i in range(4):
+        alone_logits, alone_values = per_sample(params, obs[i:i + 1])
+        np.testing.assert_allclose(batch_logits[i:i + 1], alone_logits, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(batch_values[i:i + 1], alone_values, rtol=1e-5, atol=1e-6)
+        one_logits, _ = per_tensor(params, obs[i:i + 1])
+        np.testing.assert_allclose(alone_logits, one_logits, rtol=1e-5, atol=1e-6)
+    # under vmap over samples (each a batch of one) the result is the same again
+    vmapped_logits, _ = jax.vmap(lambda o: per_sample(params, o[None]))(obs[:4])
+    np.testing.assert_allclose(vmapped_logits[:, 0], batch_logits[:4], rtol=1e-5, atol=1e-6)
+    assert not np.allclose(per_tensor(params, obs)[0][:4], batch_logits[:4], atol=1e-4)
+    with pytest.raises(ValueError, match="dynamic must be one of"):
+        activation_interceptor(spec, dynamic="row")
+
+
 def test_calibrate_records_numpy_minmax_and_percentiles(actor_critic) -> None:
     net, params, obs = actor_critic
     seen = _record_inputs(net, params, obs)
@@ -406,7 +429,7 @@ def test_calibrated_interceptor_uses_the_ranges(actor_critic) -> None:
     spec = QuantSpec("uniform", 8, symmetric=False)
     ranges = calibrate(make_apply(net), params, obs, spec)
     static = make_apply(net, Hooks(interceptor=activation_interceptor(spec, ranges)))(params, obs)
-    dynamic = make_apply(net, Hooks(interceptor=activation_interceptor(spec)))(params, obs)
+    dynamic = make_apply(net, Hooks(interceptor=activation_interceptor(spec, dynamic="tensor")))(params, obs)
     # On the calibration batch the ranges are the dynamic ones, up to the (8-bit) change that
     # quantizing earlier layers makes to the inputs of later ones.
     for a, b in zip(static, dynamic):
@@ -418,7 +441,7 @@ def test_calibrated_interceptor_uses_the_ranges(actor_critic) -> None:
     assert set(dense_ranges) == {""}  # the root module's path is empty
     np.testing.assert_array_equal(
         make_apply(dense, Hooks(interceptor=activation_interceptor(spec, dense_ranges)))(dense_params, obs),
-        make_apply(dense, Hooks(interceptor=activation_interceptor(spec)))(dense_params, obs))
+        make_apply(dense, Hooks(interceptor=activation_interceptor(spec, dynamic="tensor")))(dense_params, obs))
     # A narrow range for the first actor layer clips observations: the policy changes.
     narrow = dict(ranges, **{"actor_torso/Dense_0": (jnp.float32(-0.1), jnp.float32(0.1))})
     clipped = make_apply(net, Hooks(interceptor=activation_interceptor(spec, narrow)))(params, obs)

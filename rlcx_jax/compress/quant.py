@@ -247,6 +247,30 @@ def activation_range(x: jax.Array, spec: QuantSpec) -> tuple[jax.Array, jax.Arra
     return jnp.percentile(x, 100.0 - p, axis=axes), jnp.percentile(x, p, axis=axes)
 
 
+DYNAMIC_RANGES = ("sample", "tensor")
+
+
+def sample_range(x: jax.Array, spec: QuantSpec, feature_axes: int = 1) -> tuple[jax.Array, jax.Array]:
+    """(lo, hi) of every sample's own activations: reduced over the trailing `feature_axes` axes
+    (1 for a Dense input, 3 for a Conv input), kept as size-1 axes so they broadcast against x.
+
+    Unlike a per-tensor dynamic range, the quantized value of one observation then does not depend
+    on which other observations share its batch: a policy acts the same in a 4-env rollout, a
+    128-sample minibatch and a 1-observation evaluation (PPO's importance ratios need that).
+    `spec.per_channel` does not apply (a sample's channels share its range).
+    """
+    x = jax.lax.stop_gradient(jnp.asarray(x, jnp.float32))
+    axes = tuple(range(max(x.ndim - feature_axes, 0), x.ndim))
+    if spec.range_method == "minmax":
+        return jnp.min(x, axis=axes, keepdims=True), jnp.max(x, axis=axes, keepdims=True)
+    p = float(spec.percentile)
+    if spec.symmetric:
+        a = jnp.percentile(jnp.abs(x), p, axis=axes, keepdims=True)
+        return -a, a
+    return (jnp.percentile(x, 100.0 - p, axis=axes, keepdims=True),
+            jnp.percentile(x, p, axis=axes, keepdims=True))
+
+
 # ----------------------------------------------------------------------------------------------
 # Uniform affine quantization (Jacob et al. 2018)
 # ----------------------------------------------------------------------------------------------
@@ -624,20 +648,26 @@ def _check_activation_spec(spec: QuantSpec) -> None:
 
 def activation_interceptor(
     spec: QuantSpec, ranges: Mapping[str, tuple[Any, Any]] | None = None, outputs: bool = False,
-    layer_types: tuple[type, ...] = LAYER_TYPES,
+    layer_types: tuple[type, ...] = LAYER_TYPES, dynamic: str = "sample",
 ) -> Callable[..., Any]:
     """A `flax.linen.intercept_methods` interceptor fake-quantizing the input of every Dense/Conv.
 
-    ranges=None: each tensor's own range (`activation_range`, per call: dynamic quantization).
-    ranges={module path: (lo, hi)} (from `calibrate`): static calibrated ranges (PTQ / QAT with
-    fixed ranges). outputs=True also quantizes layer outputs (ranges under path + OUTPUT_SUFFIX).
-    The STE lets gradients through inside the ranges, so `Hooks(weight_param_transform(...),
-    activation_interceptor(...))` is quantization-aware training in any algorithm.
+    ranges=None: dynamic quantization, the range measured on the fly: dynamic="sample" gives each
+    sample its own range (`sample_range`; batch-independent, the default), "tensor" one range per
+    call (`activation_range`; depends on the batch). ranges={module path: (lo, hi)} (from
+    `calibrate`): static calibrated ranges (PTQ / QAT with fixed ranges). outputs=True also
+    quantizes layer outputs (ranges under path + OUTPUT_SUFFIX). The STE lets gradients through
+    inside the ranges, so `Hooks(weight_param_transform(...), activation_interceptor(...))` is
+    quantization-aware training in any algorithm.
     """
     _check_activation_spec(spec)
+    if dynamic not in DYNAMIC_RANGES:
+        raise ValueError(f"dynamic must be one of {DYNAMIC_RANGES}, got {dynamic!r}")
 
-    def quantize(x: jax.Array, key: str) -> jax.Array:
-        if ranges is None:
+    def quantize(x: jax.Array, key: str, feature_axes: int) -> jax.Array:
+        if ranges is None and dynamic == "sample":
+            lo, hi = sample_range(x, spec, feature_axes)
+        elif ranges is None:
             lo, hi = activation_range(x, spec)
         elif key in ranges:
             lo, hi = ranges[key]
@@ -650,8 +680,9 @@ def activation_interceptor(
         if not _is_layer_call(context, layer_types, args):
             return next_fun(*args, **kwargs)
         path = _module_path(context.module)
-        out = next_fun(quantize(args[0], path), *args[1:], **kwargs)
-        return quantize(out, path + OUTPUT_SUFFIX) if outputs else out
+        feature_axes = 3 if isinstance(context.module, nn.Conv) else 1  # (H, W, C) or (features,)
+        out = next_fun(quantize(args[0], path, feature_axes), *args[1:], **kwargs)
+        return quantize(out, path + OUTPUT_SUFFIX, 1) if outputs else out
 
     return interceptor
 

@@ -68,6 +68,9 @@ class CompressConfig:
     qat_scheme: str = "uniform"
     qat_per_channel: bool = True
     qat_activations: bool = True
+    # dynamic activation ranges: "sample" (each observation its own range: acting and learning see
+    # the same quantized network whatever the batch) or "tensor" (one range per call)
+    qat_activation_range: str = "sample"
 
     @property
     def prunes(self) -> bool:
@@ -88,6 +91,8 @@ class CompressConfig:
             raise ValueError(f"prune_every must be >= 1, got {self.prune_every}")
         if self.qat_bits != 0:
             self.qat_spec().validate()
+        if self.qat_activation_range not in ("sample", "tensor"):
+            raise ValueError(f"qat_activation_range must be 'sample' or 'tensor', got {self.qat_activation_range!r}")
 
     def qat_spec(self) -> Any:
         from rlcx_jax.compress import quant
@@ -191,7 +196,8 @@ def compress_hooks(config: CompressConfig, total_steps: int, base: Any = None) -
         spec = config.qat_spec()
         qat = Hooks(
             param_transform=quant.weight_param_transform(spec, include=DEFAULT_PRUNE_INCLUDE, exclude=()),
-            interceptor=quant.activation_interceptor(spec) if config.qat_activations else None,
+            interceptor=(quant.activation_interceptor(spec, dynamic=config.qat_activation_range)
+                         if config.qat_activations else None),
         )
         hooks = hooks.merge(qat)
     return hooks
