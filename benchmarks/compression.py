@@ -1,0 +1,1122 @@
+"""Compression benchmark: pruning, quantization, size and cost of PPO policies, against the papers.
+
+    python benchmarks/compression.py --quick                    # smoke run, ~2 minutes
+    python benchmarks/compression.py --envs CartPole-v1         # the full CartPole study
+    python benchmarks/compression.py --envs Acrobot-v1 Breakout-MinAtar   # reduced studies
+    python benchmarks/compression.py --envs CartPole-v1 --experiments ptq qat   # some of them
+
+Every figure is measured in this run. Scores: the greedy policy of every seed is evaluated on
+--eval-episodes episodes (the same evaluation keys for every method: common random numbers); the
+per-seed mean return is the unit, and we report the interquartile mean (IQM) over seeds with a 95%
+percentile-bootstrap confidence interval (`rlcx_jax.logging.bootstrap_ci`, 2000 resamples of seeds,
+fixed seed; Agarwal et al. 2021).
+
+Experiments (each a function; the JSON is rewritten after each one, so a crash loses only the one
+running; re-running with --experiments merges into the existing JSON):
+  dense     the dense baseline (all seeds in one `jit(vmap(train))`).
+  gradual   Zhu & Gupta gradual magnitude pruning during training, all sparsity levels x seeds in one
+            vmapped call (`hparams.sparsity` is traced).
+  oneshot   post-training magnitude pruning of the dense policies (no fine-tune), then
+            `recipes.prune_and_finetune` for --finetune-steps.
+  lottery   `recipes.lottery_ticket`: iterative magnitude pruning with rewinding to ~3% of updates.
+  ptq       post-training quantization of the dense policies: weights only (uniform / log per
+            output channel, k-means per tensor) and weights + activations (uniform / log, ranges
+            calibrated on dense-policy rollouts, minmax and percentile), with greedy-action
+            agreement against the dense policy on other dense-policy rollouts.
+  qat       quantization-aware training (`CompressConfig.qat_bits`, weights, straight-through),
+            started from the dense policies for --finetune-steps (QuaRL's quantization delay: the
+            dense run is the delay). Compared with PTQ of the same dense policies and with PTQ of
+            an equally long fine-tune without quantization (the control).
+  qat_act   QAT of weights and activations (dynamic per-call activation ranges, as QAT trains)
+            vs PTQ with the same quantizer, of the dense policies and of the control fine-tune.
+  wide      a 256x256 net gradually pruned to 90% vs a dense net with the same number of non-zero
+            torso kernel weights (width solved for), and the 256x256 net trained dense.
+  export    artifact bytes: the dense float32 file vs 90%-pruned (gradual) + int8, actor only and
+            actor + critic; where the bytes go.
+  cost      FLOPs and latency of the policy: dense, 90% pruned, structured `shrink` 50%, int8.
+
+Results: a table on stdout, JSON in benchmarks/results/compression_<cpu>.json (…_quick.json with
+--quick), plots compression_<cpu>_<env>_{sparsity,bits}.png and benchmarks/results/compression_summary.md.
+"""
+
+from __future__ import annotations
+
+# Any script run from benchmarks/ has this folder on sys.path, where this file shadows the
+# `compression` package (Python 3.14 stdlib / backport) that jax tries `from compression import
+# zstd`; jax falls back to zlib on ImportError, so refuse to be imported under that name.
+if __name__ == "compression":
+    raise ImportError("benchmarks/compression.py is a script, not the `compression` package")
+
+import argparse
+import dataclasses
+import datetime as dt
+import json
+import math
+import os
+import struct as pystruct
+import sys
+import tempfile
+import time
+import traceback
+import zlib
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+RESULTS = HERE / "results"
+# This file's name shadows the stdlib-backport package `compression` (jax imports `compression.zstd`
+# when present): take its folder off sys.path and load the sibling throughput.py by path instead.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
+sys.path.insert(0, str(REPO))
+
+
+def _load_throughput():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("rlcx_bench_throughput", HERE / "throughput.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_tp = _load_throughput()
+_jsonable, cpu_info, cpu_short_name = _tp._jsonable, _tp.cpu_info, _tp.cpu_short_name
+jax_environment, loadavg, local_versions = _tp.jax_environment, _tp.loadavg, _tp.local_versions
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from rlcx_jax import envs, nets, rl  # noqa: E402
+from rlcx_jax.compress import export as export_lib  # noqa: E402
+from rlcx_jax.compress import masks as masks_lib  # noqa: E402
+from rlcx_jax.compress import pipeline, quant, recipes, size, structured  # noqa: E402
+from rlcx_jax.compress.training import CompressConfig  # noqa: E402
+from rlcx_jax.logging import bootstrap_ci  # noqa: E402
+from rlcx_jax.rl import ppo  # noqa: E402
+from rlcx_jax.rl.common import Hooks, make_apply  # noqa: E402
+from rlcx_jax.rl.evaluate import make_evaluator  # noqa: E402
+from rlcx_jax.rl.policy import distribution, greedy_action  # noqa: E402
+
+ALL_EXPERIMENTS = ("dense", "gradual", "oneshot", "lottery", "ptq", "qat", "qat_act", "wide", "export", "cost")
+REDUCED_EXPERIMENTS = ("dense", "gradual", "lottery", "ptq", "qat", "qat_act")
+
+# PureJaxRL's CartPole PPO settings (also used for Acrobot). Breakout-MinAtar: PureJaxRL's MinAtar
+# PPO settings, but an MLP torso on the flattened 10x10x4 observation (the conv torso is too slow
+# on a 2-core CPU).
+PPO_CLASSIC = dict(num_envs=4, num_steps=128, update_epochs=4, num_minibatches=4, anneal_lr=True,
+                   net=dict(kind="mlp", hidden=(64, 64), activation="tanh"))
+HP_CLASSIC = dict(lr=2.5e-4, gamma=0.99, gae_lambda=0.95, clip_eps=0.2, ent_coef=0.01, vf_coef=0.5,
+                  max_grad_norm=0.5)
+ENV_SETTINGS: dict[str, dict[str, Any]] = {
+    "CartPole-v1": dict(config=PPO_CLASSIC, hparams=HP_CLASSIC, total=500_000, finetune=100_000,
+                        experiments=ALL_EXPERIMENTS, sparsities=(0.0, 0.5, 0.8, 0.9, 0.95, 0.98),
+                        bits=(8, 6, 4, 3, 2), schemes=("uniform", "log", "kmeans")),
+    "Acrobot-v1": dict(config=PPO_CLASSIC, hparams=HP_CLASSIC, total=500_000, finetune=100_000,
+                       experiments=REDUCED_EXPERIMENTS, sparsities=(0.0, 0.9), bits=(8, 4),
+                       schemes=("uniform", "log")),
+    "Breakout-MinAtar": dict(
+        config=dict(num_envs=64, num_steps=128, update_epochs=4, num_minibatches=8, anneal_lr=True,
+                    net=dict(kind="mlp", hidden=(64, 64), activation="relu")),
+        hparams=dict(HP_CLASSIC, lr=5e-4), total=2_000_000, finetune=262_144,
+        experiments=REDUCED_EXPERIMENTS, sparsities=(0.0, 0.9), bits=(8, 4), schemes=("uniform", "log")),
+}
+QUICK = dict(total=20_480, finetune=10_240, sparsities=(0.0, 0.9), bits=(8, 4), schemes=("uniform", "log", "kmeans"))
+GRADUAL = dict(prune_start=0.2, prune_end=0.8, prune_every=16)  # Graesser et al. 2022: prune 20%..80%
+TARGETS = {  # DESIGN.md section 5
+    "gradual90_keeps": 0.95,
+    "int8_agreement": 0.99,
+    "export_ratio": 20.0,
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Small helpers
+# ----------------------------------------------------------------------------------------------
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def score(per_seed: np.ndarray, seed: int = 0) -> dict:
+    """IQM over seeds of the per-seed mean return, with its 95% stratified bootstrap CI."""
+    per_seed = np.asarray(per_seed, np.float64)
+    point, lo, hi = bootstrap_ci(per_seed, "iqm", 2000, 0.95, seed)
+    return {"iqm": point, "ci95": [lo, hi], "mean": float(per_seed.mean()), "min": float(per_seed.min()),
+            "per_seed": per_seed.tolist()}
+
+
+def fmt(s: dict | None) -> str:
+    if not s:
+        return "not run"
+    return f"{s['iqm']:.1f} [{s['ci95'][0]:.1f}, {s['ci95'][1]:.1f}]"
+
+
+def leading(tree: Any, i: int) -> Any:
+    return jax.tree.map(lambda x: x[i], tree)
+
+
+def tile(tree: Any, reps: int) -> Any:
+    """Repeat the leading (seed) axis `reps` times: [s...] -> [s..., s..., ...]."""
+    return jax.tree.map(lambda x: jnp.concatenate([x] * reps, axis=0), tree)
+
+
+class Timer:
+    def __init__(self):
+        self.t0 = time.perf_counter()
+
+    def __call__(self) -> float:
+        return time.perf_counter() - self.t0
+
+
+@dataclasses.dataclass
+class Ctx:
+    """One environment's study: settings, keys, cached dense policies and the results so far."""
+
+    env: str
+    n_seeds: int
+    total: int
+    finetune: int
+    eval_episodes: int
+    sparsities: tuple
+    bits: tuple
+    schemes: tuple
+    config: Any
+    hparams: Any
+    seed: int
+    save: Callable[[], None]
+    results: dict
+    _dense: Any = None
+    _gradual: Any = None
+    _wide: Any = None
+    _control: Any = None
+    _evals: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def train_keys(self) -> jax.Array:
+        return jax.random.split(jax.random.PRNGKey(self.seed), self.n_seeds)
+
+    @property
+    def eval_keys(self) -> jax.Array:
+        return jax.random.split(jax.random.PRNGKey(self.seed + 10_000), self.n_seeds)
+
+    def fresh_keys(self, tag: int) -> jax.Array:
+        return jax.random.split(jax.random.PRNGKey(self.seed + 1000 * tag), self.n_seeds)
+
+
+def make_config(env: str, settings: dict, total: int, net_overrides: dict | None = None,
+                compress: CompressConfig | None = None) -> ppo.PPOConfig:
+    kw = dict(settings["config"])
+    net = dict(kw.pop("net"))
+    net.update(net_overrides or {})
+    return ppo.PPOConfig(env=env, total_timesteps=total, net=nets.NetConfig(**net),
+                         compress=compress or CompressConfig(), **kw)
+
+
+# ----------------------------------------------------------------------------------------------
+# Training and evaluation
+# ----------------------------------------------------------------------------------------------
+def train_batch(config: ppo.PPOConfig, hparams: Any, keys: jax.Array, hp_axis: int | None = None) -> tuple[Any, dict]:
+    """`jit(vmap(train))` over the leading axis of keys (and hparams if hp_axis=0), compile timed apart."""
+    trainer = ppo.make(config)
+    fn = jax.jit(jax.vmap(trainer.train, in_axes=(0, hp_axis)))
+    t = Timer()
+    compiled = fn.lower(keys, hparams).compile()
+    compile_s = t()
+    t = Timer()
+    out = compiled(keys, hparams)
+    jax.block_until_ready(out.state.params)
+    run_s = t()
+    n = keys.shape[0]
+    steps = trainer.num_updates * config.steps_per_update
+    return out.state, {"compile_s": compile_s, "run_s": run_s, "runs": n, "env_steps_per_run": steps,
+                       "env_steps_per_s": n * steps / run_s}
+
+
+def evaluator(ctx: Ctx, config: ppo.PPOConfig, act_spec: quant.QuantSpec | None = None,
+              dynamic: bool = False) -> Callable:
+    """jit(vmap(evaluate)) over seeds: fn(params, ranges, obs_stats, keys) -> returns[seeds, episodes].
+
+    With `act_spec`, every Dense input is fake-quantized with the per-seed calibrated `ranges`
+    (the trainer is built inside the traced function so the ranges can be traced, vmapped values),
+    or with `dynamic=True` with each call's own range (dynamic quantization, as QAT trains with).
+    """
+    cache_key = (config, act_spec, dynamic)
+    if cache_key not in ctx._evals:
+
+        def one(params, ranges, obs_stats, key):
+            hooks = Hooks() if act_spec is None else Hooks(
+                interceptor=quant.activation_interceptor(act_spec, None if dynamic else ranges))
+            trainer = rl.make("ppo", config, hooks)
+            return make_evaluator(trainer, ctx.eval_episodes, greedy=True)(params, obs_stats, key)
+
+        ctx._evals[cache_key] = jax.jit(jax.vmap(one))
+    return ctx._evals[cache_key]
+
+
+def evaluate(ctx: Ctx, config: ppo.PPOConfig, params: Any, obs_stats: Any, act_spec=None, ranges=None,
+             dynamic: bool = False) -> dict:
+    t = Timer()
+    fn = evaluator(ctx, config, act_spec, dynamic)
+    returns = np.asarray(fn(params, {} if ranges is None else ranges, obs_stats, ctx.eval_keys))
+    out = score(returns.mean(axis=1))
+    out["eval_s"] = t()
+    return out
+
+
+def base_config(ctx: Ctx, **kw) -> ppo.PPOConfig:
+    return dataclasses.replace(ctx.config, **kw)
+
+
+def dense_state(ctx: Ctx) -> Any:
+    if ctx._dense is None:
+        exp_dense(ctx)
+    return ctx._dense
+
+
+def actor_params(params: Any) -> dict:
+    paths = size.policy_paths(params)
+    return {k: v for k, v in params.items() if any((k + "/").startswith(p) or k == p.rstrip("/") for p in paths)}
+
+
+def torso_kernel_nnz(params: Any, torso: str = "actor_torso") -> tuple[int, int]:
+    leaves = [np.asarray(v["kernel"]) for k, v in params[torso].items()]
+    return sum(int(np.count_nonzero(x)) for x in leaves), sum(x.size for x in leaves)
+
+
+def selected_sparsity(params: Any, config: ppo.PPOConfig) -> float:
+    """Fraction of zeros among the prunable weights (the config's include/exclude regexes)."""
+    sel = masks_lib.select(params, config.compress.prune_include, config.compress.prune_exclude)
+    zeros = total = 0
+    for p, s in zip(jax.tree.leaves(params), jax.tree.leaves(sel)):
+        if s:
+            zeros += int(np.sum(np.asarray(p) == 0))
+            total += int(np.size(p))
+    return zeros / max(total, 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Experiments
+# ----------------------------------------------------------------------------------------------
+def exp_dense(ctx: Ctx) -> dict:
+    state, timing = train_batch(ctx.config, ctx.hparams, ctx.train_keys)
+    ctx._dense = state
+    res = evaluate(ctx, ctx.config, state.params, state.obs_stats)
+    res["timing"] = timing
+    log(f"dense: {fmt(res)}  (compile {timing['compile_s']:.1f}s, run {timing['run_s']:.1f}s)")
+    return res
+
+
+def gradual_config(ctx: Ctx, **kw) -> ppo.PPOConfig:
+    return base_config(ctx, compress=CompressConfig(prune_schedule="gradual", **GRADUAL), **kw)
+
+
+def exp_gradual(ctx: Ctx) -> dict:
+    """All sparsity levels x seeds in one vmapped call (sparsity is a traced hyperparameter)."""
+    levels = ctx.sparsities
+    config = gradual_config(ctx)
+    keys = tile(ctx.train_keys, len(levels))
+    sparsity = jnp.repeat(jnp.asarray(levels, jnp.float32), ctx.n_seeds)
+    hp = jax.tree.map(lambda x: jnp.full((len(levels) * ctx.n_seeds,), x, jnp.float32), ctx.hparams)
+    hp = hp.replace(sparsity=sparsity)
+    state, timing = train_batch(config, hp, keys, hp_axis=0)
+    ctx._gradual = (levels, state)
+    out = {"schedule": dataclasses.asdict(config.compress), "timing": timing, "levels": {}}
+    for i, level in enumerate(levels):
+        sl = slice(i * ctx.n_seeds, (i + 1) * ctx.n_seeds)
+        st = jax.tree.map(lambda x: x[sl], state)
+        res = evaluate(ctx, ctx.config, st.params, st.obs_stats)
+        res["measured_sparsity"] = selected_sparsity(leading(st.params, 0), config)
+        out["levels"][str(level)] = res
+        log(f"gradual {level:.2f}: {fmt(res)}  (measured sparsity {res['measured_sparsity']:.3f})")
+    log(f"gradual: compile {timing['compile_s']:.1f}s, run {timing['run_s']:.1f}s for {timing['runs']} runs")
+    return out
+
+
+def exp_oneshot(ctx: Ctx) -> dict:
+    dense = dense_state(ctx)
+    out = {"finetune_steps": ctx.finetune, "levels": {}}
+    for level in ctx.sparsities:
+        t = Timer()
+        masks = recipes._batched_masks(dense.params, level, ctx.config, "uniform")
+        pruned = masks_lib.apply_masks(dense.params, masks)
+        no_ft = evaluate(ctx, ctx.config, pruned, dense.obs_stats)
+        t_ft = Timer()
+        state, _, _ = recipes.prune_and_finetune("ppo", ctx.config, ctx.hparams, ctx.fresh_keys(2), dense.params,
+                                                 level, ctx.finetune)
+        jax.block_until_ready(state.params)
+        ft_s = t_ft()
+        ft = evaluate(ctx, ctx.config, state.params, state.obs_stats)
+        out["levels"][str(level)] = {"no_finetune": no_ft, "finetune": ft, "finetune_wall_s": ft_s, "wall_s": t(),
+                                     "measured_sparsity": selected_sparsity(leading(state.params, 0), ctx.config)}
+        log(f"oneshot {level:.2f}: no-FT {fmt(no_ft)}  FT {fmt(ft)}  ({t():.1f}s)")
+    return out
+
+
+def exp_lottery(ctx: Ctx) -> dict:
+    levels = [s for s in ctx.sparsities if s > 0]
+    trainer = ppo.make(ctx.config)
+    rewind = max(1, round(0.03 * trainer.num_updates))
+    out = {"rewind_updates": rewind, "rewind_fraction": rewind / trainer.num_updates, "levels": {}}
+    t = Timer()
+    last = [time.perf_counter()]
+
+    def on_round(r: recipes.TicketRound) -> None:
+        res = evaluate(ctx, ctx.config, r.state.params, r.state.obs_stats)
+        res["round_wall_s"] = time.perf_counter() - last[0]
+        res["measured_sparsity"] = selected_sparsity(leading(r.state.params, 0), ctx.config)
+        out["levels"][str(r.sparsity)] = res
+        log(f"lottery {r.sparsity:.2f}: {fmt(res)} ({res['round_wall_s']:.1f}s)")
+        last[0] = time.perf_counter()
+        ctx.results.setdefault("lottery_partial", {}).update(out["levels"])
+        ctx.save()
+
+    rounds = recipes.lottery_ticket("ppo", ctx.config, ctx.hparams, ctx.fresh_keys(3), levels, rewind, on_round=on_round)
+    res0 = evaluate(ctx, ctx.config, rounds[0].state.params, rounds[0].state.obs_stats)
+    out["levels"]["0.0"] = res0
+    out["wall_s"] = t()
+    ctx.results.pop("lottery_partial", None)
+    return out
+
+
+def rollout_obs(ctx: Ctx, params: Any, obs_stats: Any, key_tag: int, num_envs: int, num_steps: int) -> jax.Array:
+    """Observations [seeds, num_envs * num_steps, ...] from each seed's dense policy (sampled actions)."""
+    dense = ctx._dense.replace(params=params, obs_stats=obs_stats)
+    return pipeline.policy_observations(ppo.make(ctx.config), dense, False, num_envs, num_steps,
+                                        jax.random.PRNGKey(ctx.seed + 1000 * key_tag))
+
+
+def policy_network(config: ppo.PPOConfig):
+    env, env_params = envs.make_training_env(config.env, config.env_kwargs)
+    spec = nets.action_spec(env.action_space(env_params))
+    obs_shape = tuple(env.observation_space(env_params).shape)
+    return nets.make(config.net, obs_shape, spec, head="actor_critic"), spec, obs_shape
+
+
+def agreement_fn(ctx: Ctx, act_spec: quant.QuantSpec | None):
+    network, spec, _ = policy_network(ctx.config)
+
+    def one(params_q, ranges, params, obs):
+        hooks = Hooks() if act_spec is None else Hooks(interceptor=quant.activation_interceptor(act_spec, ranges))
+        a_q = greedy_action(make_apply(network, hooks)(params_q, obs, method="policy"), spec)
+        a = greedy_action(make_apply(network)(params, obs, method="policy"), spec)
+        return jnp.mean((a_q == a).astype(jnp.float32))
+
+    return jax.jit(jax.vmap(one))
+
+
+def weight_spec(scheme: str, bits: int) -> quant.QuantSpec:
+    return quant.QuantSpec(scheme=scheme, bits=bits, per_channel=scheme != "kmeans")
+
+
+WEIGHTS = (r".*kernel",)  # every kernel, heads included (as QAT's weight transform); biases stay float32
+
+
+def exp_ptq(ctx: Ctx) -> dict:
+    dense = dense_state(ctx)
+    network, _, _ = policy_network(ctx.config)
+    apply_plain = make_apply(network)
+    assert not ctx.config.normalize_obs  # calibration feeds raw observations to the network
+    calib = rollout_obs(ctx, dense.params, dense.obs_stats, 4, 16, 64)
+    held = rollout_obs(ctx, dense.params, dense.obs_stats, 5, 16, 256)
+    out = {"calibration_obs_per_seed": int(calib.shape[1]), "agreement_obs_per_seed": int(held.shape[1]),
+           "weights": "every kernel incl. heads, per output channel (uniform/log), one codebook per tensor (kmeans); biases float32",
+           "activations": "input of every Dense layer, per tensor, symmetric, ranges calibrated per seed",
+           "results": {}}
+    agree_w = agreement_fn(ctx, None)
+    t_all = Timer()
+    for scheme in ctx.schemes:
+        for bits in ctx.bits:
+            t = Timer()
+            wspec = weight_spec(scheme, bits)
+            params_q = jax.jit(jax.vmap(lambda p: quant.quantize_tree(p, wspec, include=WEIGHTS)))(dense.params)
+            res = {"weights": evaluate(ctx, ctx.config, params_q, dense.obs_stats)}
+            res["weights"]["agreement"] = float(np.mean(agree_w(params_q, {}, dense.params, held)))
+            res["weights"]["agreement_per_seed"] = np.asarray(agree_w(params_q, {}, dense.params, held)).tolist()
+            line = f"ptq {scheme:>7} {bits}b W: {fmt(res['weights'])} agree {res['weights']['agreement']:.4f}"
+            if scheme != "kmeans":
+                for method in ("minmax", "percentile"):
+                    aspec = quant.QuantSpec(scheme=scheme, bits=bits, per_channel=False, range_method=method)
+                    ranges = [quant.calibrate(apply_plain, leading(params_q, i), calib[i], aspec)
+                              for i in range(ctx.n_seeds)]
+                    ranges = jax.tree.map(lambda *xs: jnp.stack(xs), *ranges)
+                    r = evaluate(ctx, ctx.config, params_q, dense.obs_stats, aspec, ranges)
+                    ag = np.asarray(agreement_fn(ctx, aspec)(params_q, ranges, dense.params, held))
+                    r["agreement"], r["agreement_per_seed"] = float(ag.mean()), ag.tolist()
+                    res[f"weights_act_{method}"] = r
+                    line += f" | W+A {method}: {fmt(r)} agree {r['agreement']:.4f}"
+            res["wall_s"] = t()
+            out["results"][f"{scheme}/{bits}"] = res
+            log(line + f" ({t():.1f}s)")
+    out["wall_s"] = t_all()
+    return out
+
+
+def finetune_from_dense(ctx: Ctx, cc: CompressConfig) -> tuple[Any, ppo.PPOConfig, float, float]:
+    """Continue every dense policy for --finetune-steps with compression config `cc` (fixed keys)."""
+    config = base_config(ctx, total_timesteps=ctx.finetune, compress=cc)
+    trainer = ppo.make(config)
+    t = Timer()
+    init = jax.jit(jax.vmap(trainer.init, in_axes=(0, None)))
+    learn = jax.jit(jax.vmap(trainer.learn, in_axes=(0, None)), static_argnums=1)
+    state = recipes.with_params(init(ctx.fresh_keys(6), ctx.hparams), dense_state(ctx).params)
+    compiled = learn.lower(state, trainer.num_updates).compile()
+    compile_s = t()
+    t2 = Timer()
+    state, _ = compiled(state)
+    jax.block_until_ready(state.params)
+    return state, config, compile_s, t2()
+
+
+def control_finetune(ctx: Ctx) -> Any:
+    """The same fine-tune as QAT's (keys, steps) without quantization: QAT against PTQ of this
+    separates "trained with quantization in the loop" from "trained longer"."""
+    if ctx._control is None:
+        ctx._control = finetune_from_dense(ctx, CompressConfig())[0]
+    return ctx._control
+
+
+def exp_qat(ctx: Ctx) -> dict:
+    dense = dense_state(ctx)
+    out = {"mode": "fine-tune from the dense policies (quantization delay = the dense run)",
+           "finetune_steps": ctx.finetune, "activations": False,
+           "weights": "every kernel incl. heads; per output channel (uniform/log), per tensor (kmeans)",
+           "results": {}}
+    # Control: the same fine-tune (keys, steps) without quantization, then PTQ of its weights. QAT
+    # against this separates "trained with quantization in the loop" from "trained longer".
+    control = control_finetune(ctx)
+    out["control_finetune_dense"] = evaluate(ctx, ctx.config, control.params, control.obs_stats)
+    out["control_ptq"] = {}
+    log(f"qat control: dense fine-tune {fmt(out['control_finetune_dense'])}")
+    for scheme in ctx.schemes:
+        for bits in ctx.bits:
+            cc = CompressConfig(qat_bits=bits, qat_scheme=scheme, qat_per_channel=scheme != "kmeans", qat_activations=False)
+            state, config, compile_s, run_s = finetune_from_dense(ctx, cc)
+            res = evaluate(ctx, config, state.params, state.obs_stats)  # forward pass through the QAT fake-quant
+            res.update(compile_s=compile_s, run_s=run_s)
+            out["results"][f"{scheme}/{bits}"] = res
+            wspec = weight_spec(scheme, bits)
+            params_q = jax.jit(jax.vmap(lambda p: quant.quantize_tree(p, wspec, include=WEIGHTS)))(control.params)
+            ctl = evaluate(ctx, ctx.config, params_q, control.obs_stats)
+            out["control_ptq"][f"{scheme}/{bits}"] = ctl
+            log(f"qat {scheme:>7} {bits}b: {fmt(res)} | PTQ of the same fine-tune without QAT {fmt(ctl)} "
+                f"(compile {compile_s:.1f}s, run {run_s:.1f}s)")
+    return out
+
+
+def exp_qat_act(ctx: Ctx) -> dict:
+    """QAT of weights and activations vs PTQ of weights and activations, same quantizer at eval.
+
+    Both quantize every kernel per tensor and the input of every Dense layer with its own per-call
+    range (dynamic, as `CompressConfig(qat_activations=True)` trains); PTQ is applied to the dense
+    policies and to the equally long fine-tune without quantization (control)."""
+    dense = dense_state(ctx)
+    control = control_finetune(ctx)
+    out = {"mode": "fine-tune from the dense policies", "finetune_steps": ctx.finetune, "results": {},
+           "quantizer": "kernels per tensor; Dense inputs per tensor, dynamic range per call; symmetric"}
+    for scheme in [s for s in ctx.schemes if s != "kmeans"]:
+        for bits in ctx.bits:
+            spec = quant.QuantSpec(scheme=scheme, bits=bits, per_channel=False)
+            cc = CompressConfig(qat_bits=bits, qat_scheme=scheme, qat_per_channel=False, qat_activations=True)
+            state, config, compile_s, run_s = finetune_from_dense(ctx, cc)
+            res = {"qat": evaluate(ctx, config, state.params, state.obs_stats)}
+            res["qat"].update(compile_s=compile_s, run_s=run_s)
+            q = jax.jit(jax.vmap(lambda p: quant.quantize_tree(p, spec, include=WEIGHTS)))
+            res["ptq_dense"] = evaluate(ctx, ctx.config, q(dense.params), dense.obs_stats, spec, dynamic=True)
+            res["ptq_control"] = evaluate(ctx, ctx.config, q(control.params), control.obs_stats, spec, dynamic=True)
+            out["results"][f"{scheme}/{bits}"] = res
+            log(f"qat W+A {scheme:>7} {bits}b: {fmt(res['qat'])} | PTQ W+A of dense {fmt(res['ptq_dense'])} | "
+                f"of the control fine-tune {fmt(res['ptq_control'])} (run {run_s:.1f}s)")
+    return out
+
+
+def exp_wide(ctx: Ctx) -> dict:
+    sparsity = 0.9
+    wide_h = (256, 256)
+    config_w = gradual_config(ctx, net=dataclasses.replace(ctx.config.net, hidden=wide_h))
+    hp = ctx.hparams.replace(sparsity=sparsity)
+    state_w, tw = train_batch(config_w, hp, ctx.train_keys)
+    ctx._wide = (state_w, config_w)
+    nnz_w, _ = torso_kernel_nnz(leading(state_w.params, 0))
+    _, _, obs_shape = policy_network(ctx.config)
+    d = int(np.prod(obs_shape))
+    # dense torso d->w->w has d*w + w*w kernel weights; solve for the width with the same non-zeros
+    width = int(round((-d + math.sqrt(d * d + 4 * nnz_w)) / 2))
+    config_s = base_config(ctx, net=dataclasses.replace(ctx.config.net, hidden=(width, width)))
+    state_s, ts = train_batch(config_s, ctx.hparams, ctx.train_keys)
+    nnz_s, _ = torso_kernel_nnz(leading(state_s.params, 0))
+    eval_cfg_w = base_config(ctx, net=config_w.net)
+    # Reference: the wide net trained dense, to tell the cost of the width from the cost of pruning.
+    state_d, td = train_batch(eval_cfg_w, ctx.hparams, ctx.train_keys)
+    res = {
+        "wide_dense": dict(evaluate(ctx, eval_cfg_w, state_d.params, state_d.obs_stats), hidden=wide_h, timing=td),
+        "wide_sparse": dict(evaluate(ctx, eval_cfg_w, state_w.params, state_w.obs_stats), hidden=wide_h,
+                            sparsity=sparsity, actor_torso_nonzero_kernel_weights=nnz_w, timing=tw),
+        "small_dense": dict(evaluate(ctx, config_s, state_s.params, state_s.obs_stats), hidden=(width, width),
+                            actor_torso_nonzero_kernel_weights=nnz_s, timing=ts),
+        "note": "non-zeros counted over the actor torso kernels (the critic torso is pruned alike); heads not counted",
+    }
+    log(f"wide-sparse {wide_h} @90%: {fmt(res['wide_sparse'])} nnz {nnz_w} | small-dense {width}x{width}: "
+        f"{fmt(res['small_dense'])} nnz {nnz_s} | wide dense {fmt(res['wide_dense'])}")
+    return res
+
+
+def artifact_breakdown(path: str) -> dict:
+    """Bytes of a written artifact: magic + length, compressed header, and each leaf's blobs."""
+    data = Path(path).read_bytes()
+    (hlen,) = pystruct.unpack("<I", data[8:12])
+    header = json.loads(zlib.decompress(data[12:12 + hlen]))
+    leaves = {}
+    for rec in header["leaves"]:
+        leaves[rec["path"]] = {"bytes": int(sum(b[1] for b in rec["blobs"].values())),
+                               "storage": {k: v for k, v in rec.items() if k not in ("path", "shape", "blobs")}}
+    return {"total": len(data), "magic_and_length": 12, "header_zlib": hlen, "leaves": leaves}
+
+
+EXPORT_VARIANTS = {  # name: (per_channel, payload_codec, float_dtype of the unquantized biases)
+    "int8_per_channel": (True, "none", "float32"),
+    "int8_per_tensor": (False, "none", "float32"),
+    "int8_per_channel_lzma": (True, "lzma", "float32"),
+    "int8_per_tensor_lzma": (False, "lzma", "float32"),
+    "int8_per_tensor_lzma_f16_biases": (False, "lzma", "float16"),
+}
+EXPORT_HEADLINE = "int8_per_tensor_lzma"  # lossless w.r.t. the int8 policy (biases stay float32)
+
+
+def export_sizes(ctx: Ctx, st: Any, config: ppo.PPOConfig) -> dict:
+    """Bytes of every seed's dense float32 file vs its pruned + int8 files (actor, actor+critic)."""
+    _, spec, obs_shape = policy_network(config)
+    meta = dict(net_config=config.net, obs_shape=obs_shape, action_spec=spec)
+    out: dict[str, Any] = {"hidden": config.net.hidden, "headline": EXPORT_HEADLINE,
+                           "variants": {k: dict(per_channel=v[0], payload_codec=v[1], bias_dtype=v[2])
+                                        for k, v in EXPORT_VARIANTS.items()},
+                           "what": {}, "per_seed": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(ctx.n_seeds):
+            p = jax.tree.map(np.asarray, leading(st.params, i))
+            row = {}
+            for part, tree in (("actor", actor_params(p)), ("actor_critic", p)):
+                row[part] = {"dense_float32_bytes": export_lib.dense_float32_bytes(tree, **meta)}
+                for name, (per_channel, codec, fdt) in EXPORT_VARIANTS.items():
+                    f = os.path.join(tmp, f"{part}_{name}_{i}.rlcx")
+                    qspec = quant.QuantSpec(scheme="uniform", bits=8, per_channel=per_channel)
+                    row[part][name] = export_lib.export(tree, f, qspec=qspec, include=WEIGHTS, float_dtype=fdt,
+                                                        payload_codec=codec, **meta)
+                    if i == 0 and codec == "none":
+                        out["what"].setdefault(part, {"leaves": sorted(quant.flatten_with_paths(tree))})
+                        out["what"][part][f"breakdown_{name}"] = artifact_breakdown(f)
+            out["per_seed"].append(row)
+    for part in ("actor", "actor_critic"):
+        rows = [r[part] for r in out["per_seed"]]
+        out[part] = {"dense_float32_bytes": rows[0]["dense_float32_bytes"]}
+        for name in EXPORT_VARIANTS:
+            out[part][name] = {"median_bytes": float(np.median([r[name] for r in rows])),
+                               "median_ratio": float(np.median([r["dense_float32_bytes"] / r[name] for r in rows]))}
+        out[part]["median_ratio"] = out[part][EXPORT_HEADLINE]["median_ratio"]
+    # the return of the shipped policies (what load() gives back equals quantize_tree bit for bit)
+    out["float_policy_return"] = evaluate(ctx, config, st.params, st.obs_stats)
+    for per_channel in (False, True):
+        qspec = quant.QuantSpec(scheme="uniform", bits=8, per_channel=per_channel)
+        shipped = jax.jit(jax.vmap(lambda q: quant.quantize_tree(q, qspec, include=WEIGHTS)))(st.params)
+        key = "shipped_per_channel_return" if per_channel else "shipped_policy_return"
+        out[key] = evaluate(ctx, config, shipped, st.obs_stats)
+    a = out["actor"]
+    log(f"export {config.net.hidden}: actor {a['dense_float32_bytes']} B dense f32 -> "
+        + ", ".join(f"{k} {a[k]['median_bytes']:.0f} B (x{a[k]['median_ratio']:.1f})" for k in EXPORT_VARIANTS)
+        + f"; actor+critic x{out['actor_critic']['median_ratio']:.1f}; shipped policy {fmt(out['shipped_policy_return'])}")
+    return out
+
+
+def exp_export(ctx: Ctx) -> dict:
+    """Export the 90% gradual policies (standard width, and the wide net if `wide` ran) with int8 kernels."""
+    if ctx._gradual is None or 0.9 not in ctx._gradual[0]:
+        # train just the 90% level if the gradual sweep did not run in this process
+        st, _ = train_batch(gradual_config(ctx), ctx.hparams.replace(sparsity=0.9), ctx.train_keys)
+    else:
+        levels, state = ctx._gradual
+        i = levels.index(0.9)
+        st = jax.tree.map(lambda x: x[i * ctx.n_seeds:(i + 1) * ctx.n_seeds], state)
+    out = {"sparsity": 0.9,
+           "note": ("kernels int8 symmetric (heads included, unpruned), per tensor or per output channel; biases "
+                    "float32 (or float16 where named); sparse index where smaller; _lzma: payload entropy-coded")}
+    out.update(export_sizes(ctx, st, ctx.config))
+    if ctx._wide is not None:
+        state_w, config_w = ctx._wide
+        out["wide"] = export_sizes(ctx, state_w, base_config(ctx, net=config_w.net))
+    return out
+
+
+def exp_cost(ctx: Ctx) -> dict:
+    dense = dense_state(ctx)
+    p = jax.tree.map(np.asarray, leading(dense.params, 0))
+    network, spec, obs_shape = policy_network(ctx.config)
+    paths = size.policy_paths(p)
+    small, small_cfg = structured.shrink(p, ctx.config.net, 0.5)
+    small_net = nets.make(small_cfg, obs_shape, spec, head="actor_critic")
+    masks = masks_lib.magnitude_masks(p, 0.9, include=ctx.config.compress.prune_include,
+                                      exclude=ctx.config.compress.prune_exclude)
+    pruned = masks_lib.apply_masks(p, masks)
+    qspec = quant.QuantSpec(scheme="uniform", bits=8, per_channel=True)
+    p_int8 = quant.quantize_tree(p, qspec, include=WEIGHTS)
+
+    def fwd(net, transform=None):
+        return lambda params, obs: net.apply({"params": transform(params) if transform else params}, obs, method="policy")
+
+    variants = {
+        "dense": (fwd(network), p, p),
+        "magnitude_90_masked": (fwd(network), pruned, pruned),
+        "shrink_50": (fwd(small_net), small, small),
+        "int8_dequantized": (fwd(network), p_int8, p_int8),
+        "int8_fakequant_in_forward": (fwd(network, lambda q: quant.quantize_tree(q, qspec, include=WEIGHTS)), p, p_int8),
+    }
+    out = {"note": ("latency: median of 5 rounds x 200 jitted calls of the policy forward (actor only), seed 0; "
+                    "XLA:CPU has no int8 or sparse kernels, so int8 runs dequantized float32 and the masked "
+                    "net runs dense matmuls (its FLOPs count non-zeros only)"), "variants": {}}
+    for name, (f, params_run, params_count) in variants.items():
+        rep = size.count(params_count, paths=size.policy_paths(params_count))
+        row = {"params": rep.params, "nonzeros": rep.nonzeros,
+               "flops_per_forward": size.flops_per_forward(params_count, obs_shape, size.policy_paths(params_count))}
+        for b in (1, 256):
+            obs = size.batch_of(obs_shape, b)
+            row[f"latency_us_batch{b}"] = 1e6 * size.measure_latency(f, params_run, obs)
+        out["variants"][name] = row
+        log(f"cost {name:>26}: params {row['params']:>6} nnz {row['nonzeros']:>6} FLOPs {row['flops_per_forward']:>7} "
+            f"latency b1 {row['latency_us_batch1']:.1f}us b256 {row['latency_us_batch256']:.1f}us")
+    # return of the shrunk policy (no fine-tune)
+    smalls = [structured.shrink(jax.tree.map(np.asarray, leading(dense.params, i)), ctx.config.net, 0.5)[0]
+              for i in range(ctx.n_seeds)]
+    small_b = jax.tree.map(lambda *xs: jnp.stack(xs), *smalls)
+    out["shrink_50_return_no_finetune"] = evaluate(ctx, base_config(ctx, net=small_cfg), small_b, dense.obs_stats)
+    out["shrink_50_config"] = dataclasses.asdict(small_cfg)
+    log(f"cost: shrink 50% return (no fine-tune) {fmt(out['shrink_50_return_no_finetune'])}")
+    return out
+
+
+EXPERIMENTS: dict[str, Callable[[Ctx], dict]] = {
+    "dense": exp_dense, "gradual": exp_gradual, "oneshot": exp_oneshot, "lottery": exp_lottery,
+    "ptq": exp_ptq, "qat": exp_qat, "qat_act": exp_qat_act, "wide": exp_wide, "export": exp_export, "cost": exp_cost,
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Checks against the papers, plots, summary
+# ----------------------------------------------------------------------------------------------
+def get(d: dict, *keys: str) -> Any:
+    for k in keys:
+        if not isinstance(d, dict) or k not in d:
+            return None
+        d = d[k]
+    return d
+
+
+def checks(r: dict) -> dict:
+    """DESIGN.md section 5 targets, evaluated on our measurements (None = not measured)."""
+    out: dict[str, Any] = {}
+    dense = get(r, "dense")
+    g90 = get(r, "gradual", "levels", "0.9")
+    if dense and g90:
+        frac = g90["iqm"] / dense["iqm"] if dense["iqm"] else float("nan")
+        out["gradual90_keeps_95pct"] = {"target": ">= 0.95 of dense IQM", "ours": frac, "holds": frac >= 0.95}
+    for method in ("weights", "weights_act_minmax", "weights_act_percentile"):
+        p8 = get(r, "ptq", "results", "uniform/8", method)
+        if dense and p8:
+            lo, hi = dense["ci95"]
+            within = lo <= p8["iqm"] <= hi
+            out[f"int8_ptq_{method}"] = {"target": "IQM within dense CI and >= 99% greedy agreement",
+                                         "ours": {"iqm": p8["iqm"], "dense_ci": [lo, hi], "agreement": p8["agreement"]},
+                                         "holds": bool(within and p8["agreement"] >= 0.99)}
+    qat_rows = {}
+    for key, q in (get(r, "qat", "results") or {}).items():
+        p = get(r, "ptq", "results", key, "weights")
+        if p:
+            qat_rows[key] = {"qat": q["iqm"], "ptq_weights": p["iqm"], "holds": q["iqm"] >= p["iqm"]}
+    if qat_rows:
+        out["qat_ge_ptq"] = {"target": "QAT >= PTQ of the dense run at every bit width (weights; IQM)", "per_point": qat_rows,
+                             "holds": all(v["holds"] for v in qat_rows.values()),
+                             "bits_that_hold": sorted(k for k, v in qat_rows.items() if v["holds"])}
+    ctl_rows = {}
+    for key, q in (get(r, "qat", "results") or {}).items():
+        c = get(r, "qat", "control_ptq", key)
+        if c:
+            ctl_rows[key] = {"qat": q["iqm"], "ptq_weights": c["iqm"], "holds": q["iqm"] >= c["iqm"]}
+    if ctl_rows:
+        out["qat_ge_ptq_same_training"] = {
+            "target": "QAT >= PTQ of an equally long fine-tune without QAT, every bit width (IQM)",
+            "per_point": ctl_rows, "holds": all(v["holds"] for v in ctl_rows.values()),
+            "bits_that_hold": sorted(k for k, v in ctl_rows.items() if v["holds"])}
+    qa_rows = {}
+    for key, v in (get(r, "qat_act", "results") or {}).items():
+        best_ptq = max(v["ptq_dense"]["iqm"], v["ptq_control"]["iqm"])
+        qa_rows[key] = {"qat": v["qat"]["iqm"], "ptq_weights": best_ptq, "holds": v["qat"]["iqm"] >= best_ptq}
+    if qa_rows:
+        out["qat_ge_ptq_weights_and_activations"] = {
+            "target": "QAT W+A >= the better of PTQ W+A (dense, same fine-tune) at every bit width (IQM)",
+            "per_point": qa_rows, "holds": all(v["holds"] for v in qa_rows.values()),
+            "bits_that_hold": sorted(k for k, v in qa_rows.items() if v["holds"])}
+    for kind, src in (("ptq", ("ptq", "results", "{s}/4", "weights")), ("qat", ("qat", "results", "{s}/4"))):
+        lg = get(r, *[k.format(s="log") for k in src])
+        un = get(r, *[k.format(s="uniform") for k in src])
+        if lg and un:
+            out[f"log4_ge_uniform4_{kind}"] = {"target": "4-bit log >= 4-bit uniform", "ours": {"log": lg["iqm"], "uniform": un["iqm"]},
+                                               "holds": lg["iqm"] >= un["iqm"]}
+    ws, sd = get(r, "wide", "wide_sparse"), get(r, "wide", "small_dense")
+    if ws and sd:
+        out["wide_sparse_ge_small_dense"] = {"target": "wide sparse >= small dense at equal non-zeros",
+                                             "ours": {"wide_sparse": ws["iqm"], "small_dense": sd["iqm"]},
+                                             "holds": ws["iqm"] >= sd["iqm"]}
+    for tag, keys in (("", ("export",)), ("_wide", ("export", "wide"))):
+        ex = get(r, *keys)
+        if ex:
+            h = "x".join(str(w) for w in ex["hidden"])
+            out[f"export_ratio_ge_20{tag}"] = {
+                "target": f">= 20x (actor file of the {h} net, dense f32 vs 90% pruned + int8 per tensor + lzma)",
+                "ours": ex["actor"]["median_ratio"], "holds": ex["actor"]["median_ratio"] >= 20.0}
+    return out
+
+
+def plot(env: str, r: dict, prefix: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    dense = r.get("dense")
+    curves = {
+        "gradual (Zhu & Gupta)": {float(k): v for k, v in (get(r, "gradual", "levels") or {}).items()},
+        "one-shot, no fine-tune": {float(k): v["no_finetune"] for k, v in (get(r, "oneshot", "levels") or {}).items()},
+        "one-shot + fine-tune": {float(k): v["finetune"] for k, v in (get(r, "oneshot", "levels") or {}).items()},
+        "lottery ticket (rewind)": {float(k): v for k, v in (get(r, "lottery", "levels") or {}).items()},
+    }
+    if any(curves.values()):
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for name, pts in curves.items():
+            if not pts:
+                continue
+            xs = sorted(pts)
+            ax.plot([100 * x for x in xs], [pts[x]["iqm"] for x in xs], marker="o", label=name)
+            ax.fill_between([100 * x for x in xs], [pts[x]["ci95"][0] for x in xs], [pts[x]["ci95"][1] for x in xs], alpha=0.15)
+        if dense:
+            ax.axhline(dense["iqm"], color="k", lw=1, ls="--", label="dense")
+            ax.axhspan(*dense["ci95"], color="k", alpha=0.07)
+        ax.set_xlabel("sparsity of prunable kernels (%)")
+        ax.set_ylabel("greedy return (IQM over seeds, 95% CI)")
+        ax.set_title(f"{env}: return vs sparsity")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = f"{prefix}_sparsity.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    ptq, qat = get(r, "ptq", "results") or {}, get(r, "qat", "results") or {}
+    if ptq or qat:
+        schemes = sorted({k.split("/")[0] for k in list(ptq) + list(qat)})
+        fig, axes = plt.subplots(1, len(schemes), figsize=(4.2 * len(schemes), 3.8), squeeze=False)
+        for ax, s in zip(axes[0], schemes):
+            series = {"PTQ weights": {int(k.split("/")[1]): v["weights"] for k, v in ptq.items() if k.startswith(s + "/")},
+                      "PTQ W+A minmax": {int(k.split("/")[1]): v["weights_act_minmax"] for k, v in ptq.items()
+                                         if k.startswith(s + "/") and "weights_act_minmax" in v},
+                      "PTQ W+A percentile": {int(k.split("/")[1]): v["weights_act_percentile"] for k, v in ptq.items()
+                                             if k.startswith(s + "/") and "weights_act_percentile" in v},
+                      "QAT weights": {int(k.split("/")[1]): v for k, v in qat.items() if k.startswith(s + "/")}}
+            for name, pts in series.items():
+                if not pts:
+                    continue
+                xs = sorted(pts)
+                ax.plot(xs, [pts[x]["iqm"] for x in xs], marker="o", label=name)
+                ax.fill_between(xs, [pts[x]["ci95"][0] for x in xs], [pts[x]["ci95"][1] for x in xs], alpha=0.15)
+            if dense:
+                ax.axhline(dense["iqm"], color="k", lw=1, ls="--", label="dense")
+            ax.set_title(f"{env}: {s}")
+            ax.set_xlabel("bits")
+            ax.invert_xaxis()
+            ax.set_ylabel("greedy return (IQM, 95% CI)")
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = f"{prefix}_bits.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def paper_table(result: dict) -> str:
+    """One row per DESIGN.md section 5 claim, one column per environment: what we measured."""
+    envs_ = list(result["envs"])
+    pct = lambda a, b: f"{100 * a / b:.0f}%" if b else "n/a"  # noqa: E731
+    yes = lambda ok: "yes" if ok else "**no**"  # noqa: E731
+
+    def cell(env: str, kind: str) -> str:
+        r = result["envs"][env]
+        ck, dense = r.get("checks") or {}, r.get("dense")
+        if kind == "gradual90":
+            g = get(r, "gradual", "levels", "0.9")
+            if not (g and dense):
+                return "not run"
+            return f"{g['iqm']:.1f} vs dense {dense['iqm']:.1f} ({pct(g['iqm'], dense['iqm'])}): {yes(g['iqm'] >= 0.95 * dense['iqm'])}"
+        if kind == "curve":
+            levels = get(r, "gradual", "levels") or {}
+            return ", ".join(f"{100 * float(k):.0f}%: {v['iqm']:.0f}" for k, v in sorted(levels.items(), key=lambda kv: float(kv[0]))) or "not run"
+        if kind == "wide":
+            w = r.get("wide")
+            if not w:
+                return "not run"
+            return (f"{w['wide_sparse']['iqm']:.1f} vs {w['small_dense']['iqm']:.1f} (256-wide dense {w['wide_dense']['iqm']:.1f}): "
+                    f"{yes(w['wide_sparse']['iqm'] >= w['small_dense']['iqm'])}") if "wide_dense" in w else "re-run"
+        if kind == "int8":
+            p8, c = get(r, "ptq", "results", "uniform/8"), ck.get("int8_ptq_weights")
+            if not (p8 and c):
+                return "not run"
+            wa = p8.get("weights_act_minmax")
+            extra = f"; W+A {wa['iqm']:.1f}, {100 * wa['agreement']:.2f}%" if wa else ""
+            return (f"{p8['weights']['iqm']:.1f} in [{dense['ci95'][0]:.1f}, {dense['ci95'][1]:.1f}], "
+                    f"{100 * p8['weights']['agreement']:.2f}% agree{extra}: {yes(c['holds'])}")
+        if kind in ("qat_w", "qat_wa"):
+            name = {"qat_w": "qat_ge_ptq_same_training", "qat_wa": "qat_ge_ptq_weights_and_activations"}[kind]
+            c = ck.get(name)
+            if not c:
+                return "not run"
+            four = {k: v for k, v in c["per_point"].items() if k.endswith("/4")}
+            fours = "; ".join(f"{k}: {v['qat']:.0f} vs {v['ptq_weights']:.0f}" for k, v in four.items())
+            return f"4 bits: {fours}; all widths: {len(c['bits_that_hold'])}/{len(c['per_point'])} hold"
+        if kind == "log4":
+            c = ck.get("log4_ge_uniform4_ptq")
+            if not c:
+                return "not run"
+            a = get(r, "ptq", "results", "log/4", "weights", "agreement")
+            b = get(r, "ptq", "results", "uniform/4", "weights", "agreement")
+            return (f"{c['ours']['log']:.1f} vs {c['ours']['uniform']:.1f} (agreement {100 * a:.1f}% vs {100 * b:.1f}%): "
+                    f"{yes(c['holds'])}")
+        if kind == "export":
+            out = []
+            for key, tag in (("export_ratio_ge_20", "64x64"), ("export_ratio_ge_20_wide", "256x256")):
+                c = ck.get(key)
+                if c:
+                    out.append(f"{tag}: x{c['ours']:.1f} {yes(c['holds'])}")
+            return "; ".join(out) or "not run"
+        raise KeyError(kind)
+
+    rows = [
+        ("Graesser et al. 2022: 90% sparsity keeps >= 95% of dense return (gradual, IQM)", "gradual90"),
+        ("return vs gradual sparsity (IQM)", "curve"),
+        ("Obando-Ceron et al. 2024: wide sparse >= small dense at equal non-zeros", "wide"),
+        ("QuaRL: int8 PTQ within the dense CI, >= 99% greedy agreement", "int8"),
+        ("QuaRL: QAT >= PTQ (weights; PTQ of an equally long fine-tune)", "qat_w"),
+        ("QuaRL: QAT >= PTQ (weights + activations)", "qat_wa"),
+        ("QuaRL: 4-bit log >= 4-bit uniform (PTQ weights)", "log4"),
+        ("90% pruned + int8 export >= 20x smaller than dense float32 (actor file)", "export"),
+    ]
+    lines = ["| claim (paper, DESIGN.md section 5) | " + " | ".join(envs_) + " |", "|---" * (len(envs_) + 1) + "|"]
+    for label, kind in rows:
+        lines.append(f"| {label} | " + " | ".join(cell(e, kind) for e in envs_) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def summary_markdown(result: dict) -> str:
+    lines = [f"# Compression benchmark ({result['hardware']['cpu_model']}, {result['timestamp_utc']})", "",
+             f"Greedy return, IQM over {result['settings']['seeds']} seeds of the per-seed "
+             f"mean over {result['settings']['eval_episodes']} episodes, [95% stratified bootstrap CI]. Every number was "
+             f"measured by the invocations each environment lists below (JSON: `{result['json']}`; latest: "
+             f"`{result['command']}`). Paper figures: DESIGN.md section 5.", "",
+             paper_table(result), ""]
+    for env, r in result["envs"].items():
+        st = r.get("settings", {})
+        lines += [f"## {env}", "",
+                  f"PPO {st.get('config_summary', '')}; budget {st.get('total_timesteps')} env steps per run, "
+                  f"fine-tune {st.get('finetune_steps')} steps. Measured by: "
+                  + "; ".join(f"`{x['command']}` ({x['started_utc']})" for x in r.get("runs", [])) + ". Wall time per experiment: "
+                  + ", ".join(f"{k} {v:.0f}s" for k, v in (r.get("wall_s") or {}).items()), ""]
+        if r.get("errors"):
+            lines += [f"Failed experiments: {', '.join(r['errors'])} (see JSON).", ""]
+        dense = r.get("dense")
+        lines += ["| sparsity | gradual | one-shot (no FT) | one-shot + FT | lottery ticket |", "|---|---|---|---|---|"]
+        levels = sorted({float(k) for src in ("gradual", "oneshot", "lottery") for k in (get(r, src, "levels") or {})})
+        for lv in levels:
+            k = str(lv)
+            lines.append(f"| {100 * lv:.0f}% | {fmt(get(r, 'gradual', 'levels', k))} | "
+                         f"{fmt(get(r, 'oneshot', 'levels', k, 'no_finetune'))} | {fmt(get(r, 'oneshot', 'levels', k, 'finetune'))} | "
+                         f"{fmt(get(r, 'lottery', 'levels', k))} |")
+        lines += ["", f"Dense: {fmt(dense)}.", ""]
+        ptq, qat = get(r, "ptq", "results") or {}, get(r, "qat", "results") or {}
+        if ptq or qat:
+            ctl = get(r, "qat", "control_ptq") or {}
+            lines += ["| scheme / bits | PTQ W (agree) | PTQ W+A minmax (agree) | PTQ W+A pct (agree) | QAT W (fine-tune) "
+                      "| PTQ W of the same fine-tune without QAT |", "|---|---|---|---|---|---|"]
+            for key in sorted(set(ptq) | set(qat), key=lambda k: (k.split("/")[0], -int(k.split("/")[1]))):
+                def cell(v):
+                    return "—" if not v else f"{fmt(v)} ({100 * v['agreement']:.1f}%)"
+                lines.append(f"| {key} | {cell(get(ptq, key, 'weights'))} | {cell(get(ptq, key, 'weights_act_minmax'))} | "
+                             f"{cell(get(ptq, key, 'weights_act_percentile'))} | {fmt(qat.get(key)) if key in qat else '—'} | "
+                             f"{fmt(ctl.get(key)) if key in ctl else '—'} |")
+            if get(r, "qat", "control_finetune_dense"):
+                lines.append(f"\nThe QAT fine-tune without quantization (control), float32: {fmt(get(r, 'qat', 'control_finetune_dense'))}.")
+            lines.append("")
+        qa = get(r, "qat_act", "results") or {}
+        if qa:
+            lines += ["Weights and activations (kernels per tensor, Dense inputs per tensor with a dynamic range), "
+                      f"QAT fine-tune of {get(r, 'qat_act', 'finetune_steps')} steps vs PTQ:", "",
+                      "| scheme / bits | QAT W+A | PTQ W+A of the dense policy | PTQ W+A of the same fine-tune without QAT |",
+                      "|---|---|---|---|"]
+            for key in sorted(qa, key=lambda k: (k.split("/")[0], -int(k.split("/")[1]))):
+                v = qa[key]
+                lines.append(f"| {key} | {fmt(v['qat'])} | {fmt(v['ptq_dense'])} | {fmt(v['ptq_control'])} |")
+            lines.append("")
+        w = r.get("wide")
+        if w:
+            lines += [f"Wide-sparse {tuple(w['wide_sparse']['hidden'])} at 90% ({w['wide_sparse']['actor_torso_nonzero_kernel_weights']} "
+                      f"non-zero actor-torso weights): {fmt(w['wide_sparse'])}; small-dense {tuple(w['small_dense']['hidden'])} "
+                      f"({w['small_dense']['actor_torso_nonzero_kernel_weights']}): {fmt(w['small_dense'])}"
+                      + (f"; the same wide net dense: {fmt(w['wide_dense'])}." if "wide_dense" in w else "."), ""]
+        for ex in (r.get("export"), get(r, "export", "wide")):
+            if not ex:
+                continue
+            a, ac = ex["actor"], ex["actor_critic"]
+            lines += [f"Export of the {tuple(ex['hidden'])} net, 90% gradual + int8 kernels (median over seeds; "
+                      f"dense float32 file: actor {a['dense_float32_bytes']} B, actor+critic {ac['dense_float32_bytes']} B). "
+                      f"Return: float {fmt(ex['float_policy_return'])}, int8 per tensor {fmt(ex['shipped_policy_return'])}, "
+                      f"int8 per channel {fmt(ex['shipped_per_channel_return'])}.", "",
+                      "| file | actor bytes | ratio | actor+critic bytes | ratio |", "|---|---|---|---|---|"]
+            for k in ex["variants"]:
+                lines.append(f"| {k} | {a[k]['median_bytes']:.0f} | x{a[k]['median_ratio']:.1f} | "
+                             f"{ac[k]['median_bytes']:.0f} | x{ac[k]['median_ratio']:.1f} |")
+            lines.append("")
+        c = r.get("cost")
+        if c:
+            lines += ["| policy forward | params | non-zeros | FLOPs | latency b=1 (µs) | latency b=256 (µs) |", "|---|---|---|---|---|---|"]
+            for name, v in c["variants"].items():
+                lines.append(f"| {name} | {v['params']} | {v['nonzeros']} | {v['flops_per_forward']} | "
+                             f"{v['latency_us_batch1']:.1f} | {v['latency_us_batch256']:.1f} |")
+            lines += ["", f"Shrink 50% (no fine-tune) return: {fmt(c['shrink_50_return_no_finetune'])}.", ""]
+        ck = r.get("checks") or {}
+        if ck:
+            lines += ["| target (paper) | ours | holds |", "|---|---|---|"]
+            for name, v in ck.items():
+                ours = v.get("ours")
+                if isinstance(ours, float):
+                    ours = f"{ours:.3f}"
+                elif isinstance(ours, dict):
+                    ours = ", ".join(f"{k}={x:.3f}" if isinstance(x, float) else f"{k}={x}" for k, x in ours.items())
+                else:
+                    ours = "; ".join(f"{k}: QAT {v2['qat']:.1f} vs PTQ {v2['ptq_weights']:.1f}" for k, v2 in v["per_point"].items())
+                lines.append(f"| {name}: {v['target']} | {ours} | {'yes' if v['holds'] else 'NO'} |")
+            lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------
+# Main
+# ----------------------------------------------------------------------------------------------
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--envs", nargs="+", default=["CartPole-v1"], choices=sorted(ENV_SETTINGS))
+    p.add_argument("--seeds", type=int, default=8)
+    p.add_argument("--quick", action="store_true", help="tiny budgets (smoke test)")
+    p.add_argument("--experiments", nargs="+", choices=ALL_EXPERIMENTS, default=None,
+                   help="run only these (default: each env's list); results merge into an existing JSON")
+    p.add_argument("--total-timesteps", type=int, default=None, help="override the env's training budget")
+    p.add_argument("--finetune-steps", type=int, default=None)
+    p.add_argument("--eval-episodes", type=int, default=None, help="greedy episodes per seed (default 32; quick 8)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--summary-only", action="store_true",
+                   help="run nothing: rewrite the summary, checks and plots from the existing JSON")
+    p.add_argument("--summary", type=Path, default=None, help="markdown summary (default results/compression_summary.md; not written with --quick)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    hw = cpu_info()
+    slug = cpu_short_name(hw["cpu_model"])
+    out_path = args.out or RESULTS / f"compression_{slug}{'_quick' if args.quick else ''}.json"
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    previous = json.loads(out_path.read_text()) if out_path.exists() else {}
+    started = dt.datetime.now(dt.timezone.utc)
+    result = {
+        "benchmark": "compression",
+        "timestamp_utc": started.isoformat(timespec="seconds"),
+        "command": " ".join(["benchmarks/compression.py"] + (argv if argv is not None else sys.argv[1:])),
+        "json": str(out_path.relative_to(REPO)) if out_path.is_relative_to(REPO) else str(out_path),
+        "hardware": hw, "backend": jax.default_backend(), "jax_environment": jax_environment(),
+        "versions": local_versions(),
+        "settings": {"seeds": args.seeds, "quick": args.quick, "seed": args.seed,
+                     "eval_episodes": args.eval_episodes or (8 if args.quick else 32),
+                     "score": "IQM over seeds of per-seed mean greedy return; 95% percentile bootstrap, 2000 resamples of seeds, seed 0",
+                     "gradual_schedule": GRADUAL},
+        "envs": previous.get("envs", {}),
+        "targets": {"source": "DESIGN.md section 5", **TARGETS},
+    }
+    eval_eps = result["settings"]["eval_episodes"]
+    if args.summary_only:
+        result = previous
+        for env_name, r in result["envs"].items():
+            r["checks"] = checks(r)
+            prefix = out_path.parent / f"{out_path.stem}_{env_name.replace('-', '_').lower()}"
+            r["plots"] = [str(Path(x).relative_to(REPO)) if Path(x).is_relative_to(REPO) else x
+                          for x in plot(env_name, r, prefix)]
+        out_path.write_text(json.dumps(_jsonable(result), indent=1) + "\n")
+        args.envs = []
+
+    def save():
+        result["finished_utc"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+        for env_name, r in result["envs"].items():
+            r["checks"] = checks(r)
+        tmp = out_path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(_jsonable(result), indent=1) + "\n")
+        os.replace(tmp, out_path)
+
+    log(f"{hw['cpu_model']}, {hw['logical_cores']} cores; envs={args.envs} seeds={args.seeds} quick={args.quick}; "
+        f"load average {loadavg()}")
+    for env in args.envs:
+        st = ENV_SETTINGS[env]
+        total = args.total_timesteps or (QUICK["total"] if args.quick else st["total"])
+        finetune = args.finetune_steps or (QUICK["finetune"] if args.quick else st["finetune"])
+        config = make_config(env, st, total)
+        hparams = ppo.PPOHParams(**st["hparams"])
+        r = result["envs"].setdefault(env, {})
+        ctx = Ctx(env=env, n_seeds=args.seeds, total=total, finetune=finetune, eval_episodes=eval_eps,
+                  sparsities=QUICK["sparsities"] if args.quick else st["sparsities"],
+                  bits=QUICK["bits"] if args.quick else st["bits"],
+                  schemes=QUICK["schemes"] if args.quick else st["schemes"],
+                  config=config, hparams=hparams, seed=args.seed, save=save, results=r)
+        r["settings"] = {"config": dataclasses.asdict(config), "hparams": st["hparams"], "total_timesteps": total,
+                         "finetune_steps": finetune, "sparsities": ctx.sparsities, "bits": ctx.bits,
+                         "schemes": ctx.schemes,
+                         "config_summary": f"{config.num_envs} envs x {config.num_steps} steps, {config.update_epochs} epochs, "
+                                           f"{config.num_minibatches} minibatches, {config.net.kind} {config.net.hidden} "
+                                           f"{config.net.activation}, lr {st['hparams']['lr']}"}
+        r.setdefault("wall_s", {})
+        r.setdefault("errors", [])
+        r.setdefault("runs", []).append({"command": result["command"], "started_utc": result["timestamp_utc"],
+                                         "experiments": list(args.experiments or st["experiments"])})
+        todo = [e for e in (args.experiments or st["experiments"])]
+        log(f"== {env}: {todo}; {total} steps per run, fine-tune {finetune}")
+        for name in todo:
+            t = Timer()
+            try:
+                r[name] = EXPERIMENTS[name](ctx)
+                r["errors"] = [e for e in r["errors"] if e != name]
+                r.pop(f"{name}_error", None)
+            except Exception as e:  # record, keep going with the next experiment
+                traceback.print_exc()
+                r[f"{name}_error"] = f"{type(e).__name__}: {e}"
+                if name not in r["errors"]:
+                    r["errors"].append(name)
+            r["wall_s"][name] = t()
+            log(f"{env} {name} done in {t():.0f}s")
+            save()
+        prefix = out_path.parent / f"{out_path.stem}_{env.replace('-', '_').lower()}"
+        r["plots"] = [str(Path(x).relative_to(REPO)) if Path(x).is_relative_to(REPO) else x for x in plot(env, r, prefix)]
+        save()
+    md = summary_markdown(result)
+    summary_path = args.summary or (out_path.parent / ("compression_summary_quick.md" if args.quick else "compression_summary.md"))
+    summary_path.write_text(md)
+    print()
+    print(md)
+    log(f"wrote {out_path} and {summary_path}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
