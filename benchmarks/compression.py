@@ -801,6 +801,21 @@ def plot(env: str, r: dict, prefix: Path) -> list[str]:
 
     written = []
     dense = r.get("dense")
+
+    def series(ax, pts: dict, label: str, scale: float = 1.0) -> None:
+        """One IQM curve with its 95% CI band; x scaled (e.g. 100 for %)."""
+        xs = sorted(pts)
+        xv = [scale * x for x in xs]
+        ax.plot(xv, [pts[x]["iqm"] for x in xs], marker="o", label=label)
+        ax.fill_between(xv, [pts[x]["ci95"][0] for x in xs], [pts[x]["ci95"][1] for x in xs], alpha=0.15)
+
+    def save(fig, suffix: str) -> None:
+        fig.tight_layout()
+        path = f"{prefix}_{suffix}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+
     curves = {
         "gradual (Zhu & Gupta)": {float(k): v for k, v in (get(r, "gradual", "levels") or {}).items()},
         "one-shot, no fine-tune": {float(k): v["no_finetune"] for k, v in (get(r, "oneshot", "levels") or {}).items()},
@@ -810,11 +825,8 @@ def plot(env: str, r: dict, prefix: Path) -> list[str]:
     if any(curves.values()):
         fig, ax = plt.subplots(figsize=(7, 4))
         for name, pts in curves.items():
-            if not pts:
-                continue
-            xs = sorted(pts)
-            ax.plot([100 * x for x in xs], [pts[x]["iqm"] for x in xs], marker="o", label=name)
-            ax.fill_between([100 * x for x in xs], [pts[x]["ci95"][0] for x in xs], [pts[x]["ci95"][1] for x in xs], alpha=0.15)
+            if pts:
+                series(ax, pts, name, scale=100.0)
         if dense:
             ax.axhline(dense["iqm"], color="k", lw=1, ls="--", label="dense")
             ax.axhspan(*dense["ci95"], color="k", alpha=0.07)
@@ -822,28 +834,21 @@ def plot(env: str, r: dict, prefix: Path) -> list[str]:
         ax.set_ylabel("greedy return (IQM over seeds, 95% CI)")
         ax.set_title(f"{env}: return vs sparsity")
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        path = f"{prefix}_sparsity.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        save(fig, "sparsity")
     ptq, qat = get(r, "ptq", "results") or {}, get(r, "qat", "results") or {}
     if ptq or qat:
         schemes = sorted({k.split("/")[0] for k in list(ptq) + list(qat)})
         fig, axes = plt.subplots(1, len(schemes), figsize=(4.2 * len(schemes), 3.8), squeeze=False)
         for ax, s in zip(axes[0], schemes):
-            series = {"PTQ weights": {int(k.split("/")[1]): v["weights"] for k, v in ptq.items() if k.startswith(s + "/")},
+            curves_s = {"PTQ weights": {int(k.split("/")[1]): v["weights"] for k, v in ptq.items() if k.startswith(s + "/")},
                       "PTQ W+A minmax": {int(k.split("/")[1]): v["weights_act_minmax"] for k, v in ptq.items()
                                          if k.startswith(s + "/") and "weights_act_minmax" in v},
                       "PTQ W+A percentile": {int(k.split("/")[1]): v["weights_act_percentile"] for k, v in ptq.items()
                                              if k.startswith(s + "/") and "weights_act_percentile" in v},
                       "QAT weights": {int(k.split("/")[1]): v for k, v in qat.items() if k.startswith(s + "/")}}
-            for name, pts in series.items():
-                if not pts:
-                    continue
-                xs = sorted(pts)
-                ax.plot(xs, [pts[x]["iqm"] for x in xs], marker="o", label=name)
-                ax.fill_between(xs, [pts[x]["ci95"][0] for x in xs], [pts[x]["ci95"][1] for x in xs], alpha=0.15)
+            for name, pts in curves_s.items():
+                if pts:
+                    series(ax, pts, name)
             if dense:
                 ax.axhline(dense["iqm"], color="k", lw=1, ls="--", label="dense")
             ax.set_title(f"{env}: {s}")
@@ -851,11 +856,7 @@ def plot(env: str, r: dict, prefix: Path) -> list[str]:
             ax.invert_xaxis()
             ax.set_ylabel("greedy return (IQM, 95% CI)")
             ax.legend(fontsize=7)
-        fig.tight_layout()
-        path = f"{prefix}_bits.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        save(fig, "bits")
     return written
 
 

@@ -81,16 +81,13 @@ def forward_fill(values: np.ndarray, counts: np.ndarray) -> np.ndarray:
 
 def iqm(x: np.ndarray) -> float:
     """Interquartile mean (Agarwal et al. 2021): mean of the middle 50% of values."""
-    x = np.sort(np.asarray(x, dtype=np.float64).ravel())
-    n = len(x)
-    if n == 0:
-        return float("nan")
-    lo, hi = int(np.floor(0.25 * n)), int(np.ceil(0.75 * n))
-    return float(np.mean(x[lo:hi])) if hi > lo else float(np.mean(x))
+    x = np.asarray(x, dtype=np.float64).ravel()
+    return float(_iqm_rows(x[None])[0]) if x.size else float("nan")
 
 
 def _iqm_rows(x: np.ndarray) -> np.ndarray:
-    """`iqm` of every row of a 2-D array at once (same trimming rule as `iqm`)."""
+    """Interquartile mean of every row of a 2-D array: the mean of sorted values [floor(n/4),
+    ceil(3n/4)), or of all values when that slice is empty."""
     x = np.sort(np.asarray(x, dtype=np.float64), axis=-1)
     n = x.shape[-1]
     lo, hi = int(np.floor(0.25 * n)), int(np.ceil(0.75 * n))

@@ -227,6 +227,21 @@ def _minmax(x: jax.Array, per_channel: bool) -> tuple[jax.Array, jax.Array]:
     return jnp.min(x, axis=axes), jnp.max(x, axis=axes)
 
 
+def _range_over(x: jax.Array, spec: QuantSpec, axes: tuple[int, ...] | None,
+                keepdims: bool = False) -> tuple[jax.Array, jax.Array]:
+    """(lo, hi) of `x` (float32, no gradient) reduced over `axes` by `spec.range_method`."""
+    if spec.range_method == "minmax":
+        return jnp.min(x, axis=axes, keepdims=keepdims), jnp.max(x, axis=axes, keepdims=keepdims)
+    if axes == ():  # one element per range: its own range
+        return (-jnp.abs(x), jnp.abs(x)) if spec.symmetric else (x, x)
+    p = float(spec.percentile)
+    if spec.symmetric:
+        a = jnp.percentile(jnp.abs(x), p, axis=axes, keepdims=keepdims)
+        return -a, a
+    return (jnp.percentile(x, 100.0 - p, axis=axes, keepdims=keepdims),
+            jnp.percentile(x, p, axis=axes, keepdims=keepdims))
+
+
 def activation_range(x: jax.Array, spec: QuantSpec) -> tuple[jax.Array, jax.Array]:
     """(lo, hi) of an activation tensor by `spec.range_method` (per channel = last axis if asked).
 
@@ -235,16 +250,7 @@ def activation_range(x: jax.Array, spec: QuantSpec) -> tuple[jax.Array, jax.Arra
     rare outliers spends the levels on the bulk of the distribution.
     """
     x = jax.lax.stop_gradient(jnp.asarray(x, jnp.float32))
-    if spec.range_method == "minmax":
-        return _minmax(x, spec.per_channel)
-    axes = _reduce_axes(x, spec.per_channel)
-    if axes == ():  # one element per channel: its own range
-        return (-jnp.abs(x), jnp.abs(x)) if spec.symmetric else (x, x)
-    p = float(spec.percentile)
-    if spec.symmetric:
-        a = jnp.percentile(jnp.abs(x), p, axis=axes)
-        return -a, a
-    return jnp.percentile(x, 100.0 - p, axis=axes), jnp.percentile(x, p, axis=axes)
+    return _range_over(x, spec, _reduce_axes(x, spec.per_channel))
 
 
 DYNAMIC_RANGES = ("sample", "tensor")
@@ -260,15 +266,7 @@ def sample_range(x: jax.Array, spec: QuantSpec, feature_axes: int = 1) -> tuple[
     `spec.per_channel` does not apply (a sample's channels share its range).
     """
     x = jax.lax.stop_gradient(jnp.asarray(x, jnp.float32))
-    axes = tuple(range(max(x.ndim - feature_axes, 0), x.ndim))
-    if spec.range_method == "minmax":
-        return jnp.min(x, axis=axes, keepdims=True), jnp.max(x, axis=axes, keepdims=True)
-    p = float(spec.percentile)
-    if spec.symmetric:
-        a = jnp.percentile(jnp.abs(x), p, axis=axes, keepdims=True)
-        return -a, a
-    return (jnp.percentile(x, 100.0 - p, axis=axes, keepdims=True),
-            jnp.percentile(x, p, axis=axes, keepdims=True))
+    return _range_over(x, spec, tuple(range(max(x.ndim - feature_axes, 0), x.ndim)), keepdims=True)
 
 
 # ----------------------------------------------------------------------------------------------

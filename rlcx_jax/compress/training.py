@@ -91,8 +91,10 @@ class CompressConfig:
             raise ValueError(f"prune_every must be >= 1, got {self.prune_every}")
         if self.qat_bits != 0:
             self.qat_spec().validate()
-        if self.qat_activation_range not in ("sample", "tensor"):
-            raise ValueError(f"qat_activation_range must be 'sample' or 'tensor', got {self.qat_activation_range!r}")
+        from rlcx_jax.compress.quant import DYNAMIC_RANGES
+
+        if self.qat_activation_range not in DYNAMIC_RANGES:
+            raise ValueError(f"qat_activation_range must be one of {DYNAMIC_RANGES}, got {self.qat_activation_range!r}")
 
     def qat_spec(self) -> Any:
         from rlcx_jax.compress import quant
