@@ -23,8 +23,13 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from rlcx_jax.nets.paths import flatten_with_paths
+from rlcx_jax.seams import EXTENSION_TYPES, Extension
+
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
+# 2: extensions (config.extensions, hparams.ext) instead of compression fields in every config
+CONFIG_FORMAT = 2
 
 
 class CheckpointError(ValueError):
@@ -35,9 +40,13 @@ class CheckpointError(ValueError):
 # Config <-> JSON
 # ----------------------------------------------------------------------------------------------
 def to_jsonable(obj: Any) -> Any:
-    """Dataclasses (configs, hparams) to plain JSON values."""
+    """Dataclasses (configs, hparams) to plain JSON values; an extension carries its registered name
+    under "extension" so `from_jsonable` can find its type again."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: to_jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        fields = {f.name: to_jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        return {"extension": obj.name, **fields} if isinstance(obj, Extension) else fields
+    if isinstance(obj, dict):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (tuple, list)):
         return [to_jsonable(x) for x in obj]
     if isinstance(obj, (np.generic, np.ndarray, jax.Array)):
@@ -45,9 +54,21 @@ def to_jsonable(obj: Any) -> Any:
     return obj
 
 
+def _extension_from_json(value: dict[str, Any]) -> Extension:
+    fields = dict(value)
+    name = fields.pop("extension", None)
+    if name not in EXTENSION_TYPES:
+        raise CheckpointError(
+            f"Unknown extension {name!r} (known: {sorted(EXTENSION_TYPES)}); import the module that defines it first"
+        )
+    return from_jsonable(EXTENSION_TYPES[name], fields)
+
+
 def _from_value(tp: Any, value: Any) -> Any:
     origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and issubclass(tp, Extension):
+        return _extension_from_json(value)
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return from_jsonable(tp, value)
     if origin is tuple:
         args = typing.get_args(tp)
@@ -88,6 +109,7 @@ class RunSpec:
 
     def to_json(self) -> dict[str, Any]:
         return {
+            "format": CONFIG_FORMAT,
             "algorithm": self.algorithm,
             "config": to_jsonable(self.config),
             "hparams": to_jsonable(self.hparams),
@@ -97,14 +119,27 @@ class RunSpec:
         }
 
     @staticmethod
-    def from_json(data: dict[str, Any]) -> "RunSpec":
+    def from_json(data: dict[str, Any]) -> RunSpec:
         from rlcx_jax import rl
 
+        if data.get("format") != CONFIG_FORMAT:
+            raise CheckpointError(
+                f"config.json has format {data.get('format', 1)}; this version reads format {CONFIG_FORMAT} "
+                "(run directories written before extensions existed must be trained again)"
+            )
         spec = rl.get(data["algorithm"])
+        config = from_jsonable(spec.config_cls, data["config"])
+        hparams_data = dict(data["hparams"])
+        ext_data = hparams_data.pop("ext", {})
+        ext = {}
+        for e in config.extensions:
+            default = e.default_hparams()
+            if default is not None:
+                ext[e.name] = from_jsonable(type(default), ext_data[e.name]) if e.name in ext_data else default
         return RunSpec(
             algorithm=data["algorithm"],
-            config=from_jsonable(spec.config_cls, data["config"]),
-            hparams=from_jsonable(spec.hparams_cls, data["hparams"]),
+            config=config,
+            hparams=from_jsonable(spec.hparams_cls, hparams_data).replace(ext=ext),
             num_seeds=int(data["num_seeds"]),
             seed=int(data["seed"]),
             chunk_updates=int(data["chunk_updates"]),
@@ -185,27 +220,15 @@ def _describe(leaf: Any) -> tuple[tuple[int, ...], str]:
     return tuple(leaf.shape), str(jnp.dtype(leaf.dtype))
 
 
-def _path_names(path: tuple[Any, ...]) -> tuple[str, ...]:
-    names = []
-    for k in path:
-        for attr in ("name", "key", "idx"):
-            if hasattr(k, attr):
-                names.append(str(getattr(k, attr)))
-                break
-        else:
-            names.append(str(k))
-    return tuple(names)
-
-
-def _leaves_by_path(tree: Any) -> dict[tuple[str, ...], Any]:
-    return {_path_names(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+def _leaves_by_path(tree: Any) -> dict[str, Any]:
+    return flatten_with_paths(tree)
 
 
 def _check_matches(step: int, stored: dict, expected: dict) -> None:
     missing = sorted(set(expected) - set(stored))
     extra = sorted(set(stored) - set(expected))
     if missing or extra:
-        detail = f"missing {'/'.join(missing[0])}" if missing else f"unexpected {'/'.join(extra[0])}"
+        detail = f"missing {missing[0]}" if missing else f"unexpected {extra[0]}"
         raise CheckpointError(
             f"Checkpoint {step} does not belong to this config ({len(missing)} arrays missing, "
             f"{len(extra)} unexpected; first: {detail})"
@@ -214,7 +237,7 @@ def _check_matches(step: int, stored: dict, expected: dict) -> None:
         got = stored[path]
         if hasattr(got, "shape") and _describe(got) != _describe(want):
             raise CheckpointError(
-                f"Checkpoint {step} does not match the config at {'/'.join(path)}: "
+                f"Checkpoint {step} does not match the config at {path}: "
                 f"stored shape/dtype {_describe(got)}, expected {_describe(want)}"
             )
 

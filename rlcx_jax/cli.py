@@ -21,7 +21,8 @@ import shutil
 import sys
 import time
 import typing
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -29,13 +30,17 @@ import tyro
 
 from rlcx_jax import checkpoint, envs, nets, rl
 from rlcx_jax import logging as rlog
-from rlcx_jax.compress.pipeline import CompressOptions, compress_run
 from rlcx_jax.compress.training import CompressConfig
 from rlcx_jax.rl.common import broadcast_tree
 from rlcx_jax.rl.evaluate import default_greedy, make_evaluator
+from rlcx_jax.seams import Extension
+from rlcx_jax.workflows.compress_run import CompressOptions, compress_run
 
 # Config fields that the CLI exposes under other names (or not at all).
-_RENAMED = {"env", "total_timesteps", "env_kwargs", "net", "compress"}
+_RENAMED = {"env", "total_timesteps", "env_kwargs", "net", "extensions", "ext"}
+# Extensions whose config and hyperparameter fields are flags of `rlcx train`; an extension is
+# switched on when any of its flags differs from its default.
+CLI_EXTENSIONS: tuple[type[Extension], ...] = (CompressConfig,)
 
 
 class CLIError(ValueError):
@@ -81,7 +86,11 @@ def train_args_class(algorithm: str) -> type:
     fields: list[tuple[str, Any, Any]] = []
     for f in dataclasses.fields(RunOptions):
         fields.append((f.name, typing.get_type_hints(RunOptions)[f.name], dataclasses.field(default=f.default)))
-    for obj, prefix in ((config0, ""), (config0.net, "net_"), (config0.compress, ""), (hparams0, "")):
+    parts: list[tuple[Any, str]] = [(config0, ""), (config0.net, "net_"), (hparams0, "")]
+    for ext_cls in CLI_EXTENSIONS:
+        ext0 = ext_cls()
+        parts += [(ext0, "")] + ([(ext0.default_hparams(), "")] if ext0.default_hparams() is not None else [])
+    for obj, prefix in parts:
         hints = typing.get_type_hints(type(obj))
         for f in dataclasses.fields(obj):
             if prefix == "" and f.name in _RENAMED:
@@ -110,24 +119,23 @@ def build_run(algorithm: str, args: Any) -> tuple[Any, Any]:
     config0 = spec.config_cls()
     values = dataclasses.asdict(args)
     net_kwargs = {f.name: values["net_" + f.name] for f in dataclasses.fields(nets.NetConfig)}
-    cfg_kwargs = {
-        f.name: values[f.name] for f in dataclasses.fields(config0) if f.name not in _RENAMED
-    }
+    cfg_kwargs = {f.name: values[f.name] for f in dataclasses.fields(config0) if f.name not in _RENAMED}
     total = args.total_steps if args.total_steps != -1 else config0.total_timesteps
     env_kwargs = _parse_env_params(args.env_param)
     envs.make(args.env, **dict(env_kwargs))  # unknown env / parameter: clear error now
-    compress = CompressConfig(**{f.name: values[f.name] for f in dataclasses.fields(CompressConfig)})
+    extensions, ext_hparams = _cli_extensions(values)
     config = spec.config_cls(
         env=args.env,
         total_timesteps=total,
         env_kwargs=env_kwargs,
         net=nets.NetConfig(**net_kwargs),
-        compress=compress,
+        extensions=extensions,
         **cfg_kwargs,
     )
-    hparams = spec.hparams_cls(**{f.name: values[f.name] for f in dataclasses.fields(spec.hparams_cls)})
+    hp_fields = [f.name for f in dataclasses.fields(spec.hparams_cls) if f.name not in _RENAMED]
+    hparams = spec.hparams_cls(**{name: values[name] for name in hp_fields}, ext=ext_hparams)
     config.validate()
-    hparams.validate()
+    hparams.validate(config.extensions)
     if args.seeds < 1:
         raise CLIError(f"--seeds must be >= 1, got {args.seeds}")
     if args.chunks < 1:
@@ -135,6 +143,20 @@ def build_run(algorithm: str, args: Any) -> tuple[Any, Any]:
     if args.eval_episodes < 1:
         raise CLIError(f"--eval-episodes must be >= 1, got {args.eval_episodes}")
     return config, hparams
+
+
+def _cli_extensions(values: dict[str, Any]) -> tuple[tuple[Extension, ...], dict[str, Any]]:
+    """The CLI extensions whose flags were changed, and their hyperparameters."""
+    extensions, ext_hparams = [], {}
+    for ext_cls in CLI_EXTENSIONS:
+        ext = ext_cls(**{f.name: values[f.name] for f in dataclasses.fields(ext_cls)})
+        hp0 = ext_cls().default_hparams()
+        hp = None if hp0 is None else type(hp0)(**{f.name: values[f.name] for f in dataclasses.fields(hp0)})
+        if ext != ext_cls() or hp != hp0:
+            extensions.append(ext)
+            if hp is not None:
+                ext_hparams[ext.name] = hp
+    return tuple(extensions), ext_hparams
 
 
 # ----------------------------------------------------------------------------------------------
@@ -151,7 +173,7 @@ def _prepare_run_dir(run_dir: pathlib.Path, run_spec: checkpoint.RunSpec, resume
             )
         checkpoint.remove_partial_checkpoints(run_dir)
         done = checkpoint.latest_step(run_dir) or 0
-        rlog.truncate_rows(run_dir, done // run_spec.config.log_every)
+        rlog.truncate_rows(run_dir, done)
         return done
     if run_dir.exists() and any(run_dir.iterdir()):
         if not overwrite:
@@ -206,10 +228,20 @@ def _print_table(title: str, returns: np.ndarray, extra: dict[str, str]) -> None
 
 
 def run_train(algorithm: str, args: Any) -> dict[str, Any]:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     config, hparams = build_run(algorithm, args)
     trainer = rl.make(algorithm, config)
+    notice = config.rounding_notice()
+    if notice:
+        print(f"rlcx: note: {notice}", file=sys.stderr)
     rows_total = trainer.num_updates // trainer.log_every
     chunk_updates = math.ceil(rows_total / min(args.chunks, rows_total)) * trainer.log_every
     run_spec = checkpoint.RunSpec(algorithm, config, hparams, args.seeds, args.seed, chunk_updates)
@@ -238,8 +270,15 @@ def run_train(algorithm: str, args: Any) -> dict[str, Any]:
     # TRAIN IN CHUNKS
     start_done = done
     run_s = 0.0
-    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("updates"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
+    columns = (
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("updates"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+    )
     with Progress(*columns, transient=False) as progress:
         task = progress.add_task(f"{algorithm} {config.env} x{args.seeds}", total=trainer.num_updates, completed=done)
         while done < trainer.num_updates:
@@ -308,7 +347,8 @@ def run_eval(argv: Sequence[str]) -> dict[str, Any]:
     run_spec, trainer, step, state = restore_run(run_dir)
     returns = evaluate_states(trainer, run_spec.algorithm, state, args.episodes, args.seed)
     _print_table(
-        f"{run_spec.algorithm} on {run_spec.config.env} (checkpoint at update {step}): {args.episodes} episodes per seed",
+        f"{run_spec.algorithm} on {run_spec.config.env} (checkpoint at update {step}): "
+        f"{args.episodes} episodes per seed",
         returns,
         {"run directory": str(run_dir)},
     )
@@ -370,10 +410,21 @@ def _print_compress_table(run_spec: checkpoint.RunSpec, step: int, options: Comp
     from rich.console import Console
     from rich.table import Table
 
-    changes = {k: v for k, v in dataclasses.asdict(options).items() if v and k not in ("include", "exclude", "distribution")}
+    changes = {
+        k: v for k, v in dataclasses.asdict(options).items() if v and k not in ("include", "exclude", "distribution")
+    }
     table = Table(title=f"{run_spec.algorithm} on {run_spec.config.env} (update {step}), compressed with {changes}")
-    for col in ("policy", "return (mean)", "return (IQM)", "greedy agreement", "policy params", "non-zeros",
-                "file bytes", "FLOPs/forward", "latency (us)"):
+    for col in (
+        "policy",
+        "return (mean)",
+        "return (IQM)",
+        "greedy agreement",
+        "policy params",
+        "non-zeros",
+        "file bytes",
+        "FLOPs/forward",
+        "latency (us)",
+    ):
         table.add_column(col, justify="right")
     base = rows[0]
     for r in rows:
@@ -385,7 +436,9 @@ def _print_compress_table(run_spec: checkpoint.RunSpec, step: int, options: Comp
             f"{100 * r.agreement.mean():.2f}%",
             f"{r.params:,}",
             f"{r.nonzeros:,}",
-            f"{r.artifact_bytes:,.0f} ({base.artifact_bytes / r.artifact_bytes:.1f}x smaller)" if r is not base else f"{r.artifact_bytes:,.0f}",
+            f"{r.artifact_bytes:,.0f} ({base.artifact_bytes / r.artifact_bytes:.1f}x smaller)"
+            if r is not base
+            else f"{r.artifact_bytes:,.0f}",
             f"{r.flops:,}",
             f"{1e6 * r.latency_s:.1f}",
         )
@@ -393,7 +446,9 @@ def _print_compress_table(run_spec: checkpoint.RunSpec, step: int, options: Comp
     console.print(table)
     if not rows[-1].export_exact:
         console.print("[red]warning: the loaded artifact's greedy actions differ from the evaluated policy's[/red]")
-    console.print("file bytes: one exported artifact (mean over seeds); latency: one jitted forward, batch 1, float compute")
+    console.print(
+        "file bytes: one exported artifact (mean over seeds); latency: one jitted forward, batch 1, float compute"
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -423,7 +478,7 @@ def _dispatch(argv: list[str]) -> None:
             return
         algorithm = rest[0]
         rl.get(algorithm)  # unknown algorithm -> ValueError with close match
-        args = tyro.cli(train_args_class(algorithm), args=rest[1:], prog=f"rlcx train {algorithm}")
+        args: Any = tyro.cli(train_args_class(algorithm), args=rest[1:], prog=f"rlcx train {algorithm}")
         run_train(algorithm, args)
     elif command == "eval":
         run_eval(rest)

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import json
 import pathlib
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import jax
 import numpy as np

@@ -1,6 +1,6 @@
 """Shared fixtures: every small training configuration is compiled and run once per session.
 
-Test time is compile time (DESIGN.md section 3): each distinct jitted training function costs several
+Test time is compile time (docs/architecture.md, "Tests"): each distinct jitted training function costs several
 seconds to compile on a 2-core CPU. So the configurations live in one table (`RUN_SPECS`), the
 session-scoped `runs` fixture builds, compiles and runs each at most once per process, and several tests
 read one run. Tests that read the same run live in one test class; with `pytest -n 2` the default
@@ -20,7 +20,7 @@ import pytest
 
 from rlcx_jax import nets, rl
 from rlcx_jax.rl import a2c, dqn, ppo, reinforce
-from rlcx_jax.rl.common import TrainOutput, Trainer
+from rlcx_jax.rl.common import Trainer, TrainOutput
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -158,7 +158,7 @@ RUN_SPECS: dict[str, tuple[str, Any, Any]] = {
             num_envs=2,
             num_steps=8,
             total_timesteps=2 * 8 * 2,
-            net=nets.NetConfig(kind="cnn", hidden=(32,), activation="relu"),
+            net=nets.NetConfig(torso="cnn", hidden=(32,), activation="relu"),
         ),
         a2c.A2CHParams(),
     ),

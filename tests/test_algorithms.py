@@ -20,6 +20,7 @@ from rlcx_jax.envs.normalize import init_stats
 from rlcx_jax.envs.wrappers import EpisodeStatsWrapper
 from rlcx_jax.rl import a2c, dqn, evaluate, onpolicy, ppo, reinforce, rollout
 from rlcx_jax.rl.common import Hooks
+from rlcx_jax.seams import ExtensionTerms
 
 ALGORITHMS = ["ppo", "a2c", "reinforce", "dqn"]
 
@@ -166,7 +167,7 @@ def test_collect_bootstraps_from_final_observation_only_on_truncation():
             return known_value(obs)
         return logits, known_value(obs)
 
-    agent = onpolicy.Agent(config, env, env_params, spec, (3,), None, apply, Hooks())
+    agent = onpolicy.Agent(config, env, env_params, spec, (3,), None, apply, Hooks(), ExtensionTerms())
     gamma = 0.9
     state = onpolicy.ActorCriticState(
         params={},
@@ -177,6 +178,7 @@ def test_collect_bootstraps_from_final_observation_only_on_truncation():
         update_step=jnp.zeros((), jnp.int32),
         hparams=a2c.A2CHParams(gamma=gamma),
         env_params=env_params,
+        ext={},
     )
     new_state, col = jax.jit(lambda s, k: onpolicy.collect(agent, s, k))(state, jax.random.PRNGKey(2))
     traj = jax.tree.map(np.asarray, col.traj)
@@ -334,7 +336,6 @@ BAD_CONFIGS = [
     ("ppo", ppo.PPOConfig(num_envs=-2), "num_envs must be positive"),
     ("ppo", ppo.PPOConfig(update_epochs=0), "update_epochs must be positive"),
     ("ppo", ppo.PPOConfig(total_timesteps=100), "smaller than one update"),
-    ("ppo", ppo.PPOConfig(total_timesteps=512 * 10, log_every=3), "multiple of log_every"),
     ("ppo", ppo.PPOConfig(net=nets.NetConfig(activation="swishy")), "Unknown activation"),
     ("a2c", a2c.A2CConfig(num_steps=-8), "num_steps must be positive"),
     ("reinforce", reinforce.ReinforceConfig(total_timesteps=0), "total_timesteps must be positive"),
@@ -371,3 +372,14 @@ def test_hparams_validate():
         reinforce.ReinforceHParams(max_grad_norm=-1.0).validate()
     for hp in (ppo.PPOHParams(), a2c.A2CHParams(), reinforce.ReinforceHParams(), dqn.DQNHParams()):
         hp.validate()
+
+
+def test_uneven_step_counts_round_down_and_log_every_adapts():
+    config = ppo.PPOConfig(total_timesteps=512 * 10 + 100, log_every=3)
+    config.validate()
+    assert config.num_updates == 10 and config.updates_per_row == 2
+    notice = config.rounding_notice()
+    assert "rounded down to 5120" in notice and "log_every 3 -> 2" in notice
+    assert ppo.PPOConfig(total_timesteps=512 * 10).rounding_notice() is None
+    dqn_config = dqn.DQNConfig(total_timesteps=20_480)  # 2048 updates, log_every 50 -> 32
+    assert dqn_config.updates_per_row == 32 and "log_every 50 -> 32" in dqn_config.rounding_notice()

@@ -14,7 +14,7 @@ from rlcx_jax import nets
 from rlcx_jax.compress import export as ex
 from rlcx_jax.compress.export import dense_float32_bytes, export, load, pack_bits, unpack_bits
 from rlcx_jax.compress.quant import QuantSpec, quantize_tree
-from rlcx_jax.rl.policy import greedy_action
+from rlcx_jax.nets.policy import greedy_action
 
 F32 = np.float32
 

@@ -82,9 +82,9 @@ def test_paths_and_select(params: Any) -> None:
 
 
 def test_select_nothing_raises_with_paths(params: Any) -> None:
-    with pytest.raises(ValueError, match="selects no parameter.*actor_torso/Dense_0/kernel"):
+    with pytest.raises(ValueError, match="'.\\*weight' matches no parameter.*actor_torso/Dense_0/kernel"):
         M.select(params, include=(r".*weight",))
-    with pytest.raises(ValueError, match="selects no parameter"):
+    with pytest.raises(ValueError, match="select no parameter"):
         M.select(params, exclude=(r".*",))
     with pytest.raises(ValueError, match="Invalid include regex"):
         M.select(params, include=("(",))

@@ -322,7 +322,7 @@ def test_regex_selecting_nothing_raises_with_the_paths(actor_critic) -> None:
         quantize_tree(params, QuantSpec(), include=(r".*kernal",))
     with pytest.raises(ValueError, match="select no parameter"):
         quantize_tree(params, QuantSpec(), exclude=(r".*",))
-    with pytest.raises(ValueError, match="Invalid regex"):
+    with pytest.raises(ValueError, match="Invalid include regex"):
         weight_param_transform(QuantSpec(), include=(r"(",))
 
 

@@ -25,12 +25,12 @@ CASES: dict[str, tuple[nets.NetConfig, tuple[int, ...], nets.ActionSpec, str]] =
     "mlp-ac-shared": (nets.NetConfig(hidden=(64, 48), separate_critic=False), (4,), DISCRETE, "actor_critic"),
     "mlp-ac-continuous": (nets.NetConfig(hidden=(16,), activation="relu"), (3,), CONTINUOUS, "actor_critic"),
     "mlp-q": (nets.NetConfig(hidden=(64, 64), activation="relu"), (4,), DISCRETE, "q"),
-    "cnn-ac": (nets.NetConfig(kind="cnn", hidden=(32,), activation="relu"), MINATAR, DISCRETE, "actor_critic"),
-    "cnn-q-no-hidden": (nets.NetConfig(kind="cnn", hidden=(), activation="relu"), MINATAR, DISCRETE, "q"),
+    "cnn-ac": (nets.NetConfig(torso="cnn", hidden=(32,), activation="relu"), MINATAR, DISCRETE, "actor_critic"),
+    "cnn-q-no-hidden": (nets.NetConfig(torso="cnn", hidden=(), activation="relu"), MINATAR, DISCRETE, "q"),
 }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _case(name: str) -> tuple[Any, dict[str, Any], nets.NetConfig, Any]:
     """(network, params with random normal leaves, config, observations). Shapes from eval_shape,
     so no initialiser is compiled; random biases make a missed bias mask visible."""
@@ -51,13 +51,13 @@ def test_shrink_matches_masked_network(name: str) -> None:
     net, params, cfg, obs = _case(name)
     _, obs_shape, spec, head = CASES[name]
     half = dataclasses.replace(cfg, hidden=tuple(w // 2 for w in cfg.hidden))
-    want_cfg = dataclasses.replace(half, conv_features=8) if cfg.kind == "cnn" else half
+    want_cfg = dataclasses.replace(half, conv_features=8) if cfg.torso == "cnn" else half
     small_net = nets.make(want_cfg, obs_shape, spec, head)
 
     def both(p: Any) -> tuple[Any, Any, Any]:
         """Both sides in one jitted program (one compilation; also shows both run under jit)."""
-        masked = M.apply_masks(p, S.structured_masks(p, cfg, 0.5))
-        small, small_cfg = S.shrink(p, cfg, 0.5)
+        masked = M.apply_masks(p, S.structured_masks(p, cfg, 0.5, head=head))
+        small, small_cfg = S.shrink(p, cfg, 0.5, head=head)
         assert small_cfg == want_cfg
         return net.apply({"params": masked}, obs), small_net.apply({"params": small}, obs), small
 
@@ -128,13 +128,13 @@ def test_unit_scores_are_column_norms() -> None:
 # ----------------------------------------------------------------------------------------------
 def test_zero_sparsity_is_identity_and_at_least_one_unit_is_kept() -> None:
     _, params, cfg, _ = _case("mlp-q")
-    small, small_cfg = S.shrink(params, cfg, 0.0)
+    small, small_cfg = S.shrink(params, cfg, 0.0, head="q")
     assert small_cfg == cfg
     for a, b in zip(jax.tree.leaves(small), jax.tree.leaves(params)):
         np.testing.assert_array_equal(a, b)
-    tiny, tiny_cfg = S.shrink({"params": params}, cfg, 0.999)  # Module.init's wrapper is accepted
+    tiny, tiny_cfg = S.shrink({"params": params}, cfg, 0.999, head="q")  # Module.init's wrapper is accepted
     assert tiny_cfg.hidden == (1, 1) and set(tiny) == {"params"}
-    assert tiny["params"]["Dense_0"]["kernel"].shape == (1, 3)
+    assert tiny["params"]["q_head"]["kernel"].shape == (1, 3)
 
 
 def test_structured_masks_under_jit() -> None:
@@ -170,7 +170,7 @@ def test_bad_inputs() -> None:
         (nets.NetConfig(hidden=(32, 64)), r"actor_torso/Dense_0: kernel \(4, 64\).*expected width 32"),
         (nets.NetConfig(hidden=(64,)), r"actor_torso has layers \['Dense_0', 'Dense_1'\].*expects \['Dense_0'\]"),
         (nets.NetConfig(separate_critic=False), "separate_critic=False does not match"),
-        (nets.NetConfig(kind="cnn"), r"expects \['Conv_0', 'Dense_0', 'Dense_1'\]"),
+        (nets.NetConfig(torso="cnn"), r"expects \['Conv_0', 'Dense_0', 'Dense_1'\]"),
         (nets.NetConfig(activation="sigmoid"), "Unknown activation"),
     ],
 )
@@ -184,6 +184,6 @@ def test_config_mismatch(cfg: nets.NetConfig, message: str) -> None:
 def test_cnn_config_mismatch() -> None:
     _, params, cfg, _ = _case("cnn-ac")
     with pytest.raises(ValueError, match=r"Conv_0: kernel \(3, 3, 4, 16\).*expected width 8"):
-        S.shrink(params, nets.NetConfig(kind="cnn", hidden=(32,), conv_features=8), 0.5)
+        S.shrink(params, nets.NetConfig(torso="cnn", hidden=(32,), conv_features=8), 0.5)
     with pytest.raises(ValueError, match="does not match conv_kernel=5"):
-        S.shrink(params, nets.NetConfig(kind="cnn", hidden=(32,), conv_kernel=5), 0.5)
+        S.shrink(params, nets.NetConfig(torso="cnn", hidden=(32,), conv_kernel=5), 0.5)

@@ -1,5 +1,6 @@
 """Pruning and quantization during training: the optax transformation, the schedule, and their use
-through one config field in the core algorithms (tiny budgets: these check mechanics, not return)."""
+through the compression extension in the core algorithms (tiny budgets: these check mechanics, not
+return)."""
 
 from __future__ import annotations
 
@@ -11,11 +12,20 @@ import numpy as np
 import optax
 import pytest
 
+from rlcx_jax import nets
 from rlcx_jax.compress import masks as M
-from rlcx_jax.compress.training import CompressConfig, find_masks, prune_transform, zhu_gupta_sparsity
+from rlcx_jax.compress.training import CompressConfig, CompressHParams, find_masks, prune_transform, zhu_gupta_sparsity
 from rlcx_jax.rl import dqn, ppo
 
 SMALL_PPO = ppo.PPOConfig(num_envs=4, num_steps=32, total_timesteps=4 * 32 * 24, update_epochs=2, num_minibatches=2)
+
+
+def with_compress(config, compress: CompressConfig):
+    return dataclasses.replace(config, extensions=(compress,))
+
+
+def sparsity_hparams(hparams, sparsity):
+    return hparams.with_ext("compress", CompressHParams(sparsity=sparsity))
 
 
 def _kernel_sparsity(params) -> dict[str, float]:
@@ -38,7 +48,7 @@ def test_zhu_gupta_schedule_matches_formula() -> None:
 def _run_transform(config: CompressConfig, sparsity: float, steps: int, key: jax.Array):
     """Random-walk updates through [adam -> prune]; returns params and masks after every step."""
     params = {"torso": {"Dense_0": {"kernel": jax.random.normal(key, (16, 32)), "bias": jnp.zeros(32)}}}
-    tx = optax.chain(optax.adam(1e-2), prune_transform(config, sparsity, steps))
+    tx = optax.chain(optax.adam(1e-2), prune_transform(config, sparsity, steps, include=(r".*kernel",)))
 
     def body(carry, k):
         p, s = carry
@@ -74,7 +84,7 @@ def test_gradual_transform_follows_schedule_and_keeps_pruned_weights_zero() -> N
 def test_fixed_schedule_keeps_initial_zeros() -> None:
     config = CompressConfig(prune_schedule="fixed")
     params = {"torso": {"kernel": jnp.array([[0.0, 1.0], [2.0, 0.0]])}}
-    tx = optax.chain(optax.sgd(0.1), prune_transform(config, 0.0, 10))
+    tx = optax.chain(optax.sgd(0.1), prune_transform(config, 0.0, 10, include=(r".*kernel",)))
     state = tx.init(params)
     for _ in range(3):
         u, state = tx.update({"torso": {"kernel": jnp.ones((2, 2))}}, state, params)
@@ -84,7 +94,7 @@ def test_fixed_schedule_keeps_initial_zeros() -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# Through the algorithms, one config field
+# Through the algorithms, as an extension
 # ----------------------------------------------------------------------------------------------
 class TestPrunedPPO:
     """One compiled program, vmapped over two sparsity levels (a traced hyperparameter)."""
@@ -92,10 +102,10 @@ class TestPrunedPPO:
     @pytest.fixture(scope="class")
     @classmethod
     def sweep(cls):
-        config = dataclasses.replace(SMALL_PPO, compress=CompressConfig(prune_schedule="gradual", prune_end=0.5, prune_every=4))
+        config = with_compress(SMALL_PPO, CompressConfig(prune_schedule="gradual", prune_end=0.5, prune_every=4))
         trainer = ppo.make(config)
         levels = jnp.array([0.5, 0.9], jnp.float32)
-        hparams = jax.vmap(lambda s: ppo.PPOHParams(sparsity=s))(levels)
+        hparams = jax.vmap(lambda s: sparsity_hparams(ppo.PPOHParams(), s))(levels)
         hparams = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), hparams)
         out = jax.jit(jax.vmap(trainer.train, in_axes=(None, 0)))(jax.random.PRNGKey(0), hparams)
         return trainer, levels, out
@@ -120,7 +130,7 @@ class TestPrunedPPO:
 
     def test_lane_equals_separate_run(self, sweep) -> None:
         trainer, levels, out = sweep
-        single = jax.jit(trainer.train)(jax.random.PRNGKey(0), ppo.PPOHParams(sparsity=jnp.float32(levels[1])))
+        single = jax.jit(trainer.train)(jax.random.PRNGKey(0), sparsity_hparams(ppo.PPOHParams(), jnp.float32(levels[1])))
         for a, b in zip(jax.tree.leaves(single.state.params), jax.tree.leaves(out.state.params)):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b)[1], atol=1e-5)
 
@@ -129,18 +139,18 @@ def test_dqn_oneshot_pruned_weights_stay_zero() -> None:
     config = dqn.DQNConfig(
         num_envs=4, train_frequency=4, buffer_size=256, batch_size=32, learning_starts=64,
         target_update_period=40, total_timesteps=1_000, log_every=25,
-        compress=CompressConfig(prune_schedule="oneshot", prune_distribution="global"),
+        extensions=(CompressConfig(prune_schedule="oneshot", prune_distribution="global"),),
     )
-    out = jax.jit(dqn.make(config).train)(jax.random.PRNGKey(1), dqn.DQNHParams(sparsity=0.8))
+    out = jax.jit(dqn.make(config).train)(jax.random.PRNGKey(1), sparsity_hparams(dqn.DQNHParams(), 0.8))
     torso = [v for k, v in _kernel_sparsity(out.state.params).items() if k.startswith("torso")]
     total = sum(np.asarray(x).size for x in jax.tree.leaves(out.state.params["torso"]) if np.asarray(x).ndim == 2)
     zeros = sum(int((np.asarray(x) == 0).sum()) for x in jax.tree.leaves(out.state.params["torso"]) if np.asarray(x).ndim == 2)
     assert zeros == round(0.8 * total) and len(torso) == 2
-    assert np.all(np.asarray(out.state.params["Dense_0"]["kernel"]) != 0)  # the Q head is not pruned
+    assert np.all(np.asarray(out.state.params["q_head"]["kernel"]) != 0)  # the Q head is not pruned
 
 
 def test_qat_trains_through_fake_quantized_forward() -> None:
-    config = dataclasses.replace(SMALL_PPO, compress=CompressConfig(qat_bits=4))
+    config = with_compress(SMALL_PPO, CompressConfig(qat_bits=4))
     out = jax.jit(ppo.make(config).train)(jax.random.PRNGKey(0), ppo.PPOHParams())
     leaves = jax.tree.leaves(out.state.params)
     assert all(np.all(np.isfinite(np.asarray(x))) for x in leaves)
@@ -156,29 +166,29 @@ def test_qat_trains_through_fake_quantized_forward() -> None:
         (CompressConfig(prune_start=0.8, prune_end=0.2), ppo.PPOHParams(), "prune_start"),
         (CompressConfig(qat_bits=1), ppo.PPOHParams(), "bits"),
         (CompressConfig(qat_bits=17), ppo.PPOHParams(), "bits"),
-        (CompressConfig(prune_schedule="oneshot"), ppo.PPOHParams(sparsity=1.0), "sparsity"),
-        (CompressConfig(prune_schedule="oneshot"), ppo.PPOHParams(sparsity=-0.1), "sparsity"),
+        (CompressConfig(prune_schedule="oneshot"), sparsity_hparams(ppo.PPOHParams(), 1.0), "Sparsity must be in"),
+        (CompressConfig(prune_schedule="oneshot"), sparsity_hparams(ppo.PPOHParams(), -0.1), "Sparsity must be in"),
+        (CompressConfig(prune_schedule="none"), sparsity_hparams(ppo.PPOHParams(), 0.5), "needs prune_schedule"),
     ],
 )
 def test_bad_compression_settings_fail_before_compiling(compress, hparams, match) -> None:
     with pytest.raises(ValueError, match=match):
-        ppo.make(dataclasses.replace(SMALL_PPO, compress=compress))
-        hparams.validate()
+        config = with_compress(SMALL_PPO, compress)
+        ppo.make(config)
+        hparams.validate(config.extensions)
 
 
 def test_regex_selecting_nothing_fails_at_trace_time() -> None:
-    config = dataclasses.replace(
-        SMALL_PPO, compress=CompressConfig(prune_schedule="oneshot", prune_include=(r"nothing.*",))
-    )
+    config = with_compress(SMALL_PPO, CompressConfig(prune_schedule="oneshot", prune_include=(r"nothing.*",)))
     with pytest.raises(ValueError, match="nothing"):
-        jax.eval_shape(ppo.make(config).init, jax.random.PRNGKey(0), ppo.PPOHParams(sparsity=0.5))
+        jax.eval_shape(ppo.make(config).init, jax.random.PRNGKey(0), sparsity_hparams(ppo.PPOHParams(), 0.5))
 
 
 # ----------------------------------------------------------------------------------------------
 # Recipes and accounting
 # ----------------------------------------------------------------------------------------------
 def test_lottery_ticket_rewinds_survivors_and_keeps_masks() -> None:
-    from rlcx_jax.compress import recipes
+    from rlcx_jax.workflows import recipes
 
     keys = jax.random.split(jax.random.PRNGKey(2), 2)
     rounds = recipes.lottery_ticket("ppo", SMALL_PPO, ppo.PPOHParams(), keys, [0.5, 0.75], rewind_updates=4)
@@ -195,7 +205,7 @@ def test_lottery_ticket_rewinds_survivors_and_keeps_masks() -> None:
 
 
 def test_prune_and_finetune_keeps_the_mask() -> None:
-    from rlcx_jax.compress import recipes
+    from rlcx_jax.workflows import recipes
 
     keys = jax.random.split(jax.random.PRNGKey(3), 2)
     trainer = ppo.make(SMALL_PPO)
@@ -220,7 +230,7 @@ def test_size_and_flops_accounting() -> None:
     report = size.count(params, bits=8)
     assert report.params == 32 + 8 + 32 + 8 + 16 + 2 + 8 + 1
     assert report.nonzeros == 24 + 32 + 16 + 8 and report.bits == 8 * report.nonzeros
-    paths = size.policy_paths(params)
+    paths = nets.layout(nets.NetConfig(), "actor_critic").prefixes("policy")
     assert size.flops_per_forward(params, (4,), paths) == 2 * (24 + 16)
     conv = {"Conv_0": {"kernel": jnp.ones((3, 3, 4, 16))}}
     assert size.flops_per_forward(conv, (10, 10, 4)) == 2 * 3 * 3 * 4 * 16 * 8 * 8

@@ -9,7 +9,7 @@ import pytest
 
 from rlcx_jax import envs
 from rlcx_jax.envs import wrappers
-from rlcx_jax.envs.normalize import init_stats, normalize, update_stats
+from rlcx_jax.envs.normalize import init_stats, normalize_observation, update_stats
 from rlcx_jax.rl import rollout
 
 NEEDS_DOWNLOAD = {"MNISTBandit-bsuite"}  # fetches MNIST over the network on construction
@@ -193,9 +193,9 @@ def test_running_stats_match_numpy():
     np.testing.assert_allclose(stats.count, len(everything) + 1e-4, rtol=1e-6)
     obs = everything[:10]
     want = np.clip((obs - everything.mean(0)) / np.sqrt(everything.var(0) + 1e-8), -10, 10)
-    np.testing.assert_allclose(jax.jit(normalize)(stats, obs), want, rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(jax.jit(normalize_observation)(stats, obs), want, rtol=1e-3, atol=1e-3)
     # Clipping.
-    assert float(jnp.max(normalize(stats, everything.mean(0) + 1e6))) == 10.0
+    assert float(jnp.max(normalize_observation(stats, everything.mean(0) + 1e6))) == 10.0
 
 
 def test_running_stats_image_obs_and_vmap():

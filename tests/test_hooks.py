@@ -1,4 +1,4 @@
-"""The seams of DESIGN.md section 6: parameter transforms, activation interceptors and extra
+"""The seams of docs/architecture.md: parameter transforms, activation interceptors and extra
 gradient transformations reach every algorithm without editing it."""
 
 from __future__ import annotations

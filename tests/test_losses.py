@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from rlcx_jax.nets import ActionSpec
+from rlcx_jax.nets.policy import distribution, greedy_action
 from rlcx_jax.rl.losses import (
     PolicyBatch,
     QBatch,
@@ -21,7 +22,6 @@ from rlcx_jax.rl.losses import (
     q_learning_loss,
     value_loss,
 )
-from rlcx_jax.rl.policy import distribution, greedy_action
 from rlcx_jax.rl.ppo import PPOHParams
 
 DISCRETE2 = ActionSpec(discrete=True, num_actions=2)

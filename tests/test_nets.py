@@ -76,7 +76,7 @@ def test_cnn_torso_on_breakout_minatar_under_jit_and_vmap():
     obs_shape = env.observation_space(env_params).shape
     assert obs_shape == (10, 10, 4)
     spec = nets.action_spec(env.action_space(env_params))
-    net = nets.make(nets.NetConfig(kind="cnn", hidden=(32,), activation="relu"), obs_shape, spec)
+    net = nets.make(nets.NetConfig(torso="cnn", hidden=(32,), activation="relu"), obs_shape, spec)
     params = _init(net, obs_shape)
     assert params["actor_torso"]["Conv_0"]["kernel"].shape == (3, 3, 4, 16)
     # VALID 3x3 conv: 8 x 8 x 16 features into the dense layer.
@@ -95,8 +95,8 @@ def test_cnn_torso_on_breakout_minatar_under_jit_and_vmap():
 
 def test_bad_net_configs():
     spec = nets.ActionSpec(discrete=True, num_actions=2)
-    with pytest.raises(ValueError, match="Unknown network kind"):
-        nets.make(nets.NetConfig(kind="transformer"), (4,), spec)
+    with pytest.raises(ValueError, match="Unknown torso 'transformer'"):
+        nets.make(nets.NetConfig(torso="transformer"), (4,), spec)
     with pytest.raises(ValueError, match="Unknown activation"):
         nets.make(nets.NetConfig(activation="sigmoidish"), (4,), spec)
     with pytest.raises(ValueError, match="Hidden widths must be positive"):
@@ -106,12 +106,12 @@ def test_bad_net_configs():
     with pytest.raises(ValueError, match="discrete action space"):
         nets.make(nets.NetConfig(), (4,), nets.ActionSpec(discrete=False, shape=(1,)), head="q")
     with pytest.raises(ValueError, match=r"cnn torso needs \(H, W, C\)"):
-        net = nets.make(nets.NetConfig(kind="cnn"), (4,), spec)
+        net = nets.make(nets.NetConfig(torso="cnn"), (4,), spec)
         _init(net, (4,))
 
 
 # ----------------------------------------------------------------------------------------------
-# The forward-pass wrapper and the optimizer chain (DESIGN.md section 6 seams)
+# The forward-pass wrapper and the optimizer chain (the seams of docs/architecture.md)
 # ----------------------------------------------------------------------------------------------
 def test_make_apply_identity_param_transform_and_interceptor():
     spec = nets.ActionSpec(discrete=True, num_actions=2)

@@ -48,7 +48,8 @@ import os
 import struct as pystruct
 import tempfile
 import zlib
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -61,13 +62,14 @@ from rlcx_jax.compress.quant import (
     DEFAULT_INCLUDE,
     QTensor,
     QuantSpec,
-    masks_by_path,
     code_range,
     dequantize,
     flatten_with_paths,
+    masks_by_path,
     quantize_codes,
     select_paths,
 )
+from rlcx_jax.nets.policy import greedy_action
 
 __all__ = [
     "MAGIC",
@@ -81,7 +83,7 @@ __all__ = [
 ]
 
 MAGIC = b"RLCXQNT1"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: networks named by registered torso (NetConfig.torso) and head
 FLOAT_DTYPES = {"float32": np.float32, "float16": np.float16}
 MAX_GAP_BITS = 16
 _HEADER_LEN = pystruct.Struct("<I")
@@ -203,8 +205,15 @@ class _Writer:
         return ref
 
 
-def _encode_values_and_index(rec: dict[str, Any], writer: _Writer, flat: np.ndarray, keep: np.ndarray,
-                             value_bits: int, sparse: bool, to_bytes: Callable[[np.ndarray], bytes]) -> None:
+def _encode_values_and_index(
+    rec: dict[str, Any],
+    writer: _Writer,
+    flat: np.ndarray,
+    keep: np.ndarray,
+    value_bits: int,
+    sparse: bool,
+    to_bytes: Callable[[np.ndarray], bytes],
+) -> None:
     positions = np.flatnonzero(keep)
     kind, r = _choose_index(flat.size, positions, value_bits, sparse)
     if kind == "dense":
@@ -215,15 +224,13 @@ def _encode_values_and_index(rec: dict[str, Any], writer: _Writer, flat: np.ndar
     rec["blobs"]["values"] = writer.add(to_bytes(flat[positions]))
 
 
-def _encode_float(rec: dict[str, Any], writer: _Writer, value: np.ndarray, float_dtype: str,
-                  sparse: bool) -> None:
+def _encode_float(rec: dict[str, Any], writer: _Writer, value: np.ndarray, float_dtype: str, sparse: bool) -> None:
     dtype = FLOAT_DTYPES[float_dtype]
     flat = np.ascontiguousarray(value.astype(dtype).reshape(-1))
     uint = np.uint32 if dtype == np.float32 else np.uint16
     keep = flat.view(uint) != 0  # bit pattern, so -0.0 is kept
     rec.update(storage=float_dtype)
-    _encode_values_and_index(rec, writer, flat, keep, 8 * flat.itemsize, sparse,
-                             lambda v: v.astype(dtype).tobytes())
+    _encode_values_and_index(rec, writer, flat, keep, 8 * flat.itemsize, sparse, lambda v: v.astype(dtype).tobytes())
 
 
 def _encode_quant(rec: dict[str, Any], writer: _Writer, q: QTensor, sparse: bool) -> None:
@@ -231,10 +238,8 @@ def _encode_quant(rec: dict[str, Any], writer: _Writer, q: QTensor, sparse: bool
     zero = q.zero_code()
     keep = np.ones(codes.shape, bool) if zero is None else codes != np.asarray(zero)
     flat = (codes - q.qmin).reshape(-1)
-    rec.update(storage="quant", scheme=q.scheme, bits=q.bits, symmetric=q.symmetric,
-               zero_reserved=q.zero_reserved)
-    _encode_values_and_index(rec, writer, flat, keep.reshape(-1), q.bits, sparse,
-                             lambda v: pack_bits(v, q.bits))
+    rec.update(storage="quant", scheme=q.scheme, bits=q.bits, symmetric=q.symmetric, zero_reserved=q.zero_reserved)
+    _encode_values_and_index(rec, writer, flat, keep.reshape(-1), q.bits, sparse, lambda v: pack_bits(v, q.bits))
     if q.scheme == "uniform":
         scale = np.asarray(q.scale, np.float32)
         rec["param_shape"] = list(scale.shape)
@@ -255,7 +260,7 @@ def _blob(payload: memoryview, rec: Mapping[str, Any], name: str) -> bytes:
     offset, length = rec["blobs"][name]
     if offset + length > len(payload):
         raise ValueError(f"Truncated artifact: blob {name!r} of {rec['path']!r} lies past the end")
-    return bytes(payload[offset:offset + length])
+    return bytes(payload[offset : offset + length])
 
 
 def _decode_quant(rec: Mapping[str, Any], payload: memoryview, positions: np.ndarray) -> QTensor:
@@ -283,8 +288,14 @@ def _decode_quant(rec: Mapping[str, Any], payload: memoryview, positions: np.nda
     codes = np.broadcast_to(np.asarray(zero, np.int64), shape).copy().reshape(-1)
     stored = unpack_bits(_blob(payload, rec, "values"), bits, rec["nnz"]).astype(np.int64) + qmin
     codes[positions] = stored
-    return QTensor(codes=jnp.asarray(codes.reshape(shape).astype(np.int32)), scheme=scheme, bits=bits,
-                   symmetric=symmetric, zero_reserved=rec["zero_reserved"], **fields)
+    return QTensor(
+        codes=jnp.asarray(codes.reshape(shape).astype(np.int32)),
+        scheme=scheme,
+        bits=bits,
+        symmetric=symmetric,
+        zero_reserved=rec["zero_reserved"],
+        **fields,
+    )
 
 
 def _decode_leaf(rec: Mapping[str, Any], payload: memoryview) -> np.ndarray | QTensor:
@@ -304,8 +315,7 @@ def _decode_leaf(rec: Mapping[str, Any], payload: memoryview) -> np.ndarray | QT
 # Export
 # ----------------------------------------------------------------------------------------------
 @functools.partial(jax.jit, static_argnums=2)
-def _quantize_leaves(values: dict[str, jax.Array], masks: dict[str, jax.Array],
-                     qspec: QuantSpec) -> dict[str, QTensor]:
+def _quantize_leaves(values: dict[str, jax.Array], masks: dict[str, jax.Array], qspec: QuantSpec) -> dict[str, QTensor]:
     """Codes of the selected leaves, in one compiled program (eager op-by-op dispatch would compile
     each primitive per shape); jitted and eager quantization agree bitwise."""
     return {k: quantize_codes(v, qspec, mask=masks.get(k)) for k, v in values.items()}
@@ -349,9 +359,16 @@ def _jsonable(obj: Any) -> Any:
     return to_jsonable(obj)
 
 
-def _metadata(net_config: Any, obs_shape: Sequence[int] | None, action_spec: Any, head: str,
-              qspec: QuantSpec | None, include: Sequence[str], exclude: Sequence[str],
-              meta: Mapping[str, Any] | None) -> dict[str, Any]:
+def _metadata(
+    net_config: Any,
+    obs_shape: Sequence[int] | None,
+    action_spec: Any,
+    head: str,
+    qspec: QuantSpec | None,
+    include: Sequence[str],
+    exclude: Sequence[str],
+    meta: Mapping[str, Any] | None,
+) -> dict[str, Any]:
     return {
         "format": FORMAT_VERSION,
         "net_config": None if net_config is None else to_jsonable(net_config),
@@ -401,8 +418,11 @@ def export(
     selected = select_paths(params, include, exclude) if qspec is not None else []
     mask_of = {k: np.asarray(m).astype(bool) for k, m in masks_by_path(params, masks).items()}
     values = {name: _float_leaf(name, leaf) for name, leaf in flatten_with_paths(params).items()}
-    codes = _quantize_leaves({k: values[k] for k in selected}, {k: mask_of[k] for k in selected if k in mask_of},
-                             qspec) if selected else {}
+    codes = (
+        _quantize_leaves({k: values[k] for k in selected}, {k: mask_of[k] for k in selected if k in mask_of}, qspec)
+        if selected
+        else {}
+    )
     writer = _Writer()
     records = []
     for name, value in values.items():
@@ -473,14 +493,11 @@ class Artifact:
 
     @functools.cached_property
     def _greedy(self) -> Callable[[Any, jax.Array], jax.Array]:
-        from rlcx_jax.rl.policy import greedy_action
-
         network, spec = self.network(), self.action_spec
+        assert spec is not None  # network() checked it
 
         def act(params: Any, obs: jax.Array) -> jax.Array:
-            if self.head == "q":
-                return jnp.argmax(network.apply({"params": params}, obs), axis=-1)
-            out = network.apply({"params": params}, obs, method=network.policy)
+            out: jax.Array = network.apply({"params": params}, obs, method="policy")  # type: ignore[assignment]
             return greedy_action(out, spec)
 
         return jax.jit(act)
@@ -494,16 +511,19 @@ def _read(path: str) -> tuple[dict[str, Any], memoryview, int]:
     with open(path, "rb") as f:
         data = f.read()
     if data[: len(MAGIC)] != MAGIC:
-        raise ValueError(f"{path} is not an rlcx artifact (bad magic {data[:len(MAGIC)]!r})")
+        raise ValueError(f"{path} is not an rlcx artifact (bad magic {data[: len(MAGIC)]!r})")
     start = len(MAGIC) + _HEADER_LEN.size
-    (length,) = _HEADER_LEN.unpack(data[len(MAGIC):start])
+    (length,) = _HEADER_LEN.unpack(data[len(MAGIC) : start])
     try:
-        header = json.loads(zlib.decompress(data[start:start + length]).decode("utf-8"))
+        header = json.loads(zlib.decompress(data[start : start + length]).decode("utf-8"))
     except (zlib.error, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ValueError(f"{path}: corrupt artifact header ({err})") from err
     if header.get("format") != FORMAT_VERSION:
-        raise ValueError(f"{path}: unsupported artifact format {header.get('format')!r}")
-    payload = memoryview(data)[start + length:]
+        raise ValueError(
+            f"{path}: artifact format {header.get('format')!r}, this version reads {FORMAT_VERSION}; "
+            "re-export it with this version of rlcx_jax"
+        )
+    payload = memoryview(data)[start + length :]
     codec = header.get("payload_codec", "none")
     if codec == "lzma":
         try:
@@ -525,7 +545,7 @@ def load(path: str | os.PathLike[str]) -> Artifact:
     net_config = header["net_config"]
     action = header["action_spec"]
     return Artifact(
-        params=_nest(flat),
+        params=_nest(flat),  # type: ignore[arg-type]  # every QTensor was dequantized above
         net_config=None if net_config is None else from_jsonable(nets.NetConfig, net_config),
         obs_shape=None if header["obs_shape"] is None else tuple(header["obs_shape"]),
         action_spec=None if action is None else from_jsonable(nets.ActionSpec, action),

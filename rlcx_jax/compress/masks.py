@@ -1,9 +1,11 @@
-"""Unstructured pruning masks over Flax parameter trees (DESIGN.md section 3: masks are pytrees
+"""Unstructured pruning masks over Flax parameter trees (docs/architecture.md, "Conventions": masks are pytrees
 parallel to params, layers are chosen by regex over the parameter path).
 
 Conventions
 -----------
-* A parameter's *path* is its '/'-joined dict keys, e.g. ``"actor_torso/Dense_0/kernel"``.
+* A parameter's *path* is its '/'-joined dict keys, e.g. ``"actor_torso/Dense_0/kernel"``; layers
+  are chosen by regex through the one selector of `nets.paths` (roles of a network's layout become
+  regexes with `layout.patterns`).
 * A *selection* is a tree of Python bools parallel to params (static: never pass it through `jit` as
   an argument; close over it instead). Default selection: every ``kernel``; biases stay dense.
 * A *mask tree* is parallel to params; every leaf is a **bool** array of the parameter's shape
@@ -17,7 +19,7 @@ Conventions
   `lax.scan`).
 * Sparsity must lie in [0, 1). It is checked for Python numbers and concrete arrays; a traced value
   cannot be inspected, so a caller that traces sparsity validates it before `jit` (hyperparameters
-  are validated in Python, DESIGN.md section 3).
+  are validated in Python, before jit).
 
 Layer-wise distributions of the sparsity budget (`masks_from_scores`):
 * ``"uniform"``: every selected leaf loses exactly ``round(s * n_leaf)`` weights (Zhu & Gupta 2017).
@@ -40,13 +42,15 @@ Mishra et al. 2021).
 from __future__ import annotations
 
 import functools
-import re
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from rlcx_jax.nets import paths as paths_lib
+from rlcx_jax.nets.paths import Patterns, param_paths, path_str
 
 __all__ = [
     "DISTRIBUTIONS",
@@ -71,7 +75,6 @@ __all__ = [
 ]
 
 Tree = Any  # a pytree (nested dicts of arrays for Flax params)
-Patterns = str | Sequence[str]
 
 DISTRIBUTIONS = ("uniform", "global", "erk")
 DEFAULT_INCLUDE: tuple[str, ...] = (r".*kernel",)
@@ -80,57 +83,20 @@ DEFAULT_INCLUDE: tuple[str, ...] = (r".*kernel",)
 # ----------------------------------------------------------------------------------------------
 # Paths and selection
 # ----------------------------------------------------------------------------------------------
-def _key_name(key: Any) -> str:
-    """One path entry as text: dict key, sequence index or attribute name."""
-    for attr in ("key", "idx", "name"):
-        if hasattr(key, attr):
-            return str(getattr(key, attr))
-    return str(key)
-
-
-def _path_str(path: Sequence[Any]) -> str:
-    return "/".join(_key_name(k) for k in path)
-
-
 def _flatten(tree: Tree) -> tuple[list[str], list[Any], Any]:
     """(paths, leaves, treedef) of a pytree, in jax's leaf order."""
     with_path, treedef = jax.tree_util.tree_flatten_with_path(tree)
-    return [_path_str(p) for p, _ in with_path], [x for _, x in with_path], treedef
-
-
-def param_paths(params: Tree) -> list[str]:
-    """The '/'-joined path of every leaf, e.g. ``["actor_torso/Dense_0/bias", ...]``."""
-    return _flatten(params)[0]
-
-
-def _compile(patterns: Patterns, what: str) -> list[re.Pattern[str]]:
-    if isinstance(patterns, str):
-        patterns = (patterns,)
-    try:
-        return [re.compile(p) for p in patterns]
-    except re.error as err:
-        raise ValueError(f"Invalid {what} regex in {tuple(patterns)}: {err}") from err
+    return [path_str(p) for p, _ in with_path], [x for _, x in with_path], treedef
 
 
 def select(params: Tree, include: Patterns = DEFAULT_INCLUDE, exclude: Patterns = ()) -> Tree:
     """Tree of Python bools: True where the path fully matches an `include` regex and no `exclude`
-    regex (`re.fullmatch`). Raises ValueError, listing the available paths, if nothing is selected.
+    regex, with the selection rules of `nets.paths` (an include regex matching nothing, or an empty
+    selection, is a ValueError listing the paths).
 
-    Example: ``select(params, exclude=(r".*head.*",))`` prunes torso kernels only.
+    Example: ``select(params, layout.patterns(["torso"], [r".*kernel"]))`` prunes torso kernels only.
     """
-    inc, exc = _compile(include, "include"), _compile(exclude, "exclude")
-
-    def chosen(path: str) -> bool:
-        return any(p.fullmatch(path) for p in inc) and not any(p.fullmatch(path) for p in exc)
-
-    paths, _, treedef = _flatten(params)
-    flags = [chosen(p) for p in paths]
-    if not any(flags):
-        raise ValueError(
-            f"include={tuple(p.pattern for p in inc)} exclude={tuple(p.pattern for p in exc)} selects "
-            f"no parameter; available paths: {paths}"
-        )
-    return jax.tree_util.tree_unflatten(treedef, flags)
+    return paths_lib.select(params, include, exclude)
 
 
 def _selection(tree: Tree, selected: Tree | None) -> list[bool]:
@@ -153,7 +119,8 @@ def _shape(x: Any) -> tuple[int, ...]:
 
 def _check_structure(params: Tree, other: Tree, what: str) -> None:
     """ValueError naming the paths present on one side only, when the tree structures differ."""
-    if jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(other):
+    same: bool = jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(other)  # type: ignore[operator]
+    if same:
         return
     p_paths, o_paths = set(param_paths(params)), set(param_paths(other))
     raise ValueError(
@@ -206,10 +173,10 @@ def validate_sparsity(sparsity: float | jax.Array) -> float | None:
         if sparsity.shape != ():
             raise ValueError(f"Sparsity must be a scalar, got shape {sparsity.shape}")
         return None
-    value = np.asarray(sparsity)
-    if value.shape != () or value.dtype.kind not in "biuf":
+    array = np.asarray(sparsity)
+    if array.shape != () or array.dtype.kind not in "biuf":
         raise ValueError(f"Sparsity must be a real scalar, got {sparsity!r}")
-    value = float(value)
+    value = float(array)
     if not 0.0 <= value < 1.0:  # also rejects NaN
         raise ValueError(f"Sparsity must be in [0, 1), got {value}")
     return value
@@ -236,7 +203,7 @@ def _abs_tree(tree: Tree) -> Tree:
 def random_scores(params: Tree, key: jax.Array) -> Tree:
     """Independent uniform noise for every weight: the random-pruning baseline."""
     leaves, treedef = jax.tree_util.tree_flatten(params)
-    return treedef.unflatten(_uniform_leaves(key, tuple(_shape(w) for w in leaves)))
+    return jax.tree_util.tree_unflatten(treedef, _uniform_leaves(key, tuple(_shape(w) for w in leaves)))
 
 
 @functools.partial(jax.jit, static_argnums=1)
@@ -370,7 +337,7 @@ def masks_from_scores(
     if distribution == "erk" and concrete is not None:  # host float64 densities from static shapes
         erk_kept = jnp.asarray(_erk_keep_counts([_shape(x) for x, f in zip(leaves, flags) if f], concrete))
     out = _masks_core(leaves, flags, distribution, jnp.asarray(sparsity, jnp.float32), erk_kept)
-    return treedef.unflatten(out)
+    return jax.tree_util.tree_unflatten(treedef, out)
 
 
 def magnitude_masks(
@@ -445,9 +412,7 @@ def _nm_core(leaves: list[jax.Array], axes: tuple[int | None, ...], n: int, m: i
     return [jnp.ones(x.shape, bool) if ax is None else _nm_keep(x, n, m, ax) for x, ax in zip(leaves, axes)]
 
 
-def nm_masks_from_scores(
-    scores: Tree, n: int = 2, m: int = 4, axis: int = -2, selected: Tree | None = None
-) -> Tree:
+def nm_masks_from_scores(scores: Tree, n: int = 2, m: int = 4, axis: int = -2, selected: Tree | None = None) -> Tree:
     """N:M masks (Mishra et al. 2021): in every group of m consecutive entries along `axis` keep the
     n highest scores (ties: the lower index is pruned first). The default axis -2 is the input axis
     of Flax kernels: axis 0 of a Dense kernel (in, out), the input-channel axis of a Conv kernel
@@ -456,7 +421,7 @@ def nm_masks_from_scores(
     flags = _selection(scores, selected)
     paths, leaves, treedef = _flatten(scores)
     axes = tuple(_nm_axis(_shape(x), int(m), axis, p) if f else None for p, x, f in zip(paths, leaves, flags))
-    return treedef.unflatten(_nm_core(leaves, axes, int(n), int(m)))
+    return jax.tree_util.tree_unflatten(treedef, _nm_core(leaves, axes, int(n), int(m)))
 
 
 def nm_masks(
@@ -503,4 +468,3 @@ def sparsity(params_or_masks: Tree, selected: Tree | None = None) -> SparsityRep
         per_layer[path] = z / s if s else 0.0
         zeros, size = zeros + z, size + s
     return SparsityReport(zeros / size if size else 0.0, per_layer, zeros, size)
-

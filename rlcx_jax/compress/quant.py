@@ -33,14 +33,16 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import re
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
+
+from rlcx_jax.nets.paths import Patterns, compile_patterns, flatten_with_paths, path_str, selected_paths
 
 __all__ = [
     "QuantSpec",
@@ -133,7 +135,7 @@ class QuantSpec:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "QuantSpec":
+    def from_dict(cls, data: Mapping[str, Any]) -> QuantSpec:
         spec = cls(**dict(data))
         spec.validate()
         return spec
@@ -205,8 +207,12 @@ def _straight_through_fwd(x, y, lo, hi):
 def _straight_through_bwd(residuals, g):
     x, lo, hi = residuals
     inside = (x >= lo) & (x <= hi)
-    return (jnp.where(inside, g, jnp.zeros_like(g)).astype(x.dtype), jnp.zeros_like(g),
-            jnp.zeros_like(lo), jnp.zeros_like(hi))
+    return (
+        jnp.where(inside, g, jnp.zeros_like(g)).astype(x.dtype),
+        jnp.zeros_like(g),
+        jnp.zeros_like(lo),
+        jnp.zeros_like(hi),
+    )
 
 
 straight_through.defvjp(_straight_through_fwd, _straight_through_bwd)
@@ -227,8 +233,9 @@ def _minmax(x: jax.Array, per_channel: bool) -> tuple[jax.Array, jax.Array]:
     return jnp.min(x, axis=axes), jnp.max(x, axis=axes)
 
 
-def _range_over(x: jax.Array, spec: QuantSpec, axes: tuple[int, ...] | None,
-                keepdims: bool = False) -> tuple[jax.Array, jax.Array]:
+def _range_over(
+    x: jax.Array, spec: QuantSpec, axes: tuple[int, ...] | None, keepdims: bool = False
+) -> tuple[jax.Array, jax.Array]:
     """(lo, hi) of `x` (float32, no gradient) reduced over `axes` by `spec.range_method`."""
     if spec.range_method == "minmax":
         return jnp.min(x, axis=axes, keepdims=keepdims), jnp.max(x, axis=axes, keepdims=keepdims)
@@ -238,8 +245,10 @@ def _range_over(x: jax.Array, spec: QuantSpec, axes: tuple[int, ...] | None,
     if spec.symmetric:
         a = jnp.percentile(jnp.abs(x), p, axis=axes, keepdims=keepdims)
         return -a, a
-    return (jnp.percentile(x, 100.0 - p, axis=axes, keepdims=keepdims),
-            jnp.percentile(x, p, axis=axes, keepdims=keepdims))
+    return (
+        jnp.percentile(x, 100.0 - p, axis=axes, keepdims=keepdims),
+        jnp.percentile(x, p, axis=axes, keepdims=keepdims),
+    )
 
 
 def activation_range(x: jax.Array, spec: QuantSpec) -> tuple[jax.Array, jax.Array]:
@@ -307,8 +316,9 @@ def uniform_affine(
     return scale, zero_point, lo, hi
 
 
-def _uniform_encode(x: jax.Array, scale: jax.Array, zero_point: jax.Array, qmin: jax.Array,
-                    qmax: jax.Array) -> jax.Array:
+def _uniform_encode(
+    x: jax.Array, scale: jax.Array, zero_point: jax.Array, qmin: jax.Array, qmax: jax.Array
+) -> jax.Array:
     """Integer-valued float codes: clip(round(x * (1 / scale)) + z, qmin, qmax).
 
     A product with the reciprocal, not a division: XLA turns division by a broadcast scalar into
@@ -323,7 +333,10 @@ def _uniform_decode(codes: jax.Array, scale: jax.Array, zero_point: jax.Array) -
 
 
 def fake_quant_uniform(
-    x: jax.Array, lo: jax.Array | float, hi: jax.Array | float, bits: int | jax.Array,
+    x: jax.Array,
+    lo: jax.Array | float,
+    hi: jax.Array | float,
+    bits: int | jax.Array,
     symmetric: bool = True,
 ) -> jax.Array:
     """Uniform fake quantization with explicit (possibly traced) range and (possibly traced) bits.
@@ -411,11 +424,17 @@ def _kmeans_quantize(x: jax.Array, spec: QuantSpec, mask: jax.Array | None) -> Q
     weights = jnp.ones_like(flat) if mask is None else mask.reshape(-1).astype(jnp.float32)
     centroids = _lloyd_1d(flat, weights, k, spec.kmeans_iters)
     codes = _nearest_sorted(flat, centroids)
-    if reserve:
+    if mask is not None:  # reserve code 0 for pruned weights
         codes = jnp.where(mask.reshape(-1), codes + 1, 0)
         centroids = jnp.concatenate([jnp.zeros((1,), jnp.float32), centroids])
-    return QTensor(codes=codes.reshape(x.shape), codebook=centroids, scheme="kmeans", bits=spec.bits,
-                   symmetric=spec.symmetric, zero_reserved=reserve)
+    return QTensor(
+        codes=codes.reshape(x.shape),
+        codebook=centroids,
+        scheme="kmeans",
+        bits=spec.bits,
+        symmetric=spec.symmetric,
+        zero_reserved=reserve,
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -450,8 +469,14 @@ def _quantize(
         scale, zero_point, lo_eff, hi_eff = uniform_affine(lo, hi, spec.bits, spec.symmetric)
         qmin, qmax = _levels(spec.bits, spec.symmetric)
         codes = _uniform_encode(x, scale, zero_point, qmin, qmax).astype(jnp.int32)
-        q = QTensor(codes=codes, scale=scale, zero_point=zero_point.astype(jnp.int32), scheme="uniform",
-                    bits=spec.bits, symmetric=spec.symmetric)
+        q = QTensor(
+            codes=codes,
+            scale=scale,
+            zero_point=zero_point.astype(jnp.int32),
+            scheme="uniform",
+            bits=spec.bits,
+            symmetric=spec.symmetric,
+        )
         return q, lo_eff, hi_eff
     a = jnp.maximum(jnp.abs(lo), jnp.abs(hi))
     codes, e_max = _log_encode(x, a, spec.bits)
@@ -464,9 +489,7 @@ def _masked_f32(x: jax.Array, mask: jax.Array | None) -> jax.Array:
     return x if mask is None else jnp.where(mask, x, 0.0)
 
 
-def quantize_codes(
-    x: jax.Array, spec: QuantSpec, lo: Any = None, hi: Any = None, mask: Any = None
-) -> QTensor:
+def quantize_codes(x: jax.Array, spec: QuantSpec, lo: Any = None, hi: Any = None, mask: Any = None) -> QTensor:
     """Integer codes of `x` (see `QTensor`); `dequantize` of the result equals `fake_quant` bitwise.
 
     lo/hi: explicit range (uniform/log), broadcast against `x`; derived from `x` (min/max, per
@@ -481,9 +504,12 @@ def quantize_codes(
 @jax.jit
 def _dequantize(q: QTensor) -> jax.Array:
     if q.scheme == "uniform":
+        assert q.scale is not None and q.zero_point is not None
         return _uniform_decode(q.codes, q.scale, q.zero_point)
     if q.scheme == "log":
+        assert q.exponent is not None
         return _log_decode(q.codes, q.exponent, q.bits)
+    assert q.codebook is not None
     return jnp.take(q.codebook, q.codes, axis=0)
 
 
@@ -502,9 +528,7 @@ def _fake_quant(x: jax.Array, spec: QuantSpec, lo: Any, hi: Any, mask: jax.Array
     return straight_through(xf, y, lo_eff, hi_eff).astype(x.dtype)
 
 
-def fake_quant(
-    x: jax.Array, spec: QuantSpec, lo: Any = None, hi: Any = None, mask: Any = None
-) -> jax.Array:
+def fake_quant(x: jax.Array, spec: QuantSpec, lo: Any = None, hi: Any = None, mask: Any = None) -> jax.Array:
     """Quantize then dequantize `x` (same shape and dtype), with a straight-through gradient.
 
     Forward: `dequantize(quantize_codes(x, spec, lo, hi, mask))`. Backward (Bengio et al. 2013):
@@ -521,50 +545,10 @@ def fake_quant(
 # ----------------------------------------------------------------------------------------------
 # Parameter trees: selection by path, PTQ of weights, the QAT parameter transform
 # ----------------------------------------------------------------------------------------------
-def _key_name(key: Any) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(key, attr):
-            return str(getattr(key, attr))
-    return str(key)
-
-
-def path_str(path: Sequence[Any]) -> str:
-    """'actor_torso/Dense_0/kernel' from a jax key path."""
-    return "/".join(_key_name(k) for k in path)
-
-
-def flatten_with_paths(tree: Any) -> dict[str, Any]:
-    """{path string: leaf} (None leaves are dropped, as in any pytree)."""
-    leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
-    return {path_str(p): leaf for p, leaf in leaves}
-
-
-def _compile(patterns: Sequence[str], name: str) -> list[re.Pattern[str]]:
-    if isinstance(patterns, str):
-        raise ValueError(f"{name} must be a sequence of regexes, not the string {patterns!r}")
-    try:
-        return [re.compile(p) for p in patterns]
-    except re.error as err:
-        raise ValueError(f"Invalid regex in {name}={tuple(patterns)}: {err}") from err
-
-
-def select_paths(params: Params, include: Sequence[str] = DEFAULT_INCLUDE,
-                 exclude: Sequence[str] = ()) -> list[str]:
-    """Leaf paths that fully match some `include` regex and no `exclude` regex.
-
-    Raises ValueError, listing the tree's paths, if an include regex matches no path or nothing is
-    selected (a typo would otherwise silently leave the network unquantized).
-    """
-    inc, exc = _compile(include, "include"), _compile(exclude, "exclude")
-    paths = list(flatten_with_paths(params))
-    for pattern in inc:
-        if not any(pattern.fullmatch(p) for p in paths):
-            raise ValueError(f"include regex {pattern.pattern!r} matches no parameter; paths are {paths}")
-    selected = [p for p in paths if any(r.fullmatch(p) for r in inc) and not any(r.fullmatch(p) for r in exc)]
-    if not selected:
-        raise ValueError(f"include={tuple(include)} exclude={tuple(exclude)} select no parameter; "
-                         f"paths are {paths}")
-    return selected
+def select_paths(params: Params, include: Patterns = DEFAULT_INCLUDE, exclude: Patterns = ()) -> list[str]:
+    """Leaf paths selected by `include` / `exclude` under the one rule set of `nets.paths` (an
+    include regex matching nothing, or an empty selection, is a ValueError listing the paths)."""
+    return selected_paths(params, include, exclude)
 
 
 def masks_by_path(params: Params, masks: Any) -> dict[str, Any]:
@@ -582,8 +566,11 @@ def masks_by_path(params: Params, masks: Any) -> dict[str, Any]:
 
 
 def quantize_tree(
-    params: Params, spec: QuantSpec, include: Sequence[str] = DEFAULT_INCLUDE,
-    exclude: Sequence[str] = (), masks: Any = None,
+    params: Params,
+    spec: QuantSpec,
+    include: Patterns = DEFAULT_INCLUDE,
+    exclude: Patterns = (),
+    masks: Any = None,
 ) -> Params:
     """Fake-quantize the selected leaves (weights PTQ; with the STE also the QAT transform).
 
@@ -609,7 +596,9 @@ def quantize_tree(
 
 
 def weight_param_transform(
-    spec: QuantSpec, include: Sequence[str] = DEFAULT_INCLUDE, exclude: Sequence[str] = (),
+    spec: QuantSpec,
+    include: Patterns = DEFAULT_INCLUDE,
+    exclude: Patterns = (),
     masks: Any = None,
 ) -> Callable[[Params], Params]:
     """`params -> quantize_tree(params, spec, ...)` for `Hooks.param_transform` (QAT weights).
@@ -617,8 +606,8 @@ def weight_param_transform(
     The spec and regexes are checked now, in Python, before any compilation.
     """
     spec.validate()
-    _compile(include, "include")
-    _compile(exclude, "exclude")
+    compile_patterns(include, "include")
+    compile_patterns(exclude, "exclude")
 
     def transform(params: Params) -> Params:
         return quantize_tree(params, spec, include, exclude, masks)
@@ -640,13 +629,15 @@ def _is_layer_call(context: Any, layer_types: tuple[type, ...], args: tuple[Any,
 def _check_activation_spec(spec: QuantSpec) -> None:
     spec.validate()
     if spec.scheme == "kmeans":
-        raise ValueError("k-means weight sharing fits a codebook to weights; use 'uniform' or 'log' "
-                         "for activations")
+        raise ValueError("k-means weight sharing fits a codebook to weights; use 'uniform' or 'log' for activations")
 
 
 def activation_interceptor(
-    spec: QuantSpec, ranges: Mapping[str, tuple[Any, Any]] | None = None, outputs: bool = False,
-    layer_types: tuple[type, ...] = LAYER_TYPES, dynamic: str = "sample",
+    spec: QuantSpec,
+    ranges: Mapping[str, tuple[Any, Any]] | None = None,
+    outputs: bool = False,
+    layer_types: tuple[type, ...] = LAYER_TYPES,
+    dynamic: str = "sample",
 ) -> Callable[..., Any]:
     """A `flax.linen.intercept_methods` interceptor fake-quantizing the input of every Dense/Conv.
 
@@ -673,8 +664,7 @@ def activation_interceptor(
             raise ValueError(f"No calibrated range for layer {key!r}; ranges hold {sorted(ranges)}")
         return fake_quant(x, spec, lo, hi)
 
-    def interceptor(next_fun: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
-                    context: Any) -> Any:
+    def interceptor(next_fun: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], context: Any) -> Any:
         if not _is_layer_call(context, layer_types, args):
             return next_fun(*args, **kwargs)
         path = _module_path(context.module)
@@ -686,8 +676,12 @@ def activation_interceptor(
 
 
 def calibrate(
-    apply_fn: Callable[..., Any], params: Params, observations: jax.Array, spec: QuantSpec,
-    outputs: bool = False, layer_types: tuple[type, ...] = LAYER_TYPES,
+    apply_fn: Callable[..., Any],
+    params: Params,
+    observations: jax.Array,
+    spec: QuantSpec,
+    outputs: bool = False,
+    layer_types: tuple[type, ...] = LAYER_TYPES,
 ) -> Ranges:
     """Activation ranges {module path: (lo, hi)} measured on a batch of observations.
 
@@ -707,8 +701,7 @@ def calibrate(
             lo, hi = jnp.minimum(stats[key][0], lo), jnp.maximum(stats[key][1], hi)
         stats[key] = (lo, hi)
 
-    def interceptor(next_fun: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
-                    context: Any) -> Any:
+    def interceptor(next_fun: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], context: Any) -> Any:
         if not _is_layer_call(context, layer_types, args):
             return next_fun(*args, **kwargs)
         path = _module_path(context.module)

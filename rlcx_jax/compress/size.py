@@ -4,24 +4,26 @@ FLOPs per forward pass and measured inference latency.
 FLOPs count a multiply-add as two operations and skip multiplications by a pruned (zero) weight, the
 convention of the sparse-training literature (Evci et al. 2020): a Dense kernel with `nnz` non-zeros
 costs 2 * nnz per example, a convolution 2 * nnz * (output positions). Biases and activations are
-ignored. Only the layers a policy's forward pass uses are counted when `paths` is given (the actor's
-torso and head of an actor-critic, or the whole Q-network).
+ignored. Only the layers a policy's forward pass uses are counted when `paths` is given: the network's
+own layout names them, `nets.layout(net_config, head).prefixes("policy")` (the actor's torso and head of
+an actor-critic, or the whole Q-network).
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, NamedTuple, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlcx_jax.compress.masks import param_paths
+from rlcx_jax.nets.paths import param_paths
 
 Params = Any
 
-__all__ = ["SizeReport", "policy_paths", "count", "flops_per_forward", "measure_latency"]
+__all__ = ["SizeReport", "count", "flops_per_forward", "measure_latency"]
 
 
 class SizeReport(NamedTuple):
@@ -40,17 +42,7 @@ def _leaves(params: Params, paths: Sequence[str] | None) -> dict[str, np.ndarray
     flat = dict(zip(param_paths(params), (np.asarray(x) for x in jax.tree.leaves(params))))
     if paths is None:
         return flat
-    return {p: v for p, v in flat.items() if any(p.startswith(prefix) for prefix in paths)}
-
-
-def policy_paths(params: Params) -> tuple[str, ...] | None:
-    """Path prefixes of the layers that compute actions: the actor torso (or the shared torso) and the
-    policy head of an actor-critic; None (everything) for a Q-network."""
-    tops = set(params)
-    if "policy_head" in tops:
-        torso = "actor_torso" if "actor_torso" in tops else "torso"
-        return (torso + "/", "policy_head/", "log_std")
-    return None
+    return {p: v for p, v in flat.items() if any(p == prefix or p.startswith(prefix + "/") for prefix in paths)}
 
 
 def count(params: Params, bits: int = 32, paths: Sequence[str] | None = None) -> SizeReport:

@@ -1,5 +1,5 @@
 """Structured pruning: remove whole hidden units (Dense neurons, Conv filters) and physically shrink
-the network (DESIGN.md section 3).
+the network.
 
 A unit's importance is the norm of its incoming weights: the column of a Dense kernel (in, out) or
 the whole filter of a Conv kernel (kh, kw, in, out) (L1 filter pruning, Li et al. 2017; "l2" is the
@@ -16,8 +16,11 @@ Two views of the same pruning:
 
 Unit counts change shapes, so sparsity must be a concrete Python number here (not traced); the
 params themselves may be traced. Separate actor and critic torsos rank their units independently but
-keep the same count per layer, so one NetConfig describes the shrunk network. Params may be the bare
-`params` dict or the `{"params": ...}` variables dict returned by `Module.init`.
+keep the same count per layer, so one NetConfig describes the shrunk network. Which torsos exist and
+which output layers read them comes from the network's own layout (`nets.layout(net_config, head)`);
+the layers inside a torso are those of the built-in "mlp" and "cnn" torsos (other registered torsos
+can be pruned with masks, not shrunk). Params may be the bare `params` dict or the `{"params": ...}`
+variables dict returned by `Module.init`.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rlcx_jax import nets
 from rlcx_jax.compress.masks import validate_sparsity
 from rlcx_jax.nets import NetConfig
 
@@ -92,8 +96,7 @@ def _static_sparsity(sparsity: float | jax.Array) -> float:
     value = validate_sparsity(sparsity)
     if value is None:
         raise ValueError(
-            "Structured pruning changes layer widths, so sparsity must be a concrete Python number, "
-            "not a traced value"
+            "Structured pruning changes layer widths, so sparsity must be a concrete Python number, not a traced value"
         )
     return value
 
@@ -112,20 +115,25 @@ def kept_units(scores: jax.Array, keep: int) -> jax.Array:
 # ----------------------------------------------------------------------------------------------
 # Layout: which layers are prunable and who reads them (shape checks only, before any compile)
 # ----------------------------------------------------------------------------------------------
-def _torsos_and_heads(params: Mapping[str, Any], cfg: NetConfig) -> list[tuple[str, tuple[Path, ...]]]:
-    """(torso name, head layers reading its features) for the q and actor-critic networks."""
-    keys = sorted(params)
-    if "torso" in params:
-        return [("torso", (("Dense_0",),))]
-    if "actor_torso" not in params:
-        raise ValueError(f"Unrecognised parameter tree (top-level keys {keys}); expected a q or actor-critic net")
-    if cfg.separate_critic != ("critic_torso" in params):
+SHRINKABLE_TORSOS = ("mlp", "cnn")
+
+
+def _torsos_and_heads(params: Mapping[str, Any], cfg: NetConfig, head: str) -> list[tuple[str, tuple[Path, ...]]]:
+    """(torso name, output layers reading its features), from the network's declared layout."""
+    feeds = nets.layout(cfg, head).feeds
+    missing = [t for t, consumers in feeds for name in (t, *consumers) if name not in params]
+    if missing:
         raise ValueError(
-            f"net_config.separate_critic={cfg.separate_critic} does not match the params (top-level keys {keys})"
+            f"The params (top-level keys {sorted(params)}) do not match a {head!r} network with "
+            f"net_config={cfg} (missing {sorted(set(missing))})"
         )
-    if cfg.separate_critic:
-        return [("actor_torso", (("policy_head",),)), ("critic_torso", (("value_head",),))]
-    return [("actor_torso", (("policy_head",), ("value_head",)))]
+    extra_torsos = {"actor_torso", "critic_torso", "torso"} & set(params) - {t for t, _ in feeds}
+    if extra_torsos:
+        raise ValueError(
+            f"net_config.separate_critic={cfg.separate_critic} does not match the params "
+            f"(top-level keys {sorted(params)})"
+        )
+    return [(torso, tuple((c,) for c in consumers)) for torso, consumers in feeds]
 
 
 def _kernel_shape(params: Mapping[str, Any], path: Path) -> tuple[int, ...]:
@@ -161,12 +169,12 @@ def _check_consumer(params: Mapping[str, Any], layer: _Layer, consumer: Path) ->
 
 
 def _torso_layers(params: Mapping[str, Any], torso: str, heads: tuple[Path, ...], cfg: NetConfig) -> list[_Layer]:
-    names = (["Conv_0"] if cfg.kind == "cnn" else []) + [f"Dense_{i}" for i in range(len(cfg.hidden))]
-    widths = ([cfg.conv_features] if cfg.kind == "cnn" else []) + list(cfg.hidden)
+    names = (["Conv_0"] if cfg.torso == "cnn" else []) + [f"Dense_{i}" for i in range(len(cfg.hidden))]
+    widths = ([cfg.conv_features] if cfg.torso == "cnn" else []) + list(cfg.hidden)
     found = sorted(params[torso]) if isinstance(params[torso], Mapping) else []
     if found != sorted(names):
         raise ValueError(
-            f"{torso} has layers {found}, but net_config (kind={cfg.kind!r}, hidden={cfg.hidden}) expects {names}"
+            f"{torso} has layers {found}, but net_config (torso={cfg.torso!r}, hidden={cfg.hidden}) expects {names}"
         )
     layers = []
     for i, (name, width) in enumerate(zip(names, widths)):
@@ -180,13 +188,18 @@ def _torso_layers(params: Mapping[str, Any], torso: str, heads: tuple[Path, ...]
     return layers
 
 
-def _layout(params: Mapping[str, Any], cfg: NetConfig) -> list[_Layer]:
+def _layout(params: Mapping[str, Any], cfg: NetConfig, head: str) -> list[_Layer]:
     """Every prunable layer of `params` as described by `cfg`; ValueError on any mismatch."""
     if not isinstance(cfg, NetConfig):
         raise ValueError(f"net_config must be a nets.NetConfig, got {type(cfg).__name__}")
     cfg.validate()
+    if cfg.torso not in SHRINKABLE_TORSOS:
+        raise ValueError(
+            f"Structured pruning knows the layers of the {SHRINKABLE_TORSOS} torsos, not {cfg.torso!r}; "
+            "prune it with unstructured masks (compress.masks) instead"
+        )
     layers: list[_Layer] = []
-    for torso, heads in _torsos_and_heads(params, cfg):
+    for torso, heads in _torsos_and_heads(params, cfg, head):
         layers += _torso_layers(params, torso, heads, cfg)
     return layers
 
@@ -227,13 +240,13 @@ def _kept(params: Mapping[str, Any], layers: tuple[_Layer, ...], sparsity: float
 
 
 def _prepare(
-    params: Tree, net_config: NetConfig, sparsity: float | jax.Array, norm: str
+    params: Tree, net_config: NetConfig, sparsity: float | jax.Array, norm: str, head: str
 ) -> tuple[dict[str, Any], Callable[[Tree], Tree], tuple[_Layer, ...], float]:
     """Validate everything from shapes only, before anything is computed or compiled."""
     _check_norm(norm)
     s = _static_sparsity(sparsity)
     inner, wrap = _unwrap(params)
-    return inner, wrap, tuple(_layout(inner, net_config)), s
+    return inner, wrap, tuple(_layout(inner, net_config, head)), s
 
 
 # ----------------------------------------------------------------------------------------------
@@ -250,7 +263,7 @@ def _rows_keep(unit_keep: jax.Array, rows: int) -> jax.Array:
 
 
 def structured_masks(
-    params: Tree, net_config: NetConfig, sparsity: float | jax.Array, norm: str = "l1"
+    params: Tree, net_config: NetConfig, sparsity: float | jax.Array, norm: str = "l1", head: str = "actor_critic"
 ) -> Tree:
     """Bool mask tree zeroing the pruned hidden units of every torso: their kernel columns (whole
     filters for Conv), bias entries, and the rows of the next layer or heads that read them.
@@ -258,7 +271,7 @@ def structured_masks(
     sparsity: concrete fraction of units to remove per hidden layer (each keeps
     `round((1 - s) * width)`, at least 1). Heads keep all outputs.
     """
-    inner, wrap, layers, s = _prepare(params, net_config, sparsity, norm)
+    inner, wrap, layers, s = _prepare(params, net_config, sparsity, norm, head)
     return wrap(_masks_impl(inner, layers, s, norm))
 
 
@@ -289,13 +302,13 @@ def _gather_rows(kernel: jax.Array, idx: jax.Array, width: int) -> jax.Array:
 
 def _shrunk_config(cfg: NetConfig, sparsity: float) -> NetConfig:
     hidden = tuple(_keep_count(w, sparsity) for w in cfg.hidden)
-    if cfg.kind == "cnn":
+    if cfg.torso == "cnn":
         return dataclasses.replace(cfg, hidden=hidden, conv_features=_keep_count(cfg.conv_features, sparsity))
     return dataclasses.replace(cfg, hidden=hidden)
 
 
 def shrink(
-    params: Tree, net_config: NetConfig, sparsity: float | jax.Array, norm: str = "l1"
+    params: Tree, net_config: NetConfig, sparsity: float | jax.Array, norm: str = "l1", head: str = "actor_critic"
 ) -> tuple[Tree, NetConfig]:
     """Physically remove the units `structured_masks` would zero.
 
@@ -305,7 +318,7 @@ def shrink(
     parameters and FLOPs. Supports mlp and cnn torsos, q and actor-critic heads (separate or
     shared torso); other leaves (heads' biases, log_std) are kept as they are.
     """
-    inner, wrap, layers, s = _prepare(params, net_config, sparsity, norm)
+    inner, wrap, layers, s = _prepare(params, net_config, sparsity, norm, head)
     return wrap(_shrink_impl(inner, layers, s, norm)), _shrunk_config(net_config, s)
 
 

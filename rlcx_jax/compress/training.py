@@ -1,12 +1,18 @@
-"""Compression during training: one static config field turns any core algorithm into sparse training
-or quantization-aware training (DESIGN.md section 6: hooks, never a fork of an algorithm file).
+"""Compression during training as an extension (`rlcx_jax.seams.Extension`): adding
+`CompressConfig(...)` to any algorithm config's `extensions` turns it into sparse training or
+quantization-aware training, without the algorithm naming it (docs/architecture.md, "Extensions").
+
+    config = ppo.PPOConfig(extensions=(CompressConfig(prune_schedule="gradual"),))
+    hparams = ppo.PPOHParams().with_ext("compress", CompressHParams(sparsity=0.9))
 
 * **Pruning** is an optax transformation placed after the optimizer (`Hooks.post_update`). It keeps a
   mask tree in its state (so the masks are part of the training state, `find_masks(state)`), and
   rewrites the final update so that `params + update` is zero wherever the mask is off. Masking
   the gradient before Adam would not be enough: Adam's moments keep moving a weight whose gradient
-  is zero. The target sparsity is the traced hyperparameter `hparams.sparsity`, so a sweep over
-  sparsity levels is one more `vmap`.
+  is zero. The target sparsity is the traced hyperparameter `hparams.ext["compress"].sparsity`, so a
+  sweep over sparsity levels is one more `vmap`. Which weights may be pruned is chosen by role in
+  the network's own layout (`prune_roles`, default: the torsos' kernels, never the output heads),
+  refined by path regexes.
   Schedules (`CompressConfig.prune_schedule`):
     - "gradual": Zhu & Gupta (2017), s_t = s_f (1 - (1 - p_t)^3) with p_t the fraction of the way
       from `prune_start` to `prune_end` (fractions of all optimizer steps), masks recomputed by
@@ -27,43 +33,58 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+from flax import struct
 
+from rlcx_jax import nets
 from rlcx_jax.compress import masks as masks_lib
+from rlcx_jax.compress import quant
+from rlcx_jax.seams import BuildContext, Extension, Hooks, register_extension
 
 Params = Any
 
 __all__ = [
     "PRUNE_SCHEDULES",
     "CompressConfig",
+    "CompressHParams",
     "PruneState",
     "zhu_gupta_sparsity",
     "prune_transform",
-    "compress_hooks",
+    "prune_selection",
     "find_masks",
 ]
 
 PRUNE_SCHEDULES = ("none", "gradual", "oneshot", "fixed")
-# Default layers to prune: every kernel but the output heads (actor-critic `*_head`, and the Q
-# network's top-level `Dense_<i>` head). Pruning a head removes whole actions' logits.
-DEFAULT_PRUNE_INCLUDE = (r".*kernel",)
-DEFAULT_PRUNE_EXCLUDE = (r".*head.*", r"Dense_\d+/kernel")
+DEFAULT_PRUNE_ROLES = ("torso",)  # output heads are never pruned by default: that removes whole actions
+DEFAULT_PRUNE_INCLUDE = (r".*kernel",)  # within those roles: kernels; biases stay dense
+QAT_INCLUDE = (r".*kernel",)
 
 
+@struct.dataclass
+class CompressHParams:
+    """Traced compression hyperparameters: the target sparsity of the pruning schedule, in [0, 1)."""
+
+    sparsity: float = 0.0
+
+
+@register_extension
 @dataclasses.dataclass(frozen=True)
-class CompressConfig:
-    """Static compression settings of a training run (part of every algorithm's config).
+class CompressConfig(Extension):
+    """Static compression settings of a training run (an extension on `config.extensions`).
 
-    The target sparsity itself is a traced hyperparameter (`hparams.sparsity`); everything here
-    changes the compiled program. Fractions are of the run's optimizer steps.
+    The target sparsity itself is a traced hyperparameter (`CompressHParams.sparsity`); everything
+    here changes the compiled program. Fractions are of the run's optimizer steps.
     """
+
+    name = "compress"
 
     prune_schedule: str = "none"
     prune_distribution: str = "uniform"
     prune_start: float = 0.0
     prune_end: float = 0.75
     prune_every: int = 16
+    prune_roles: tuple[str, ...] = DEFAULT_PRUNE_ROLES
     prune_include: tuple[str, ...] = DEFAULT_PRUNE_INCLUDE
-    prune_exclude: tuple[str, ...] = DEFAULT_PRUNE_EXCLUDE
+    prune_exclude: tuple[str, ...] = ()
     qat_bits: int = 0
     qat_scheme: str = "uniform"
     qat_per_channel: bool = True
@@ -85,27 +106,68 @@ class CompressConfig:
             )
         if not 0.0 <= self.prune_start <= self.prune_end <= 1.0:
             raise ValueError(
-                f"Need 0 <= prune_start <= prune_end <= 1, got prune_start={self.prune_start}, prune_end={self.prune_end}"
+                f"Need 0 <= prune_start <= prune_end <= 1, got prune_start={self.prune_start}, "
+                f"prune_end={self.prune_end}"
             )
         if self.prune_every < 1:
             raise ValueError(f"prune_every must be >= 1, got {self.prune_every}")
         if self.qat_bits != 0:
             self.qat_spec().validate()
-        from rlcx_jax.compress.quant import DYNAMIC_RANGES
+        if self.qat_activation_range not in quant.DYNAMIC_RANGES:
+            raise ValueError(
+                f"qat_activation_range must be one of {quant.DYNAMIC_RANGES}, got {self.qat_activation_range!r}"
+            )
 
-        if self.qat_activation_range not in DYNAMIC_RANGES:
-            raise ValueError(f"qat_activation_range must be one of {DYNAMIC_RANGES}, got {self.qat_activation_range!r}")
-
-    def qat_spec(self) -> Any:
-        from rlcx_jax.compress import quant
-
+    def qat_spec(self) -> quant.QuantSpec:
         return quant.QuantSpec(scheme=self.qat_scheme, bits=self.qat_bits, per_channel=self.qat_per_channel)
+
+    def default_hparams(self) -> CompressHParams:
+        return CompressHParams()
+
+    def validate_hparams(self, hparams: CompressHParams) -> None:
+        masks_lib.validate_sparsity(hparams.sparsity)
+        if float(hparams.sparsity) > 0 and self.prune_schedule in ("none", "fixed"):
+            raise ValueError(
+                f"sparsity={float(hparams.sparsity)} needs prune_schedule 'gradual' or 'oneshot' "
+                f"(it is {self.prune_schedule!r})"
+            )
+
+    def hooks(self, ctx: BuildContext) -> Hooks:
+        """The pruning transformation after the optimizer (its target sparsity read from this
+        extension's traced hyperparameters) and QAT's weight and activation fake-quantization."""
+        hooks = Hooks()
+        if self.prunes:
+            include = prune_selection(self, nets.layout_of(ctx.network))
+            steps = ctx.optimizer_steps
+
+            def post_update(hparams: CompressHParams) -> optax.GradientTransformation:
+                return prune_transform(self, hparams.sparsity, steps, include)
+
+            hooks = hooks.merge(Hooks(post_update=post_update))
+        if self.qat_bits:
+            spec = self.qat_spec()
+            qat = Hooks(
+                param_transform=quant.weight_param_transform(spec, include=QAT_INCLUDE, exclude=()),
+                interceptor=(
+                    quant.activation_interceptor(spec, dynamic=self.qat_activation_range)
+                    if self.qat_activations
+                    else None
+                ),
+            )
+            hooks = hooks.merge(qat)
+        return hooks
+
+
+def prune_selection(config: CompressConfig, layout: nets.Layout) -> tuple[str, ...]:
+    """Include regexes of the prunable weights: `config.prune_include` within `config.prune_roles`
+    of the network's layout (combine with `config.prune_exclude`)."""
+    return layout.patterns(config.prune_roles, config.prune_include)
 
 
 # ----------------------------------------------------------------------------------------------
 # The pruning schedule and transformation
 # ----------------------------------------------------------------------------------------------
-def zhu_gupta_sparsity(step: jax.Array, final: jax.Array, start: int, end: int) -> jax.Array:
+def zhu_gupta_sparsity(step: jax.Array, final: jax.Array | float, start: int, end: int) -> jax.Array:
     """Sparsity at optimizer step `step` (Zhu & Gupta 2017, eq. 1 with initial sparsity 0):
     s_t = s_f (1 - (1 - p)^3), p = clip((t - start) / (end - start), 0, 1)."""
     span = max(end - start, 1)
@@ -116,7 +178,7 @@ def zhu_gupta_sparsity(step: jax.Array, final: jax.Array, start: int, end: int) 
 class PruneState(NamedTuple):
     """Optimizer-state part of pruning: the step count and the current masks (True = kept)."""
 
-    count: jax.Array
+    step: jax.Array
     masks: Params
 
 
@@ -127,22 +189,26 @@ def _step_bounds(config: CompressConfig, total_steps: int) -> tuple[int, int]:
 
 
 def prune_transform(
-    config: CompressConfig, sparsity: jax.Array | float, total_steps: int
+    config: CompressConfig,
+    sparsity: jax.Array | float,
+    total_steps: int,
+    include: tuple[str, ...] = DEFAULT_PRUNE_INCLUDE,
 ) -> optax.GradientTransformation:
     """Keep pruned weights at exactly zero; update the masks on `config.prune_schedule`.
 
     Must come last in the optimizer chain: it receives the final updates `u` and the current
     `params` and returns `where(mask, u, -params)`, so that the new parameters are
     `where(mask, params + u, 0)`. Mask updates rank `params + u` by magnitude, so weights that are
-    already zero are pruned first and the pruned set only grows.
+    already zero are pruned first and the pruned set only grows. `include` selects the prunable
+    weights (`prune_selection` gives the role-based default), `config.prune_exclude` removes some.
     """
     config.validate()
     start, end = _step_bounds(config, total_steps)
-    include, exclude = config.prune_include, config.prune_exclude
+    exclude = config.prune_exclude
 
     def init(params: Params) -> PruneState:
         masks_lib.select(params, include, exclude)  # a regex selecting nothing fails here, before jit
-        return PruneState(count=jnp.zeros((), jnp.int32), masks=masks_lib.ones_masks(params))
+        return PruneState(step=jnp.zeros((), jnp.int32), masks=masks_lib.ones_masks(params))
 
     def schedule(step: jax.Array) -> tuple[jax.Array, jax.Array]:
         """(whether the masks are recomputed at this step, the sparsity they are recomputed for)."""
@@ -167,42 +233,16 @@ def prune_transform(
             raise ValueError("prune_transform needs the parameters: call optimizer.update(grads, state, params)")
         # Rank the weights as they would be after this step; "fixed" keeps the zeros they start from.
         candidate = params if config.prune_schedule == "fixed" else jax.tree.map(jnp.add, params, updates)
-        now, target = schedule(state.count)
+        now, target = schedule(state.step)
         # A real branch (the ranking is a sort) as long as the step count is not batched, which
         # holds under vmap over seeds or hyperparameters: it does not depend on either.
         current = jax.lax.cond(
             now, recompute, lambda c, t, m: jax.tree.map(jnp.asarray, m), candidate, target, state.masks
         )
         masked = jax.tree.map(lambda m, u, p: jnp.where(m, u, -p), current, updates, params)
-        return masked, PruneState(count=state.count + 1, masks=current)
+        return masked, PruneState(step=state.step + 1, masks=current)
 
     return optax.GradientTransformation(init, update)
-
-
-def compress_hooks(config: CompressConfig, total_steps: int, base: Any = None) -> Any:
-    """`base` plus what `config` asks for: the pruning transformation (its target sparsity read
-    from the traced hyperparameters) and QAT's weight and activation fake-quantization."""
-    from rlcx_jax.rl.common import Hooks  # here, not at the top: the algorithms import this module
-
-    config.validate()
-    hooks = Hooks() if base is None else base
-    if config.prunes:
-
-        def post_update(hparams: Any) -> optax.GradientTransformation:
-            return prune_transform(config, getattr(hparams, "sparsity"), total_steps)
-
-        hooks = hooks.merge(Hooks(post_update=post_update))
-    if config.qat_bits:
-        from rlcx_jax.compress import quant
-
-        spec = config.qat_spec()
-        qat = Hooks(
-            param_transform=quant.weight_param_transform(spec, include=DEFAULT_PRUNE_INCLUDE, exclude=()),
-            interceptor=(quant.activation_interceptor(spec, dynamic=config.qat_activation_range)
-                         if config.qat_activations else None),
-        )
-        hooks = hooks.merge(qat)
-    return hooks
 
 
 def find_masks(tree: Any) -> Params | None:

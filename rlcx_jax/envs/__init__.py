@@ -1,14 +1,15 @@
 """Environments: gymnax adapter (1.x API) with clear errors, plus wrappers.
 
 `make(name, **param_overrides)` returns `(env, env_params)` for every gymnax id. The environment
-parameters are an ordinary pytree, so a batch of tasks is one `vmap` over them (DESIGN.md section 6).
+parameters are an ordinary pytree, so a batch of tasks is one `vmap` over them (docs/architecture.md, "Seams").
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import gymnax
 
@@ -79,8 +80,7 @@ def make(name: str, **param_overrides: Any) -> tuple[Any, Any]:
         unknown = sorted(set(param_overrides) - fields)
         if unknown:
             raise ValueError(
-                f"Unknown parameter(s) {unknown} for environment {name!r}; "
-                f"its EnvParams fields are {sorted(fields)}"
+                f"Unknown parameter(s) {unknown} for environment {name!r}; its EnvParams fields are {sorted(fields)}"
             )
         env_params = env_params.replace(**param_overrides)
     return env, env_params

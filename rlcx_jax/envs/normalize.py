@@ -41,5 +41,6 @@ def update_stats(stats: RunningStats, batch: jax.Array) -> RunningStats:
     return RunningStats(mean=mean, var=m2 / total, count=total)
 
 
-def normalize(stats: RunningStats, obs: jax.Array, clip: float = 10.0) -> jax.Array:
+def normalize_observation(stats: RunningStats, obs: jax.Array, clip: float = 10.0) -> jax.Array:
+    """clip((obs - mean) / sqrt(var + 1e-8), -clip, clip) with the running statistics."""
     return jnp.clip((obs - stats.mean) / jnp.sqrt(stats.var + 1e-8), -clip, clip)

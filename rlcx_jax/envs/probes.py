@@ -242,8 +242,7 @@ class Truncation(_Probe):
 
 
 PROBES: dict[str, type[_Probe]] = {
-    cls.probe_name: cls
-    for cls in (ConstantReward, ObsReward, TwoStep, ActionReward, ObsActionReward, Truncation)
+    cls.probe_name: cls for cls in (ConstantReward, ObsReward, TwoStep, ActionReward, ObsActionReward, Truncation)
 }
 
 

@@ -59,9 +59,7 @@ class EpisodeStatsWrapper(Wrapper):
     def step(
         self, key: jax.Array, state: EpisodeStatsState, action: jax.Array, params: Any
     ) -> tuple[jax.Array, EpisodeStatsState, jax.Array, jax.Array, jax.Array, dict]:
-        obs, env_state, reward, terminated, truncated, info = self._env.step(
-            key, state.env_state, action, params
-        )
+        obs, env_state, reward, terminated, truncated, info = self._env.step(key, state.env_state, action, params)
         done = jnp.logical_or(terminated, truncated)
         ep_return = state.episode_return + reward.astype(jnp.float32)
         ep_length = state.episode_length + 1

@@ -1,21 +1,51 @@
-"""Networks built from a static config through one factory (DESIGN.md section 6).
+"""Networks built from a static config through registries of torsos and heads (docs/architecture.md).
 
-Every algorithm calls `make(net_config, obs_shape, action_space, head=...)`; a new architecture
-(attention policy, multi-task heads, a physically shrunk MLP) is then a config value, not an edit of
-an algorithm file.
+* A **torso** turns observations into features: a Flax module `Torso(config, obs_ndim)` whose
+  `__call__(obs)` maps `(*batch, *obs_shape)` to `(*batch, features)`. Register one with
+  `@register_torso("name")` and choose it with `NetConfig(torso="name")`.
+* A **head** is the whole network an algorithm trains (actor-critic, Q-network): it builds torsos from
+  the registry, has a `policy(obs)` method whose output gives the greedy action (`rl.policy`), and
+  describes its own parameter layout (`layout(config)`: which top-level parameter groups are torso,
+  actor head, critic, Q head), so compression, shrink, export and size accounting select by role
+  instead of by hard-coded names.
+* An optional task input threads through every head: `apply(params, obs, task=t)` concatenates the
+  task vector `t` (float features, e.g. an embedding or a one-hot task id) to the torso features
+  before the output layers (task-conditioned heads). A network initialised with a task input must
+  always get one.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Sequence
+import difflib
+import re
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["NetConfig", "ActionSpec", "make", "orthogonal_init", "action_spec", "ActorCritic", "QNetwork", "Torso"]
+__all__ = [
+    "NetConfig",
+    "ActionSpec",
+    "Layout",
+    "make",
+    "layout",
+    "init_params",
+    "register_torso",
+    "register_head",
+    "orthogonal_init",
+    "dense",
+    "action_spec",
+    "ActorCritic",
+    "QNetwork",
+    "MLPTorso",
+    "CNNTorso",
+    "TORSOS",
+    "HEADS",
+]
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "tanh": nn.tanh,
@@ -24,22 +54,55 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "elu": nn.elu,
     "silu": nn.silu,
 }
-TORSOS = ("mlp", "cnn")
-HEADS = ("actor_critic", "q")
+TORSOS: dict[str, type[nn.Module]] = {}
+HEADS: dict[str, type[nn.Module]] = {}
+
+
+def _register(table: dict[str, type[nn.Module]], what: str, name: str) -> Callable[[type[nn.Module]], type[nn.Module]]:
+    if not name or not re.fullmatch(r"[A-Za-z0-9_\-]+", name):
+        raise ValueError(f"A {what} name must be letters, digits, '_' or '-', got {name!r}")
+
+    def decorator(cls: type[nn.Module]) -> type[nn.Module]:
+        known = table.get(name)
+        if known is not None and known.__qualname__ != cls.__qualname__:
+            raise ValueError(f"Another {what} ({known.__qualname__}) is registered as {name!r}")
+        table[name] = cls
+        return cls
+
+    return decorator
+
+
+def register_torso(name: str) -> Callable[[type[nn.Module]], type[nn.Module]]:
+    """Class decorator: `NetConfig(torso=name)` builds this module as every torso of a network.
+    The module takes the fields `config: NetConfig` and `obs_ndim: int`."""
+    return _register(TORSOS, "torso", name)
+
+
+def register_head(name: str) -> Callable[[type[nn.Module]], type[nn.Module]]:
+    """Class decorator: `nets.make(..., head=name)` builds this module. It takes the fields
+    `config`, `spec`, `obs_ndim`, has `policy(obs, task=None)` and a classmethod `layout(config)`."""
+    return _register(HEADS, "head", name)
+
+
+def _unknown(what: str, name: str, known: Mapping[str, Any]) -> ValueError:
+    close = difflib.get_close_matches(name, list(known), n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    return ValueError(f"Unknown {what} {name!r}.{hint} Known: {sorted(known)}")
 
 
 @dataclasses.dataclass(frozen=True)
 class NetConfig:
     """Static network description (hashable; part of an algorithm's config).
 
-    kind: "mlp" (flattens any observation) or "cnn" (MinAtar-style conv torso, then `hidden`).
+    torso: a registered torso: "mlp" (flattens any observation), "cnn" (MinAtar-style conv, then
+        `hidden`), or one registered by the user.
     hidden: widths of the dense layers.
     activation: one of ACTIVATIONS.
     separate_critic: actor and critic get their own torsos (PureJaxRL default) or share one.
     conv_features / conv_kernel: the CNN's single conv layer (Young & Tian 2019, MinAtar).
     """
 
-    kind: str = "mlp"
+    torso: str = "mlp"
     hidden: tuple[int, ...] = (64, 64)
     activation: str = "tanh"
     separate_critic: bool = True
@@ -47,14 +110,58 @@ class NetConfig:
     conv_kernel: int = 3
 
     def validate(self) -> None:
-        if self.kind not in TORSOS:
-            raise ValueError(f"Unknown network kind {self.kind!r}; expected one of {TORSOS}")
+        if self.torso not in TORSOS:
+            raise _unknown("torso", self.torso, TORSOS)
         if self.activation not in ACTIVATIONS:
-            raise ValueError(
-                f"Unknown activation {self.activation!r}; expected one of {sorted(ACTIVATIONS)}"
-            )
+            raise _unknown("activation", self.activation, ACTIVATIONS)
         if any(int(h) <= 0 for h in self.hidden):
             raise ValueError(f"Hidden widths must be positive, got {self.hidden}")
+        for name in ("conv_features", "conv_kernel"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Which top-level parameter groups of a network play which role.
+
+    roles: (role, names) pairs; the roles every head declares are
+      "torso"        every feature extractor,
+      "actor_head"   output layers of the policy (actor-critic),
+      "critic_head"  the value output layer (actor-critic),
+      "q_head"       the Q-value output layer (Q-network),
+      "head"         every output layer,
+      "policy"       everything a greedy action needs (actor torso + actor head, or the Q-network),
+      "critic"       what only the value estimate needs (critic torso and value head).
+    feeds: (torso, output layers that read its features): what structured shrinking must resize.
+    """
+
+    roles: tuple[tuple[str, tuple[str, ...]], ...]
+    feeds: tuple[tuple[str, tuple[str, ...]], ...] = ()
+
+    def groups(self, *roles: str) -> tuple[str, ...]:
+        """Top-level parameter names in any of `roles` (unknown roles are an error)."""
+        table = dict(self.roles)
+        unknown = [r for r in roles if r not in table]
+        if unknown:
+            raise ValueError(f"Unknown role(s) {unknown}; this network has {sorted(table)}")
+        out: list[str] = []
+        for role in roles:
+            out += [n for n in table[role] if n not in out]
+        return tuple(out)
+
+    def prefixes(self, *roles: str) -> tuple[str, ...]:
+        """Path prefixes of `roles` for `compress.size` (a group or a group's sub-paths)."""
+        return self.groups(*roles)
+
+    def patterns(self, roles: Sequence[str], include: Sequence[str] = (r".*",)) -> tuple[str, ...]:
+        """Regexes (for `nets.paths.select`) selecting the paths that lie in `roles` and match an
+        `include` regex: one regex per include, e.g. `(?=(?:actor_torso|critic_torso)(?:/|$)).*kernel`."""
+        names = self.groups(*roles)
+        if not names:
+            raise ValueError(f"The role(s) {list(roles)} hold no parameters in this network")
+        group = "|".join(re.escape(n) for n in names)
+        return tuple(f"(?=(?:{group})(?:/|$))(?:{inc})" for inc in include)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,35 +223,71 @@ def orthogonal_init(scale: float = 1.0) -> Callable[..., jax.Array]:
     return init
 
 
-def _dense(features: int, scale: float) -> nn.Dense:
-    return nn.Dense(features, kernel_init=orthogonal_init(scale), bias_init=nn.initializers.zeros)
+def dense(features: int, scale: float, name: str | None = None) -> nn.Dense:
+    """A Dense layer with orthogonal kernel init of gain `scale` and zero bias (PPO's init)."""
+    return nn.Dense(features, kernel_init=orthogonal_init(scale), bias_init=nn.initializers.zeros, name=name)
 
 
-class Torso(nn.Module):
-    """MLP (or conv + MLP) feature extractor."""
+def _flatten_obs(obs: jax.Array, obs_ndim: int) -> jax.Array:
+    batch_shape = obs.shape[: obs.ndim - obs_ndim]
+    return jnp.reshape(obs.astype(jnp.float32), batch_shape + (-1,))
+
+
+def _mlp(x: jax.Array, config: NetConfig) -> jax.Array:
+    act = ACTIVATIONS[config.activation]
+    for width in config.hidden:
+        x = act(dense(width, np.sqrt(2.0))(x))
+    return x
+
+
+@register_torso("mlp")
+class MLPTorso(nn.Module):
+    """Flatten the observation, then `hidden` dense layers (Dense_0, Dense_1, ...)."""
 
     config: NetConfig
     obs_ndim: int
 
     @nn.compact
     def __call__(self, obs: jax.Array) -> jax.Array:
+        return _mlp(_flatten_obs(obs, self.obs_ndim), self.config)
+
+
+@register_torso("cnn")
+class CNNTorso(nn.Module):
+    """One VALID conv layer (Conv_0) over (H, W, C) observations, flattened, then `hidden` dense
+    layers (the MinAtar network of Young & Tian 2019)."""
+
+    config: NetConfig
+    obs_ndim: int
+
+    @nn.compact
+    def __call__(self, obs: jax.Array) -> jax.Array:
+        if self.obs_ndim != 3:
+            raise ValueError(f"The cnn torso needs (H, W, C) observations, got ndim {self.obs_ndim}")
         act = ACTIVATIONS[self.config.activation]
-        batch_shape = obs.shape[: obs.ndim - self.obs_ndim]
-        x = obs.astype(jnp.float32)
-        if self.config.kind == "cnn":
-            if self.obs_ndim != 3:
-                raise ValueError(f"The cnn torso needs (H, W, C) observations, got ndim {self.obs_ndim}")
-            x = jnp.reshape(x, (-1,) + x.shape[-3:])
-            k = self.config.conv_kernel
-            x = act(nn.Conv(self.config.conv_features, (k, k), padding="VALID")(x))
-            x = jnp.reshape(x, batch_shape + (-1,))
-        else:
-            x = jnp.reshape(x, batch_shape + (-1,))
-        for width in self.config.hidden:
-            x = act(_dense(width, np.sqrt(2.0))(x))
-        return x
+        batch_shape = obs.shape[: obs.ndim - 3]
+        x = jnp.reshape(obs.astype(jnp.float32), (-1,) + obs.shape[-3:])
+        k = self.config.conv_kernel
+        x = act(nn.Conv(self.config.conv_features, (k, k), padding="VALID")(x))
+        return _mlp(jnp.reshape(x, batch_shape + (-1,)), self.config)
 
 
+def _torso(config: NetConfig, obs_ndim: int, name: str) -> nn.Module:
+    if config.torso not in TORSOS:
+        raise _unknown("torso", config.torso, TORSOS)
+    return TORSOS[config.torso](config, obs_ndim, name=name)
+
+
+def _with_task(features: jax.Array, task: jax.Array | None) -> jax.Array:
+    """Task-conditioned heads: the task vector joins the torso features (broadcast over the batch)."""
+    if task is None:
+        return features
+    task = jnp.asarray(task, jnp.float32)
+    task = jnp.broadcast_to(task, features.shape[:-1] + task.shape[-1:])
+    return jnp.concatenate([features, task], axis=-1)
+
+
+@register_head("actor_critic")
 class ActorCritic(nn.Module):
     """Policy and value heads. `__call__` returns `(policy_params, value)`; `policy` and `value`
     compute one head only (the rollout samples actions with `policy` alone and evaluates the critic
@@ -158,12 +301,35 @@ class ActorCritic(nn.Module):
     spec: ActionSpec
     obs_ndim: int
 
+    @classmethod
+    def layout(cls, config: NetConfig) -> Layout:
+        actor_head = ("policy_head", "log_std")
+        torsos: tuple[str, ...]
+        critic: tuple[str, ...]
+        feeds: tuple[tuple[str, tuple[str, ...]], ...]
+        if config.separate_critic:
+            torsos, critic = ("actor_torso", "critic_torso"), ("critic_torso", "value_head")
+            feeds = (("actor_torso", ("policy_head",)), ("critic_torso", ("value_head",)))
+        else:
+            torsos, critic = ("actor_torso",), ("value_head",)
+            feeds = (("actor_torso", ("policy_head", "value_head")),)
+        roles = (
+            ("torso", torsos),
+            ("actor_head", actor_head),
+            ("critic_head", ("value_head",)),
+            ("q_head", ()),
+            ("head", actor_head + ("value_head",)),
+            ("policy", ("actor_torso",) + actor_head),
+            ("critic", critic),
+        )
+        return Layout(roles=roles, feeds=feeds)
+
     def setup(self) -> None:
-        self.actor_torso = Torso(self.config, self.obs_ndim)
+        self.actor_torso = _torso(self.config, self.obs_ndim, "actor_torso")
         if self.config.separate_critic:
-            self.critic_torso = Torso(self.config, self.obs_ndim)
-        self.policy_head = _dense(self.spec.dim, 0.01)
-        self.value_head = _dense(1, 1.0)
+            self.critic_torso = _torso(self.config, self.obs_ndim, "critic_torso")
+        self.policy_head = dense(self.spec.dim, 0.01)
+        self.value_head = dense(1, 1.0)
         if not self.spec.discrete:
             self.log_std = self.param("log_std", nn.initializers.zeros, (self.spec.dim,))
 
@@ -173,41 +339,80 @@ class ActorCritic(nn.Module):
             out = jnp.concatenate([out, jnp.broadcast_to(self.log_std, out.shape)], axis=-1)
         return out
 
-    def policy(self, obs: jax.Array) -> jax.Array:
-        return self._policy_from_features(self.actor_torso(obs))
+    def policy(self, obs: jax.Array, task: jax.Array | None = None) -> jax.Array:
+        return self._policy_from_features(_with_task(self.actor_torso(obs), task))
 
-    def value(self, obs: jax.Array) -> jax.Array:
+    def value(self, obs: jax.Array, task: jax.Array | None = None) -> jax.Array:
         torso = self.critic_torso if self.config.separate_critic else self.actor_torso
-        return self.value_head(torso(obs))[..., 0]
+        return self.value_head(_with_task(torso(obs), task))[..., 0]
 
-    def __call__(self, obs: jax.Array) -> tuple[jax.Array, jax.Array]:
-        actor_features = self.actor_torso(obs)
-        critic_features = self.critic_torso(obs) if self.config.separate_critic else actor_features
+    def __call__(self, obs: jax.Array, task: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+        actor_features = _with_task(self.actor_torso(obs), task)
+        if self.config.separate_critic:
+            critic_features = _with_task(self.critic_torso(obs), task)
+        else:
+            critic_features = actor_features
         return self._policy_from_features(actor_features), self.value_head(critic_features)[..., 0]
 
 
+@register_head("q")
 class QNetwork(nn.Module):
-    """Action values Q(s, .) for discrete actions."""
+    """Action values Q(s, .) for discrete actions; `policy` is the same (its argmax is greedy)."""
 
     config: NetConfig
     spec: ActionSpec
     obs_ndim: int
 
-    @nn.compact
-    def __call__(self, obs: jax.Array) -> jax.Array:
-        x = Torso(self.config, self.obs_ndim, name="torso")(obs)
-        return _dense(self.spec.num_actions, 1.0)(x)
+    @classmethod
+    def layout(cls, config: NetConfig) -> Layout:
+        roles = (
+            ("torso", ("torso",)),
+            ("actor_head", ()),
+            ("critic_head", ()),
+            ("q_head", ("q_head",)),
+            ("head", ("q_head",)),
+            ("policy", ("torso", "q_head")),
+            ("critic", ()),
+        )
+        return Layout(roles=roles, feeds=(("torso", ("q_head",)),))
+
+    def setup(self) -> None:
+        self.torso = _torso(self.config, self.obs_ndim, "torso")
+        self.q_head = dense(self.spec.num_actions, 1.0)
+
+    def __call__(self, obs: jax.Array, task: jax.Array | None = None) -> jax.Array:
+        return self.q_head(_with_task(self.torso(obs), task))
+
+    def policy(self, obs: jax.Array, task: jax.Array | None = None) -> jax.Array:
+        return self(obs, task)
 
 
-def make(
-    net_config: NetConfig, obs_shape: Sequence[int], spec: ActionSpec, head: str = "actor_critic"
-) -> nn.Module:
-    """The one network factory. `head` is "actor_critic" (policy + value) or "q"."""
+def make(net_config: NetConfig, obs_shape: Sequence[int], spec: ActionSpec, head: str = "actor_critic") -> nn.Module:
+    """The one network factory: the registered `head` ("actor_critic", "q", ...) over the registered
+    torso `net_config.torso`."""
     net_config.validate()
     if head not in HEADS:
-        raise ValueError(f"Unknown head {head!r}; expected one of {HEADS}")
-    if head == "q":
-        if not spec.discrete:
-            raise ValueError("A Q-network needs a discrete action space")
-        return QNetwork(net_config, spec, len(obs_shape))
-    return ActorCritic(net_config, spec, len(obs_shape))
+        raise _unknown("head", head, HEADS)
+    if head == "q" and not spec.discrete:
+        raise ValueError("A Q-network needs a discrete action space")
+    return HEADS[head](net_config, spec, len(obs_shape))
+
+
+def layout(net_config: NetConfig, head: str = "actor_critic") -> Layout:
+    """The parameter layout of the network `make(net_config, ..., head=head)` builds."""
+    if head not in HEADS:
+        raise _unknown("head", head, HEADS)
+    return HEADS[head].layout(net_config)  # type: ignore[attr-defined]
+
+
+def layout_of(network: nn.Module) -> Layout:
+    """The parameter layout of a built network."""
+    return type(network).layout(network.config)  # type: ignore[attr-defined]
+
+
+def init_params(network: nn.Module, key: jax.Array, obs_shape: Sequence[int], task_dim: int = 0) -> Any:
+    """Parameters for a batch of one observation (and a task vector of `task_dim` when > 0)."""
+    obs = jnp.zeros((1, *obs_shape), jnp.float32)
+    if task_dim:
+        return network.init(key, obs, task=jnp.zeros((1, task_dim), jnp.float32))["params"]
+    return network.init(key, obs)["params"]

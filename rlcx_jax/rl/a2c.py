@@ -4,17 +4,14 @@ GAE(lambda) advantages (lambda = 1 gives the n-step returns of the paper, n = nu
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import jax
 from flax import struct
 
 from rlcx_jax.rl import onpolicy
-from rlcx_jax.rl.common import Hooks, Trainer, check_positive, check_range, check_sparsity
-from rlcx_jax.rl.onpolicy import ActorCriticState, OnPolicyMetrics
+from rlcx_jax.rl.common import Hooks, Trainer, TrainState
+from rlcx_jax.rl.onpolicy import OnPolicyMetrics
 from rlcx_jax.rl.returns import gae
-
-A2CState = ActorCriticState
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,26 +20,17 @@ class A2CConfig(onpolicy.OnPolicyConfig):
 
     num_envs: int = 16
     num_steps: int = 8
-    anneal_lr: bool = False
     normalize_advantages: bool = False
 
 
 @struct.dataclass
-class A2CHParams:
-    lr: float = 2e-3
-    gamma: float = 0.99
-    gae_lambda: float = 1.0
-    ent_coef: float = 0.01
-    vf_coef: float = 0.5
-    max_grad_norm: float = 0.5
-    sparsity: float = 0.0  # target of CompressConfig.prune_schedule (traced: one vmap sweeps it)
+class A2CHParams(onpolicy.ActorCriticHParams):
+    """Traced A2C hyperparameters; gae_lambda = 1 gives the paper's n-step returns."""
 
-    def validate(self) -> None:
-        check_positive("lr", self.lr)
-        check_range("gamma", self.gamma, 0.0, 1.0)
-        check_range("gae_lambda", self.gae_lambda, 0.0, 1.0)
-        check_positive("max_grad_norm", self.max_grad_norm)
-        check_sparsity(self.sparsity)
+    lr: float = 2e-3
+    gae_lambda: float = 1.0
+
+    UNIT = onpolicy.ActorCriticHParams.UNIT + ("gae_lambda",)
 
 
 def _advantages(col: onpolicy.Collected, hp: A2CHParams) -> tuple[jax.Array, jax.Array, A2CHParams]:
@@ -52,7 +40,7 @@ def _advantages(col: onpolicy.Collected, hp: A2CHParams) -> tuple[jax.Array, jax
     return advantage, advantage + col.v_tm1, hp
 
 
-def _update(agent: onpolicy.Agent, state: A2CState) -> tuple[A2CState, OnPolicyMetrics]:
+def _update(agent: onpolicy.Agent, state: TrainState) -> tuple[TrainState, OnPolicyMetrics]:
     return onpolicy.single_step_update(agent, state, _advantages)
 
 

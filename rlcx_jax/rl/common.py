@@ -1,22 +1,47 @@
-"""Pieces every algorithm shares: the forward-pass wrapper, the optimizer chain, the output type,
-hooks for later capabilities, and chunked scanning of updates with fixed-shape metrics.
+"""Pieces every algorithm shares: config and hyperparameter bases, the training state, the static
+build (env, network, hooks from extensions, forward pass), the optimizer chain, the trainer
+(init / learn / train / act) and chunked scanning of updates with fixed-shape metrics.
+
+The seams themselves (`Hooks`, `Extension`, loss terms) live in `rlcx_jax.seams`, below this package.
 """
 
 from __future__ import annotations
 
+import abc
 import dataclasses
-from typing import Any, Callable, Generic, Protocol, TypeVar
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, Self, TypeVar
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 from flax import struct
 
-Params = Any
-ApplyFn = Callable[..., Any]
+from rlcx_jax import envs, nets
+from rlcx_jax.envs.normalize import RunningStats, init_stats, normalize_observation
+from rlcx_jax.rl import rollout
+from rlcx_jax.seams import (
+    ApplyFn,
+    BuildContext,
+    Extension,
+    ExtensionTerms,
+    Hooks,
+    Params,
+    check_extensions,
+    combine_hooks,
+    complete_ext_hparams,
+    make_apply,
+)
+
+
+class Reducible(Protocol):
+    """Metrics that combine a stacked block (leading axis) into one value."""
+
+    def reduce(self) -> Any: ...
+
+
 S = TypeVar("S")
-M = TypeVar("M")
+M = TypeVar("M", bound=Reducible)
 
 
 @struct.dataclass
@@ -29,13 +54,14 @@ class TrainOutput(Generic[S, M]):
 
 @dataclasses.dataclass(frozen=True)
 class Trainer:
-    """The functions an algorithm module builds from its static config (DESIGN.md section 3).
+    """The functions an algorithm module builds from its static config (docs/architecture.md).
 
     init(key, hparams, env_params=None) -> state
     learn(state, n_updates) -> (state, metrics)      # n_updates static; chunked mode
     train(key, hparams, env_params=None) -> TrainOutput(state, metrics)   # init + learn, one scan
-    act(state_or_params..., obs, key, greedy) -> action  # the trained policy, for evaluation
+    act(params, obs_stats, obs, key, greedy) -> action  # the trained policy, for evaluation
     num_updates: updates in a full run; log_every: updates per metrics row.
+    agent: the static build (env, network and its layout, action spec, forward pass).
     """
 
     config: Any
@@ -45,83 +71,261 @@ class Trainer:
     act: Callable[..., Any]
     num_updates: int
     log_every: int
+    agent: Agent
 
 
 # ----------------------------------------------------------------------------------------------
-# Seams (DESIGN.md section 6)
+# Config and hyperparameter bases
 # ----------------------------------------------------------------------------------------------
-class ParamTransform(Protocol):
-    def __call__(self, params: Params) -> Params: ...
+def largest_divisor_at_most(n: int, limit: int) -> int:
+    """The largest divisor of `n` that is <= `limit` (at least 1)."""
+    for d in range(min(n, max(limit, 1)), 0, -1):
+        if n % d == 0:
+            return d
+    return 1
 
 
 @dataclasses.dataclass(frozen=True)
-class Hooks:
-    """Static extension points, so compression and expansion plug in without editing algorithms.
+class TrainConfig(abc.ABC):
+    """Static settings every algorithm has (hashable; not traced).
 
-    param_transform: maps parameters on their way into every forward pass (a mask, fake
-        quantization); identity when None. Gradients flow through it (e.g. a straight-through
-        estimator).
-    interceptor: a `flax.linen.intercept_methods` interceptor active during every forward pass,
-        to transform activations (e.g. fake-quantize layer inputs/outputs).
-    extra_grad_transforms: optax transformations applied to the gradient tree before the
-        optimizer (e.g. gradient surgery across tasks).
-    post_update: `hparams -> optax transformation` applied to the optimizer's final updates
-        (with the parameters), built from the traced hyperparameters (e.g. keep pruned weights at
-        exactly zero, with the target sparsity a hyperparameter).
+    extensions: capabilities plugged into training (e.g. pruning, distillation), each bringing
+    its own static config, traced hyperparameters (`hparams.ext[name]`) and state (`state.ext[name]`).
+    A step count that does not divide into whole updates is rounded down to whole updates; a
+    `log_every` that does not divide the number of updates becomes its largest divisor below it.
     """
 
-    param_transform: Callable[[Params], Params] | None = None
-    interceptor: Callable[..., Any] | None = None
-    extra_grad_transforms: tuple[optax.GradientTransformation, ...] = ()
-    post_update: Callable[[Any], optax.GradientTransformation] | None = None
+    env: str = "CartPole-v1"
+    env_kwargs: tuple[tuple[str, Any], ...] = ()
+    num_envs: int = 4
+    total_timesteps: int = 500_000
+    net: nets.NetConfig = nets.NetConfig()
+    anneal_lr: bool = False
+    log_every: int = 1
+    prng_impl: str = "threefry2x32"
+    extensions: tuple[Extension, ...] = ()
 
-    def merge(self, other: "Hooks") -> "Hooks":
-        """Both sets of hooks: `self`'s parameter transform and interceptor run first (outermost)."""
-        return Hooks(
-            param_transform=_compose(other.param_transform, self.param_transform),
-            interceptor=_nest_interceptors(self.interceptor, other.interceptor),
-            extra_grad_transforms=self.extra_grad_transforms + other.extra_grad_transforms,
-            post_update=_chain_post_updates(self.post_update, other.post_update),
-        )
+    HEAD: ClassVar[str] = "actor_critic"
+    POSITIVE: ClassVar[tuple[str, ...]] = ("num_envs", "total_timesteps", "log_every")
+
+    @property
+    @abc.abstractmethod
+    def steps_per_update(self) -> int:
+        """Env steps (summed over the vectorised envs) one update collects."""
+
+    @property
+    def num_updates(self) -> int:
+        return self.total_timesteps // self.steps_per_update
+
+    @property
+    @abc.abstractmethod
+    def optimizer_steps(self) -> int:
+        """Optimizer steps in a full run (learning-rate annealing, pruning schedules)."""
+
+    @property
+    def updates_per_row(self) -> int:
+        """Updates per metrics row: `log_every`, or its largest divisor of `num_updates` below it."""
+        return largest_divisor_at_most(self.num_updates, self.log_every)
+
+    def rounding_notice(self) -> str | None:
+        """A one-line note when the step count or log_every had to be adapted; None otherwise."""
+        notes = []
+        done = self.num_updates * self.steps_per_update
+        if done != self.total_timesteps:
+            notes.append(
+                f"total_timesteps {self.total_timesteps} rounded down to {done} "
+                f"({self.num_updates} updates of {self.steps_per_update} env steps)"
+            )
+        if self.updates_per_row != self.log_every:
+            notes.append(
+                f"log_every {self.log_every} -> {self.updates_per_row} (a divisor of {self.num_updates} updates)"
+            )
+        return "; ".join(notes) or None
+
+    def validate(self) -> None:
+        envs.check_env_name(self.env)
+        for name in self.POSITIVE:
+            check_positive(name, getattr(self, name))
+        if self.num_updates < 1:
+            raise ValueError(
+                f"total_timesteps ({self.total_timesteps}) is smaller than one update "
+                f"({self.steps_per_update} env steps)"
+            )
+        self.net.validate()
+        check_prng_impl(self.prng_impl)
+        check_extensions(self.extensions)
+
+    def extension(self, name: str) -> Extension | None:
+        """The configured extension called `name`, or None."""
+        return next((e for e in self.extensions if e.name == name), None)
 
 
-def _compose(outer: Callable | None, inner: Callable | None) -> Callable | None:
-    if outer is None or inner is None:
-        return outer or inner
-    return lambda params: outer(inner(params))
+@struct.dataclass
+class HParams:
+    """Traced hyperparameters every algorithm has (vmappable for sweeps).
+
+    ext: {extension name: that extension's hyperparameters}; filled with each configured
+    extension's defaults where missing when training starts. Subclasses list their fields'
+    valid ranges in POSITIVE / UNIT (closed [0, 1]) so one `validate` checks them all.
+    """
+
+    lr: float = 2.5e-4
+    gamma: float = 0.99
+    max_grad_norm: float = 0.5
+    ext: dict[str, Any] = struct.field(default_factory=dict)
+
+    POSITIVE: ClassVar[tuple[str, ...]] = ("lr", "max_grad_norm")
+    UNIT: ClassVar[tuple[str, ...]] = ("gamma",)
+
+    if TYPE_CHECKING:  # added by flax.struct.dataclass
+
+        def replace(self, **changes: Any) -> Self: ...
+
+    def validate(self, extensions: tuple[Extension, ...] = ()) -> None:
+        """Check concrete (non-traced) values; called by the CLI before compiling."""
+        for name in self.POSITIVE:
+            check_positive(name, getattr(self, name))
+        for name in self.UNIT:
+            check_range(name, getattr(self, name), 0.0, 1.0)
+        ext = complete_ext_hparams(extensions, self.ext)
+        for e in extensions:
+            e.validate_hparams(ext[e.name])
+
+    def with_ext(self, name: str, ext_hparams: Any) -> HParams:
+        """These hyperparameters with extension `name`'s replaced."""
+        return self.replace(ext={**self.ext, name: ext_hparams})
 
 
-def _nest_interceptors(first: Callable | None, second: Callable | None) -> Callable | None:
-    if first is None or second is None:
-        return first or second
+# ----------------------------------------------------------------------------------------------
+# Training state and the static build shared by all algorithms
+# ----------------------------------------------------------------------------------------------
+@struct.dataclass
+class TrainState:
+    """What every algorithm's training state holds; `hparams` travel with it so `learn` is
+    self-contained. `ext` holds each extension's own state. Implements `seams.HasParams`."""
 
-    def interceptor(next_fun: Callable, args: Any, kwargs: Any, context: Any) -> Any:
-        inner = lambda *a, **k: second(next_fun, a, k, context)  # noqa: E731
-        return first(inner, args, kwargs, context)
+    params: Params
+    opt_state: optax.OptState
+    runner: rollout.EnvRunner
+    obs_stats: RunningStats
+    key: jax.Array
+    update_step: jax.Array
+    hparams: Any
+    env_params: Any
+    ext: dict[str, Any]
 
-    return interceptor
+    if TYPE_CHECKING:  # added by flax.struct.dataclass
+
+        def replace(self, **changes: Any) -> Self: ...
+
+    def with_params(self, params: Params) -> Self:
+        return self.replace(params=params)
 
 
-def _chain_post_updates(a: Callable | None, b: Callable | None) -> Callable | None:
-    if a is None or b is None:
-        return a or b
-    return lambda hparams: optax.chain(a(hparams), b(hparams))
+@dataclasses.dataclass(frozen=True)
+class Agent:
+    """Everything static an algorithm builds once from its config: env, network, forward pass
+    (through every extension's hooks) and the extensions' loss terms."""
+
+    config: Any
+    env: Any
+    env_params: Any
+    spec: nets.ActionSpec
+    obs_shape: tuple[int, ...]
+    network: Any
+    apply: ApplyFn
+    hooks: Hooks
+    terms: ExtensionTerms
+
+    def prep_obs(self, stats: RunningStats, obs: jax.Array) -> jax.Array:
+        """Observations as the network sees them (normalised when `config.normalize_obs`)."""
+        if getattr(self.config, "normalize_obs", False):
+            return normalize_observation(stats, obs)
+        return obs
+
+    def optimizer(self, hparams: Any) -> optax.GradientTransformation:
+        anneal = self.config.optimizer_steps if self.config.anneal_lr else None
+        return make_optimizer(hparams.lr, hparams.max_grad_norm, self.hooks, anneal, hparams=hparams)
+
+    def gradient_step(
+        self, params: Params, opt_state: optax.OptState, hparams: Any, grads: Params
+    ) -> tuple[Params, optax.OptState]:
+        """One optimizer step of the optax chain (with every hook)."""
+        updates, opt_state = self.optimizer(hparams).update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
 
 
-def make_apply(network: nn.Module, hooks: Hooks = Hooks()) -> ApplyFn:
-    """The one forward-pass wrapper: `apply(params, *inputs)` through the hooks."""
-    param_transform = hooks.param_transform
-    interceptor = hooks.interceptor
+def build_agent(config: TrainConfig, hooks: Hooks = Hooks()) -> Agent:
+    """Validate the config (before anything compiles) and build env, network, hooks and apply."""
+    config.validate()
+    env, env_params = envs.make_training_env(config.env, config.env_kwargs)
+    spec = nets.action_spec(env.action_space(env_params))
+    obs_shape = tuple(env.observation_space(env_params).shape)
+    network = nets.make(config.net, obs_shape, spec, head=config.HEAD)
+    ctx = BuildContext(network, obs_shape, spec, config.optimizer_steps)
+    hooks = combine_hooks(hooks, config.extensions, ctx)
+    apply = make_apply(network, hooks)
+    terms = ExtensionTerms.build(config.extensions, dataclasses.replace(ctx, apply=apply))
+    return Agent(config, env, env_params, spec, obs_shape, network, apply, hooks, terms)
 
-    def apply(params: Params, *inputs: Any, **kwargs: Any) -> Any:
-        if param_transform is not None:
-            params = param_transform(params)
-        if interceptor is None:
-            return network.apply({"params": params}, *inputs, **kwargs)
-        with nn.intercept_methods(interceptor):
-            return network.apply({"params": params}, *inputs, **kwargs)
 
-    return apply
+def init_train_state(agent: Agent, key: jax.Array, hparams: Any, env_params: Any = None) -> TrainState:
+    """Initial parameters, optimizer state, reset environments and extension states."""
+    config = agent.config
+    env_params = agent.env_params if env_params is None else env_params
+    hparams = hparams.replace(ext=complete_ext_hparams(config.extensions, hparams.ext))
+    key, (key_net, key_env) = next_keys(jax.random.key_data(seed_key(key, config.prng_impl)), config.prng_impl, 2)
+    params = agent.network.init(key_net, jnp.zeros((1,) + agent.obs_shape, jnp.float32))["params"]
+    key_ext = jax.random.fold_in(key_net, 1)
+    ext_state = {
+        e.name: e.init_state(jax.random.fold_in(key_ext, i), params, hparams.ext[e.name])
+        for i, e in enumerate(config.extensions)
+    }
+    return TrainState(
+        params=params,
+        opt_state=agent.optimizer(hparams).init(params),
+        runner=rollout.reset(agent.env, env_params, key_env, config.num_envs),
+        obs_stats=init_stats(agent.obs_shape),
+        key=key,
+        update_step=jnp.zeros((), jnp.int32),
+        hparams=hparams,
+        env_params=env_params,
+        ext=ext_state,
+    )
+
+
+def make_trainer(
+    agent: Agent,
+    init: Callable[[Agent, jax.Array, Any, Any], Any],
+    update: Callable[[Agent, Any], tuple[Any, Any]],
+    act: Callable[[Agent, Params, RunningStats, jax.Array, jax.Array, bool], jax.Array],
+    greedy_default: bool,
+) -> Trainer:
+    """init / learn / train / act of an algorithm, given its init, its one update and its policy."""
+    config = agent.config
+    rows = config.updates_per_row
+
+    def init_fn(key: jax.Array, hparams: Any, env_params: Any = None) -> Any:
+        return init(agent, key, hparams, env_params)
+
+    def learn(state: Any, n_updates: int) -> tuple[Any, Any]:
+        return scan_updates(lambda s: update(agent, s), state, n_updates, rows)
+
+    def train(key: jax.Array, hparams: Any, env_params: Any = None) -> TrainOutput:
+        state, metrics = learn(init_fn(key, hparams, env_params), config.num_updates)
+        return TrainOutput(state=state, metrics=metrics)
+
+    def policy(
+        params: Params, obs_stats: RunningStats, obs: jax.Array, key: jax.Array, greedy: bool = greedy_default
+    ) -> jax.Array:
+        return act(agent, params, obs_stats, obs, key, greedy)
+
+    return Trainer(config, init_fn, learn, train, policy, config.num_updates, rows, agent)
+
+
+def mean_ext_aux(ext_aux: dict[str, Any]) -> dict[str, Any]:
+    """Extension loss-term values and aux averaged over minibatches / epochs (any leading axes)."""
+    return jax.tree.map(jnp.mean, ext_aux)
 
 
 def make_optimizer(
@@ -159,13 +363,7 @@ def make_optimizer(
 # ----------------------------------------------------------------------------------------------
 # Scanning updates with fixed-shape metrics
 # ----------------------------------------------------------------------------------------------
-class Reducible(Protocol):
-    def reduce(self) -> Any: ...
-
-
-def scan_updates(
-    update_fn: Callable[[S], tuple[S, M]], state: S, num_updates: int, log_every: int = 1
-) -> tuple[S, M]:
+def scan_updates(update_fn: Callable[[S], tuple[S, M]], state: S, num_updates: int, log_every: int = 1) -> tuple[S, M]:
     """Run `num_updates` updates in `lax.scan`; metrics are reduced over each block of `log_every`.
 
     `metrics.reduce()` (a method of the metrics type) turns a stacked block into one value, so the
@@ -179,12 +377,6 @@ def scan_updates(
         return s, stacked.reduce()
 
     return jax.lax.scan(block, state, None, length=num_updates // log_every)
-
-
-def masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
-    """Mean of `x` where `mask`; zero when the mask is empty (never NaN)."""
-    mask = mask.astype(jnp.float32)
-    return jnp.sum(x * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
 def tree_stack(trees: list[Any]) -> Any:
@@ -231,12 +423,6 @@ def next_keys(state_key: jax.Array, impl: str, n: int) -> tuple[jax.Array, jax.A
     other array."""
     keys = jax.random.split(jax.random.wrap_key_data(state_key, impl=impl), n + 1)
     return jax.random.key_data(keys[0]), keys[1:]
-
-
-def check_sparsity(value: float) -> None:
-    """A target sparsity (fraction of pruned weights) must lie in [0, 1)."""
-    if not 0.0 <= float(value) < 1.0:
-        raise ValueError(f"sparsity must be in [0, 1), got {value}")
 
 
 def check_positive(name: str, value: int | float) -> None:

@@ -15,36 +15,32 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from rlcx_jax import envs, nets
-from rlcx_jax.envs.normalize import RunningStats, init_stats
+from rlcx_jax import nets
+from rlcx_jax.envs.normalize import RunningStats
 from rlcx_jax.rl import replay, rollout
 from rlcx_jax.rl.common import (
+    Agent,
     Hooks,
+    HParams,
     Params,
+    TrainConfig,
     Trainer,
-    TrainOutput,
-    check_positive,
-    check_prng_impl,
+    TrainState,
+    build_agent,
     check_range,
-    check_sparsity,
-    make_apply,
+    init_train_state,
+    make_trainer,
+    mean_ext_aux,
     next_keys,
-    seed_key,
-    make_optimizer,
-    scan_updates,
 )
-from rlcx_jax.compress.training import CompressConfig, compress_hooks
 from rlcx_jax.rl.losses import QBatch, q_learning_loss
 
 
 @dataclasses.dataclass(frozen=True)
-class DQNConfig:
+class DQNConfig(TrainConfig):
     """Static DQN settings. Counts are in environment steps (summed over the vectorised envs)."""
 
-    env: str = "CartPole-v1"
-    env_kwargs: tuple[tuple[str, Any], ...] = ()
     num_envs: int = 10
-    total_timesteps: int = 500_000
     buffer_size: int = 10_000
     batch_size: int = 128
     learning_starts: int = 10_000
@@ -57,22 +53,21 @@ class DQNConfig:
     huber_delta: float | None = None
     net: nets.NetConfig = nets.NetConfig(hidden=(120, 84), activation="relu")
     log_every: int = 50
-    prng_impl: str = "threefry2x32"
-    compress: CompressConfig = CompressConfig()
+
+    HEAD = "q"
+    POSITIVE = TrainConfig.POSITIVE + ("buffer_size", "batch_size", "train_frequency", "target_update_period")
 
     @property
     def steps_per_update(self) -> int:
         return self.train_frequency
 
     @property
-    def num_updates(self) -> int:
-        return self.total_timesteps // self.train_frequency
+    def optimizer_steps(self) -> int:
+        """Gradient steps in a full run: one per update once `learning_starts` is reached."""
+        return max(self.num_updates - self.learning_starts // self.train_frequency, 1)
 
     def validate(self) -> None:
-        envs.check_env_name(self.env)
-        for name in ("num_envs", "total_timesteps", "buffer_size", "batch_size", "train_frequency",
-                     "target_update_period", "log_every"):
-            check_positive(name, getattr(self, name))
+        super().validate()
         if self.learning_starts < 0:
             raise ValueError(f"learning_starts must be >= 0, got {self.learning_starts}")
         if self.train_frequency % self.num_envs != 0:
@@ -94,48 +89,35 @@ class DQNConfig:
                 f"learning_starts ({self.learning_starts}) exceeds buffer_size ({self.buffer_size}): "
                 "the buffer never holds that many transitions, so no gradient step would ever be taken"
             )
-        if self.num_updates < 1:
-            raise ValueError(f"total_timesteps ({self.total_timesteps}) is below train_frequency")
-        if self.num_updates % self.log_every != 0:
-            raise ValueError(
-                f"The number of updates ({self.num_updates}) must be a multiple of log_every ({self.log_every})"
-            )
-        check_prng_impl(self.prng_impl)
         check_range("eps_start", self.eps_start, 0.0, 1.0)
         check_range("eps_end", self.eps_end, 0.0, 1.0)
         check_range("eps_decay_fraction", self.eps_decay_fraction, 0.0, 1.0)
-        self.net.validate()
-        self.compress.validate()
+        if self.huber_delta is not None and not self.huber_delta > 0:
+            raise ValueError(f"huber_delta must be positive (or None for the squared loss), got {self.huber_delta}")
 
 
 @struct.dataclass
-class DQNHParams:
+class DQNHParams(HParams):
+    """Traced DQN hyperparameters; tau is the target network's Polyak step (1: hard copy)."""
+
     lr: float = 2.5e-4
-    gamma: float = 0.99
-    tau: float = 1.0
     max_grad_norm: float = 10.0
-    sparsity: float = 0.0  # target of CompressConfig.prune_schedule (traced: one vmap sweeps it)
+    tau: float = 1.0
 
-    def validate(self) -> None:
-        check_positive("lr", self.lr)
-        check_range("gamma", self.gamma, 0.0, 1.0)
-        check_range("tau", self.tau, 0.0, 1.0)
-        check_positive("max_grad_norm", self.max_grad_norm)
-        check_sparsity(self.sparsity)
+    UNIT = HParams.UNIT + ("tau",)
 
 
 @struct.dataclass
-class DQNState:
-    params: Params
-    target_params: Params
-    opt_state: optax.OptState
-    buffer: replay.ReplayBuffer
-    runner: rollout.EnvRunner
-    obs_stats: RunningStats  # kept for a uniform policy interface; DQN does not normalise
-    key: jax.Array
-    update_step: jax.Array
-    hparams: DQNHParams
-    env_params: Any
+class DQNState(TrainState):
+    """The common training state plus the target network and the replay buffer; `obs_stats` is
+    kept for a uniform policy interface (DQN does not normalise observations)."""
+
+    target_params: Params = None
+    buffer: Any = None  # replay.ReplayBuffer
+
+    def with_params(self, params: Params) -> DQNState:
+        """New parameters, with the target network reset to them."""
+        return self.replace(params=params, target_params=params)
 
 
 @struct.dataclass
@@ -145,14 +127,17 @@ class DQNMetrics:
     q_mean: jax.Array
     epsilon: jax.Array
     env_steps: jax.Array
+    ext: dict[str, Any]
 
-    def reduce(self) -> "DQNMetrics":
+    def reduce(self) -> DQNMetrics:
+        mean = lambda x: jnp.mean(x, axis=0)  # noqa: E731
         return DQNMetrics(
             episode=self.episode.reduce(),
-            loss=jnp.mean(self.loss, axis=0),
-            q_mean=jnp.mean(self.q_mean, axis=0),
+            loss=mean(self.loss),
+            q_mean=mean(self.q_mean),
             epsilon=self.epsilon[-1],
             env_steps=self.env_steps[-1],
+            ext=jax.tree.map(mean, self.ext),
         )
 
 
@@ -171,126 +156,107 @@ def epsilon_greedy(q: jax.Array, key: jax.Array, epsilon: jax.Array) -> jax.Arra
     return jnp.where(explore, random, greedy)
 
 
+def init(agent: Agent, key: jax.Array, hparams: DQNHParams, env_params: Any = None) -> DQNState:
+    """The common initial state plus a target network equal to the online one and an empty buffer."""
+    config: DQNConfig = agent.config
+    common = init_train_state(agent, key, hparams, env_params)
+    obs = common.runner.obs[0]
+    zero = jnp.zeros((), jnp.float32)
+    example = QBatch(obs=obs, action=jnp.zeros((), jnp.int32), reward=zero, discount=zero, next_obs=obs)
+    fields = {f.name: getattr(common, f.name) for f in dataclasses.fields(common)}
+    return DQNState(**fields, target_params=common.params, buffer=replay.init_buffer(example, config.buffer_size))
+
+
+def _td_loss(
+    params: Params, batch: QBatch, target_params: Params, apply: Any, double: bool, huber_delta: float | None
+) -> tuple[jax.Array, Any]:
+    return q_learning_loss(params, target_params, batch, apply, double, huber_delta)
+
+
+def update(agent: Agent, state: DQNState) -> tuple[DQNState, DQNMetrics]:
+    config: DQNConfig = agent.config
+    hp = state.hparams
+    key, (key_collect, key_sample) = next_keys(state.key, config.prng_impl, 2)
+    env_steps = state.update_step * config.train_frequency
+
+    # COLLECT TRANSITIONS (epsilon-greedy) INTO THE REPLAY BUFFER
+    epsilon = epsilon_schedule(config, env_steps)
+
+    def policy_fn(k: jax.Array, obs: jax.Array) -> tuple[jax.Array, None]:
+        return epsilon_greedy(agent.apply(state.params, obs), k, epsilon), None
+
+    vec_steps = config.train_frequency // config.num_envs
+    runner, traj = rollout.collect(agent.env, state.env_params, policy_fn, state.runner, key_collect, vec_steps)
+    flat = lambda x: jnp.reshape(x, (-1,) + x.shape[2:])  # noqa: E731
+    items = QBatch(
+        obs=flat(traj.obs),
+        action=flat(traj.action).astype(jnp.int32),
+        reward=flat(traj.reward),
+        discount=flat(hp.gamma * (1.0 - traj.terminated.astype(jnp.float32))),
+        next_obs=flat(traj.next_obs),
+    )
+    buffer = replay.add_batch(state.buffer, items)
+    env_steps = env_steps + config.train_frequency
+
+    # UPDATE NETWORK (once the buffer holds learning_starts transitions)
+    loss_fn = agent.terms.add_to(_td_loss)
+    zero = jnp.zeros((), jnp.float32)
+
+    def learn_step(operand: tuple[Params, Any]) -> tuple[Params, Any, jax.Array, jax.Array, dict[str, Any]]:
+        params, opt_state = operand
+        batch = replay.sample(buffer, key_sample, config.batch_size)
+        batch = batch.replace(extras=agent.terms.batch_extras(state.ext, hp.ext, batch))
+        (loss, (aux, ext_aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            params, batch, state.ext, hp.ext, state.target_params, agent.apply, config.double, config.huber_delta
+        )
+        params, opt_state = agent.gradient_step(params, opt_state, hp, grads)
+        return params, opt_state, loss, aux.q_mean, mean_ext_aux(ext_aux)
+
+    def skip(operand: tuple[Params, Any]) -> tuple[Params, Any, jax.Array, jax.Array, dict[str, Any]]:
+        ext_shape = jax.eval_shape(learn_step, operand)[4]
+        return operand[0], operand[1], zero, zero, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), ext_shape)
+
+    ready = buffer.size >= config.learning_starts
+    params, opt_state, loss, q_mean, ext_aux = jax.lax.cond(ready, learn_step, skip, (state.params, state.opt_state))
+
+    # UPDATE TARGET NETWORK every target_update_period env steps
+    do_target = jnp.logical_and(ready, env_steps % config.target_update_period == 0)
+    step_size = jnp.where(do_target, hp.tau, 0.0)
+    target_params = optax.incremental_update(params, state.target_params, step_size)
+
+    new_state = state.replace(
+        params=params,
+        target_params=target_params,
+        opt_state=opt_state,
+        buffer=buffer,
+        runner=runner,
+        key=key,
+        update_step=state.update_step + 1,
+    )
+    metrics = DQNMetrics(
+        episode=rollout.EpisodeMetrics.from_stats(traj.episode),
+        loss=loss,
+        q_mean=q_mean,
+        epsilon=epsilon,
+        env_steps=env_steps,
+        ext=ext_aux,
+    )
+    return new_state, metrics
+
+
+def act(
+    agent: Agent, params: Params, obs_stats: RunningStats, obs: jax.Array, key: jax.Array, greedy: bool
+) -> jax.Array:
+    """Greedy, or epsilon-greedy with the final epsilon."""
+    q = agent.apply(params, obs)
+    if greedy:
+        return jnp.argmax(q, axis=-1)
+    return epsilon_greedy(q, key, agent.config.eps_end)
+
+
 def make(config: DQNConfig = DQNConfig(), hooks: Hooks = Hooks()) -> Trainer:
     """Validate `config` and build init / learn / train / act for it."""
-    config.validate()
-    env, default_env_params = envs.make_training_env(config.env, config.env_kwargs)
-    spec = nets.action_spec(env.action_space(default_env_params))
-    obs_shape = tuple(env.observation_space(default_env_params).shape)
-    network = nets.make(config.net, obs_shape, spec, head="q")
-    gradient_steps = config.num_updates - config.learning_starts // config.train_frequency
-    hooks = compress_hooks(config.compress, max(gradient_steps, 1), hooks)
-    apply = make_apply(network, hooks)
-    vec_steps = config.train_frequency // config.num_envs
-
-    def optimizer(hp: DQNHParams) -> optax.GradientTransformation:
-        return make_optimizer(hp.lr, hp.max_grad_norm, hooks, hparams=hp)
-
-    def init(key: jax.Array, hparams: DQNHParams, env_params: Any = None) -> DQNState:
-        env_params = default_env_params if env_params is None else env_params
-        impl = config.prng_impl
-        key, (key_net, key_env) = next_keys(jax.random.key_data(seed_key(key, impl)), impl, 2)
-        params = network.init(key_net, jnp.zeros((1,) + obs_shape, jnp.float32))["params"]
-        runner = rollout.reset(env, env_params, key_env, config.num_envs)
-        example = QBatch(
-            obs=runner.obs[0],
-            action=jnp.zeros((), jnp.int32),
-            reward=jnp.zeros((), jnp.float32),
-            discount=jnp.zeros((), jnp.float32),
-            next_obs=runner.obs[0],
-        )
-        return DQNState(
-            params=params,
-            target_params=params,
-            opt_state=optimizer(hparams).init(params),
-            buffer=replay.init_buffer(example, config.buffer_size),
-            runner=runner,
-            obs_stats=init_stats(obs_shape),
-            key=key,
-            update_step=jnp.zeros((), jnp.int32),
-            hparams=hparams,
-            env_params=env_params,
-        )
-
-    def update(state: DQNState) -> tuple[DQNState, DQNMetrics]:
-        hp = state.hparams
-        key, (key_collect, key_sample) = next_keys(state.key, config.prng_impl, 2)
-        env_steps = state.update_step * config.train_frequency
-
-        # COLLECT TRANSITIONS (epsilon-greedy) INTO THE REPLAY BUFFER
-        epsilon = epsilon_schedule(config, env_steps)
-
-        def policy_fn(k: jax.Array, obs: jax.Array) -> tuple[jax.Array, None]:
-            return epsilon_greedy(apply(state.params, obs), k, epsilon), None
-
-        runner, traj = rollout.collect(env, state.env_params, policy_fn, state.runner, key_collect, vec_steps)
-        flat = lambda x: jnp.reshape(x, (-1,) + x.shape[2:])  # noqa: E731
-        items = QBatch(
-            obs=flat(traj.obs),
-            action=flat(traj.action).astype(jnp.int32),
-            reward=flat(traj.reward),
-            discount=flat(hp.gamma * (1.0 - traj.terminated.astype(jnp.float32))),
-            next_obs=flat(traj.next_obs),
-        )
-        buffer = replay.add_batch(state.buffer, items)
-        env_steps = env_steps + config.train_frequency
-
-        # UPDATE NETWORK (once the buffer holds learning_starts transitions)
-        def learn_step(operand: tuple[Params, Any]) -> tuple[Params, Any, jax.Array, jax.Array]:
-            params, opt_state = operand
-            batch = replay.sample(buffer, key_sample, config.batch_size)
-            (loss, aux), grads = jax.value_and_grad(q_learning_loss, has_aux=True)(
-                params, state.target_params, batch, apply, config.double, config.huber_delta
-            )
-            updates, opt_state = optimizer(hp).update(grads, opt_state, params)
-            return optax.apply_updates(params, updates), opt_state, loss, aux.q_mean
-
-        def skip(operand: tuple[Params, Any]) -> tuple[Params, Any, jax.Array, jax.Array]:
-            zero = jnp.zeros((), jnp.float32)
-            return operand[0], operand[1], zero, zero
-
-        ready = buffer.size >= config.learning_starts
-        params, opt_state, loss, q_mean = jax.lax.cond(
-            ready, learn_step, skip, (state.params, state.opt_state)
-        )
-
-        # UPDATE TARGET NETWORK every target_update_period env steps
-        do_target = jnp.logical_and(ready, env_steps % config.target_update_period == 0)
-        step_size = jnp.where(do_target, hp.tau, 0.0)
-        target_params = optax.incremental_update(params, state.target_params, step_size)
-
-        new_state = state.replace(
-            params=params,
-            target_params=target_params,
-            opt_state=opt_state,
-            buffer=buffer,
-            runner=runner,
-            key=key,
-            update_step=state.update_step + 1,
-        )
-        metrics = DQNMetrics(
-            episode=rollout.EpisodeMetrics.from_stats(traj.episode),
-            loss=loss,
-            q_mean=q_mean,
-            epsilon=epsilon,
-            env_steps=env_steps,
-        )
-        return new_state, metrics
-
-    def learn(state: DQNState, n_updates: int) -> tuple[DQNState, DQNMetrics]:
-        return scan_updates(update, state, n_updates, config.log_every)
-
-    def train(key: jax.Array, hparams: DQNHParams, env_params: Any = None) -> TrainOutput:
-        state, metrics = learn(init(key, hparams, env_params), config.num_updates)
-        return TrainOutput(state=state, metrics=metrics)
-
-    def act(params: Params, obs_stats: Any, obs: jax.Array, key: jax.Array, greedy: bool = True) -> jax.Array:
-        q = apply(params, obs)
-        if greedy:
-            return jnp.argmax(q, axis=-1)
-        return epsilon_greedy(q, key, config.eps_end)
-
-    return Trainer(config, init, learn, train, act, config.num_updates, config.log_every)
+    return make_trainer(build_agent(config, hooks), init, update, act, greedy_default=True)
 
 
 def make_train(config: DQNConfig = DQNConfig(), hooks: Hooks = Hooks()):

@@ -3,7 +3,8 @@ all inside one `lax.scan` (jittable and vmappable over seeds)."""
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp

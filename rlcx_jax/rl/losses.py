@@ -2,19 +2,24 @@
 
 `apply` is the forward-pass wrapper from `rl.common.make_apply`, so a distillation term or a
 meta-learning inner step can call these directly with any (masked, quantized) parameters.
+
+Batches are flat: every per-sample field has the batch as its one leading axis [B, ...]. Ranks,
+dtypes and matching batch sizes are checked with chex at trace time (free under jit; AssertionError on
+a bad call); `extras` is any pytree of the extensions and is not checked.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import chex
 import jax
 import jax.numpy as jnp
 from flax import struct
 
 from rlcx_jax.nets import ActionSpec
-from rlcx_jax.rl.common import ApplyFn, Params
-from rlcx_jax.rl.policy import distribution
+from rlcx_jax.nets.policy import distribution
+from rlcx_jax.seams import ApplyFn, Params
 
 
 # ----------------------------------------------------------------------------------------------
@@ -24,7 +29,8 @@ from rlcx_jax.rl.policy import distribution
 class PolicyBatch:
     """A flat batch for actor-critic losses.
 
-    log_prob and value are those of the behaviour policy at collection time (PPO only)."""
+    log_prob and value are those of the behaviour policy at collection time (PPO only); extras
+    holds per-sample data of extensions ({name: pytree with the batch as leading axis})."""
 
     obs: jax.Array
     action: jax.Array
@@ -32,6 +38,7 @@ class PolicyBatch:
     target: jax.Array
     log_prob: jax.Array | None = None
     value: jax.Array | None = None
+    extras: Any = None
 
 
 @struct.dataclass
@@ -44,16 +51,53 @@ class ActorCriticAux:
 
 
 def value_loss(value: jax.Array, target: jax.Array) -> jax.Array:
-    """0.5 * mean squared error."""
+    """0.5 * mean squared error.
+
+    Shapes: value, target: float, one shape, usually [B] (any rank: the mean is over all elements,
+    but the shapes must match, so a [B, 1] value head against a [B] target is rejected, not broadcast).
+    """
+    chex.assert_equal_shape([value, target], custom_message="value_loss: value, target must have one shape")
+    chex.assert_type([value, target], float, custom_message="value_loss: value, target must be floating point")
     return 0.5 * jnp.mean(jnp.square(value - target))
 
 
-def clipped_value_loss(
-    value: jax.Array, old_value: jax.Array, target: jax.Array, clip_eps: jax.Array
-) -> jax.Array:
-    """PPO2's value clipping: 0.5 * mean(max((v - G)^2, (v_old + clip(v - v_old) - G)^2))."""
+def clipped_value_loss(value: jax.Array, old_value: jax.Array, target: jax.Array, clip_eps: jax.Array) -> jax.Array:
+    """PPO2's value clipping: 0.5 * mean(max((v - G)^2, (v_old + clip(v - v_old) - G)^2)).
+
+    Shapes: value, old_value, target: float, one shape, usually [B] (any rank, as in `value_loss`);
+    clip_eps: scalar.
+    """
+    where = "clipped_value_loss: value, old_value, target"
+    chex.assert_rank(clip_eps, 0, custom_message="clipped_value_loss: clip_eps must be a scalar")
+    chex.assert_equal_shape([value, old_value, target], custom_message=f"{where} must have one shape")
+    chex.assert_type([value, old_value, target], float, custom_message=f"{where} must be floating point")
     clipped = old_value + jnp.clip(value - old_value, -clip_eps, clip_eps)
     return 0.5 * jnp.mean(jnp.maximum(jnp.square(value - target), jnp.square(clipped - target)))
+
+
+def _check_policy_batch(fn: str, batch: PolicyBatch, spec: ActionSpec, floats: dict[str, jax.Array]) -> None:
+    """Trace-time checks of a flat actor-critic batch: the named float fields are [B] float; obs is
+    [B, ...]; action is [B] (discrete, any integer-valued dtype) or [B, A] float (continuous)."""
+    names = ", ".join(floats)
+    arrays = list(floats.values())
+    chex.assert_rank(arrays, 1, custom_message=f"{fn}: batch.{{{names}}} must be flat [B]")
+    chex.assert_type(arrays, float, custom_message=f"{fn}: batch.{{{names}}} must be floating point")
+    if spec.discrete:
+        chex.assert_rank(batch.action, 1, custom_message=f"{fn}: discrete batch.action must be [B]")
+    else:
+        chex.assert_rank(batch.action, 2, custom_message=f"{fn}: continuous batch.action must be [B, A]")
+        chex.assert_type(batch.action, float, custom_message=f"{fn}: continuous batch.action must be float")
+    chex.assert_shape(batch.obs, (None, ...), custom_message=f"{fn}: batch.obs must be [B, ...]")
+    chex.assert_equal_shape_prefix(
+        [batch.obs, batch.action, *arrays],
+        1,
+        custom_message=f"{fn}: batch.{{obs, action, {names}}} must have one batch size B",
+    )
+
+
+def _check_coefs(fn: str, hparams: Any, names: tuple[str, ...]) -> None:
+    coefs = [getattr(hparams, n) for n in names]
+    chex.assert_rank(coefs, 0, custom_message=f"{fn}: hparams.{{{', '.join(names)}}} must be scalars")
 
 
 def ppo_loss(
@@ -68,18 +112,28 @@ def ppo_loss(
 
     ratio = pi(a|s) / pi_old(a|s);  L_clip = -E[min(ratio A, clip(ratio, 1-eps, 1+eps) A)].
     Uses hparams.clip_eps, vf_coef and ent_coef.
+
+    Shapes (flat batch of B samples): batch.obs [B, ...]; batch.action [B] (discrete) or [B, A]
+    float (continuous); batch.advantage, target, log_prob: [B] float; batch.value: [B] float (the
+    behaviour values; needed only with `clip_value`); batch.extras: unchecked. hparams.clip_eps,
+    vf_coef, ent_coef: scalars. `apply` must return a value of the target's shape, [B].
     """
+    if batch.log_prob is None or (clip_value and batch.value is None):
+        raise ValueError("ppo_loss needs batch.log_prob (and batch.value, with clip_value) of the behaviour policy")
+    floats = {"advantage": batch.advantage, "target": batch.target, "log_prob": batch.log_prob}
+    if batch.value is not None:
+        floats["value"] = batch.value
+    _check_policy_batch("ppo_loss", batch, spec, floats)
+    _check_coefs("ppo_loss", hparams, ("clip_eps", "vf_coef", "ent_coef"))
     policy_out, value = apply(params, batch.obs)
     dist = distribution(policy_out, spec)
     log_prob = dist.log_prob(batch.action)
     log_ratio = log_prob - batch.log_prob
     ratio = jnp.exp(log_ratio)
     eps = hparams.clip_eps
-    surrogate = jnp.minimum(
-        ratio * batch.advantage, jnp.clip(ratio, 1.0 - eps, 1.0 + eps) * batch.advantage
-    )
+    surrogate = jnp.minimum(ratio * batch.advantage, jnp.clip(ratio, 1.0 - eps, 1.0 + eps) * batch.advantage)
     policy_loss = -jnp.mean(surrogate)
-    if clip_value:
+    if clip_value and batch.value is not None:  # checked above: present whenever clip_value
         v_loss = clipped_value_loss(value, batch.value, batch.target, eps)
     else:
         v_loss = value_loss(value, batch.target)
@@ -107,7 +161,13 @@ def policy_gradient_loss(
 
     -E[log pi(a|s) A] + vf_coef * 0.5 E[(V(s) - G)^2] - ent_coef * E[H(pi(.|s))].
     The advantage is treated as a constant. With vf_coef = 0 the critic receives no gradient.
+
+    Shapes (flat batch of B samples): batch.obs [B, ...]; batch.action [B] (discrete) or [B, A]
+    float (continuous); batch.advantage, target: [B] float; batch.log_prob, value, extras: unused,
+    unchecked. hparams.vf_coef, ent_coef: scalars. `apply` must return a value of shape [B].
     """
+    _check_policy_batch("policy_gradient_loss", batch, spec, {"advantage": batch.advantage, "target": batch.target})
+    _check_coefs("policy_gradient_loss", hparams, ("vf_coef", "ent_coef"))
     policy_out, value = apply(params, batch.obs)
     dist = distribution(policy_out, spec)
     log_prob = dist.log_prob(batch.action)
@@ -124,13 +184,15 @@ def policy_gradient_loss(
 # ----------------------------------------------------------------------------------------------
 @struct.dataclass
 class QBatch:
-    """Transitions for Q-learning; next_obs is pre-reset, discount_t = gamma * (1 - terminated)."""
+    """Transitions for Q-learning; next_obs is pre-reset, discount_t = gamma * (1 - terminated);
+    extras: per-sample data of extensions, as in `PolicyBatch`."""
 
     obs: jax.Array
     action: jax.Array
     reward: jax.Array
     discount: jax.Array
     next_obs: jax.Array
+    extras: Any = None
 
 
 @struct.dataclass
@@ -151,9 +213,34 @@ def q_learning_loss(
 
     target = r_t + discount_t * Q_target(s', argmax_a Q_(online if double else target)(s', a)).
     Squared error, or the Huber loss with `huber_delta`.
+
+    Shapes (flat batch of B transitions): batch.obs, next_obs: [B, ...], one shape; batch.action:
+    [B] (integer-valued, any dtype: it is cast); batch.reward, discount: [B] float; batch.extras:
+    unchecked. `apply` must return Q-values [B, num_actions].
     """
+    fn = "q_learning_loss"
+    chex.assert_rank(
+        [batch.action, batch.reward, batch.discount],
+        1,
+        custom_message=f"{fn}: batch.{{action, reward, discount}} must be flat [B]",
+    )
+    chex.assert_type(
+        [batch.reward, batch.discount], float, custom_message=f"{fn}: batch.{{reward, discount}} must be floating point"
+    )
+    chex.assert_shape(batch.obs, (None, ...), custom_message=f"{fn}: batch.obs must be [B, ...]")
+    chex.assert_equal_shape(
+        [batch.obs, batch.next_obs], custom_message=f"{fn}: batch.obs, next_obs must have one shape"
+    )
+    chex.assert_equal_shape_prefix(
+        [batch.obs, batch.action, batch.reward, batch.discount],
+        1,
+        custom_message=f"{fn}: batch.{{obs, action, reward, discount}} must have one batch size B",
+    )
     q_tm1 = apply(params, batch.obs)
     q_t_target = apply(target_params, batch.next_obs)
+    chex.assert_rank(q_tm1, 2, custom_message=f"{fn}: apply must return Q-values [B, num_actions]")
+    chex.assert_equal_shape_prefix([q_tm1, batch.reward], 1, custom_message=f"{fn}: Q-values must be [B, num_actions]")
+    chex.assert_equal_shape([q_tm1, q_t_target], custom_message=f"{fn}: online and target Q-values must have one shape")
     if double:
         a_t = jnp.argmax(apply(params, batch.next_obs), axis=-1)
     else:

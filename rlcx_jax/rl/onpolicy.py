@@ -7,183 +7,105 @@ takes; configuration checks, state, collection, bootstrapping and metrics live h
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
-import optax
 from flax import struct
 
-from rlcx_jax import envs, nets
-from rlcx_jax.envs.normalize import RunningStats, init_stats, normalize, update_stats
+from rlcx_jax.envs.normalize import RunningStats, update_stats
+from rlcx_jax.nets.policy import distribution, greedy_action
 from rlcx_jax.rl import rollout
 from rlcx_jax.rl.common import (
-    ApplyFn,
+    Agent,
     Hooks,
+    HParams,
     Params,
+    TrainConfig,
     Trainer,
-    TrainOutput,
-    check_positive,
-    check_prng_impl,
-    make_apply,
+    TrainState,
+    build_agent,
+    init_train_state,
+    mean_ext_aux,
     next_keys,
-    seed_key,
-    make_optimizer,
-    scan_updates,
 )
-from rlcx_jax.compress.training import CompressConfig, compress_hooks
+from rlcx_jax.rl.common import (
+    make_trainer as make_common_trainer,
+)
 from rlcx_jax.rl.losses import ActorCriticAux, PolicyBatch, policy_gradient_loss
-from rlcx_jax.rl.policy import distribution, greedy_action
 
 
 @dataclasses.dataclass(frozen=True)
-class OnPolicyConfig:
+class OnPolicyConfig(TrainConfig):
     """Static settings common to the on-policy algorithms (hashable; not traced)."""
 
-    env: str = "CartPole-v1"
-    env_kwargs: tuple[tuple[str, Any], ...] = ()
     num_envs: int = 4
     num_steps: int = 128
-    total_timesteps: int = 500_000
-    net: nets.NetConfig = nets.NetConfig()
-    anneal_lr: bool = True
     normalize_obs: bool = False
-    log_every: int = 1
-    prng_impl: str = "threefry2x32"
     normalize_advantages: bool = True
-    compress: CompressConfig = CompressConfig()
+
+    POSITIVE = TrainConfig.POSITIVE + ("num_steps",)
 
     @property
     def steps_per_update(self) -> int:
         return self.num_envs * self.num_steps
 
     @property
-    def num_updates(self) -> int:
-        return self.total_timesteps // self.steps_per_update
-
-    @property
     def optimizer_steps_per_update(self) -> int:
         return 1
 
-    def validate(self) -> None:
-        envs.check_env_name(self.env)
-        for name in ("num_envs", "num_steps", "total_timesteps", "log_every"):
-            check_positive(name, getattr(self, name))
-        if self.num_updates < 1:
-            raise ValueError(
-                f"total_timesteps ({self.total_timesteps}) is smaller than one update "
-                f"(num_envs * num_steps = {self.steps_per_update})"
-            )
-        if self.num_updates % self.log_every != 0:
-            raise ValueError(
-                f"The number of updates ({self.num_updates}) must be a multiple of log_every "
-                f"({self.log_every})"
-            )
-        self.net.validate()
-        check_prng_impl(self.prng_impl)
-        self.compress.validate()
+    @property
+    def optimizer_steps(self) -> int:
+        return self.num_updates * self.optimizer_steps_per_update
+
+
+ActorCriticState = TrainState
 
 
 @struct.dataclass
-class ActorCriticState:
-    """Training state of an on-policy agent; `hparams` travel with it so `learn` is self-contained."""
+class ActorCriticHParams(HParams):
+    """Traced hyperparameters of the actor-critic losses: entropy bonus and value-loss weights."""
 
-    params: Params
-    opt_state: optax.OptState
-    runner: rollout.EnvRunner
-    obs_stats: RunningStats
-    key: jax.Array
-    update_step: jax.Array
-    hparams: Any
-    env_params: Any
+    ent_coef: float = 0.01
+    vf_coef: float = 0.5
 
 
 @struct.dataclass
 class OnPolicyMetrics:
-    """Per-update (or per block of `log_every` updates) fixed-shape metrics."""
+    """Per-update (or per block of `log_every` updates) fixed-shape metrics; `ext` holds every
+    extension loss term's value and aux."""
 
     episode: rollout.EpisodeMetrics
     loss: jax.Array
     aux: ActorCriticAux
     env_steps: jax.Array
+    ext: dict[str, Any]
 
-    def reduce(self) -> "OnPolicyMetrics":
+    def reduce(self) -> OnPolicyMetrics:
         mean = lambda x: jnp.mean(x, axis=0)  # noqa: E731
         return OnPolicyMetrics(
             episode=self.episode.reduce(),
             loss=mean(self.loss),
             aux=jax.tree.map(mean, self.aux),
             env_steps=self.env_steps[-1],
+            ext=jax.tree.map(mean, self.ext),
         )
 
 
-@dataclasses.dataclass(frozen=True)
-class Agent:
-    """Everything static an on-policy algorithm builds once from its config."""
-
-    config: OnPolicyConfig
-    env: Any
-    env_params: Any
-    spec: nets.ActionSpec
-    obs_shape: tuple[int, ...]
-    network: Any
-    apply: ApplyFn
-    hooks: Hooks
-
-    def prep_obs(self, stats: RunningStats, obs: jax.Array) -> jax.Array:
-        return normalize(stats, obs) if self.config.normalize_obs else obs
-
-    def value(self, params: Params, stats: RunningStats, obs: jax.Array) -> jax.Array:
-        return self.apply(params, self.prep_obs(stats, obs), method="value")
-
-    def optimizer(self, hparams: Any) -> optax.GradientTransformation:
-        anneal = None
-        if self.config.anneal_lr:
-            anneal = self.config.num_updates * self.config.optimizer_steps_per_update
-        return make_optimizer(hparams.lr, hparams.max_grad_norm, self.hooks, anneal, hparams=hparams)
-
-    def behaviour_policy(self, params: Params, stats: RunningStats) -> rollout.PolicyFn:
-        """Sample actions with the policy head alone; log-probabilities and values are computed
-        after the rollout for the whole trajectory in one batched call (`collect`)."""
-
-        def policy_fn(key: jax.Array, obs: jax.Array) -> tuple[jax.Array, None]:
-            policy_out = self.apply(params, self.prep_obs(stats, obs), method="policy")
-            return distribution(policy_out, self.spec).sample(seed=key), None
-
-        return policy_fn
+def value(agent: Agent, params: Params, stats: RunningStats, obs: jax.Array) -> jax.Array:
+    return agent.apply(params, agent.prep_obs(stats, obs), method="value")
 
 
-def build_agent(config: OnPolicyConfig, hooks: Hooks = Hooks()) -> Agent:
-    """Validate the config (before anything compiles) and build env, network and apply."""
-    config.validate()
-    env, env_params = envs.make_training_env(config.env, config.env_kwargs)
-    spec = nets.action_spec(env.action_space(env_params))
-    obs_shape = tuple(env.observation_space(env_params).shape)
-    network = nets.make(config.net, obs_shape, spec, head="actor_critic")
-    hooks = compress_hooks(config.compress, config.num_updates * config.optimizer_steps_per_update, hooks)
-    return Agent(config, env, env_params, spec, obs_shape, network, make_apply(network, hooks), hooks)
+def behaviour_policy(agent: Agent, params: Params, stats: RunningStats) -> rollout.PolicyFn:
+    """Sample actions with the policy head alone; log-probabilities and values are computed
+    after the rollout for the whole trajectory in one batched call (`collect`)."""
 
+    def policy_fn(key: jax.Array, obs: jax.Array) -> tuple[jax.Array, None]:
+        policy_out = agent.apply(params, agent.prep_obs(stats, obs), method="policy")
+        return distribution(policy_out, agent.spec).sample(seed=key), None
 
-def init_state(agent: Agent, key: jax.Array, hparams: Any, env_params: Any = None) -> ActorCriticState:
-    """Initial parameters, optimizer state and reset environments."""
-    env_params = agent.env_params if env_params is None else env_params
-    key, (key_net, key_env) = next_keys(
-        jax.random.key_data(seed_key(key, agent.config.prng_impl)), agent.config.prng_impl, 2
-    )
-    dummy = jnp.zeros((1,) + agent.obs_shape, jnp.float32)
-    params = agent.network.init(key_net, dummy)["params"]
-    opt_state = agent.optimizer(hparams).init(params)
-    runner = rollout.reset(agent.env, env_params, key_env, agent.config.num_envs)
-    return ActorCriticState(
-        params=params,
-        opt_state=opt_state,
-        runner=runner,
-        obs_stats=init_stats(agent.obs_shape),
-        key=key,
-        update_step=jnp.zeros((), jnp.int32),
-        hparams=hparams,
-        env_params=env_params,
-    )
+    return policy_fn
 
 
 @struct.dataclass
@@ -198,7 +120,7 @@ class Collected:
     discount_t: jax.Array
 
 
-def collect(agent: Agent, state: ActorCriticState, key: jax.Array) -> tuple[ActorCriticState, Collected]:
+def collect(agent: Agent, state: TrainState, key: jax.Array) -> tuple[TrainState, Collected]:
     """Collect `num_steps` x `num_envs` transitions and compute bootstrap values.
 
     The rollout itself only runs the policy head. Afterwards one batched forward pass over the
@@ -207,17 +129,15 @@ def collect(agent: Agent, state: ActorCriticState, key: jax.Array) -> tuple[Acto
     was truncated (the critic on the pre-reset observation, computed only if any truncation
     happened in this rollout). On termination the discount is zero, so nothing is bootstrapped.
     """
-    policy_fn = agent.behaviour_policy(state.params, state.obs_stats)
-    runner, traj = rollout.collect(
-        agent.env, state.env_params, policy_fn, state.runner, key, agent.config.num_steps
-    )
+    policy_fn = behaviour_policy(agent, state.params, state.obs_stats)
+    runner, traj = rollout.collect(agent.env, state.env_params, policy_fn, state.runner, key, agent.config.num_steps)
     all_obs = jnp.concatenate([traj.obs, runner.obs[None]], axis=0)
     policy_out, values = agent.apply(state.params, agent.prep_obs(state.obs_stats, all_obs))
     log_prob = distribution(policy_out[:-1], agent.spec).log_prob(traj.action)
     v_tm1, v_next = values[:-1], values[1:]
     v_final = jax.lax.cond(
         jnp.any(traj.truncated),
-        lambda: agent.value(state.params, state.obs_stats, traj.next_obs),
+        lambda: value(agent, state.params, state.obs_stats, traj.next_obs),
         lambda: jnp.zeros_like(v_tm1),
     )
     v_t = jnp.where(traj.truncated, v_final, v_next)
@@ -228,11 +148,12 @@ def collect(agent: Agent, state: ActorCriticState, key: jax.Array) -> tuple[Acto
 
 def finish_update(
     agent: Agent,
-    state: ActorCriticState,
+    state: TrainState,
     collected: Collected,
     loss: jax.Array,
     aux: ActorCriticAux,
-) -> tuple[ActorCriticState, OnPolicyMetrics]:
+    ext_aux: dict[str, Any],
+) -> tuple[TrainState, OnPolicyMetrics]:
     """Update observation statistics and the step counter; summarise the update."""
     obs_stats = state.obs_stats
     if agent.config.normalize_obs:
@@ -244,23 +165,35 @@ def finish_update(
         loss=loss,
         aux=aux,
         env_steps=step * agent.config.steps_per_update,
+        ext=ext_aux,
     )
     return state, metrics
 
 
-def gradient_step(
-    agent: Agent, state: ActorCriticState, loss_fn: Callable[..., Any], batch: Any, hparams: Any
-) -> tuple[ActorCriticState, jax.Array, ActorCriticAux]:
-    """One optimizer step on `loss_fn(params, batch, hparams, apply, spec) -> (loss, aux)`."""
-    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params, batch, hparams, agent.apply, agent.spec
+def policy_batch(
+    agent: Agent, state: TrainState, col: Collected, advantage: jax.Array, target: jax.Array, behaviour: bool = False
+) -> PolicyBatch:
+    """The flat (T * N) batch of an update, with every extension's per-sample extras.
+
+    Advantages are standardised here, once over the whole batch before any minibatching, when
+    `normalize_advantages`; `behaviour` adds the behaviour policy's log-probabilities and values."""
+    if agent.config.normalize_advantages:
+        advantage = standardize(advantage)
+    batch = jax.tree.map(
+        flatten_time,
+        PolicyBatch(
+            obs=agent.prep_obs(state.obs_stats, col.traj.obs),
+            action=col.traj.action,
+            advantage=advantage,
+            target=target,
+            log_prob=col.log_prob if behaviour else None,
+            value=col.v_tm1 if behaviour else None,
+        ),
     )
-    updates, opt_state = agent.optimizer(state.hparams).update(grads, state.opt_state, state.params)
-    state = state.replace(params=optax.apply_updates(state.params, updates), opt_state=opt_state)
-    return state, loss, aux
+    return batch.replace(extras=agent.terms.batch_extras(state.ext, state.hparams.ext, batch))
 
 
-def normalize(advantage: jax.Array) -> jax.Array:
+def standardize(advantage: jax.Array) -> jax.Array:
     """Zero mean, unit standard deviation over the whole batch (once, before any minibatching)."""
     return (advantage - advantage.mean()) / (advantage.std() + 1e-8)
 
@@ -268,9 +201,7 @@ def normalize(advantage: jax.Array) -> jax.Array:
 Estimator = Callable[[Collected, Any], tuple[jax.Array, jax.Array, Any]]
 
 
-def single_step_update(
-    agent: Agent, state: ActorCriticState, estimate: Estimator
-) -> tuple[ActorCriticState, OnPolicyMetrics]:
+def single_step_update(agent: Agent, state: TrainState, estimate: Estimator) -> tuple[TrainState, OnPolicyMetrics]:
     """Collect one rollout and take one policy-gradient step on it (A2C, REINFORCE).
 
     `estimate(collected, hparams) -> (advantage, target, loss_hparams)` is what distinguishes the
@@ -284,21 +215,16 @@ def single_step_update(
 
     # CALCULATE ADVANTAGE
     advantage, target, loss_hparams = estimate(col, state.hparams)
-    if agent.config.normalize_advantages:
-        advantage = normalize(advantage)
-    batch = jax.tree.map(
-        flatten_time,
-        PolicyBatch(
-            obs=agent.prep_obs(state.obs_stats, col.traj.obs),
-            action=col.traj.action,
-            advantage=advantage,
-            target=target,
-        ),
-    )
+    batch = policy_batch(agent, state, col, advantage, target)
 
     # UPDATE NETWORK (one step)
-    state, loss, aux = gradient_step(agent, state, policy_gradient_loss, batch, loss_hparams)
-    return finish_update(agent, state, col, loss, aux)
+    loss_fn = agent.terms.add_to(policy_gradient_loss)
+    (loss, (aux, ext_aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params, batch, state.ext, state.hparams.ext, loss_hparams, agent.apply, agent.spec
+    )
+    params, opt_state = agent.gradient_step(state.params, state.opt_state, state.hparams, grads)
+    state = state.replace(params=params, opt_state=opt_state)
+    return finish_update(agent, state, col, loss, aux, mean_ext_aux(ext_aux))
 
 
 def flatten_time(x: jax.Array) -> jax.Array:
@@ -316,27 +242,10 @@ def act(
     return distribution(policy_out, agent.spec).sample(seed=key)
 
 
-
-
 def make_trainer(
     config: OnPolicyConfig,
     hooks: Hooks,
-    update: Callable[[Agent, ActorCriticState], tuple[ActorCriticState, OnPolicyMetrics]],
+    update: Callable[[Agent, TrainState], tuple[TrainState, OnPolicyMetrics]],
 ) -> Trainer:
     """Build init / learn / train / act for an on-policy algorithm given its `update`."""
-    agent = build_agent(config, hooks)
-
-    def init(key: jax.Array, hparams: Any, env_params: Any = None) -> ActorCriticState:
-        return init_state(agent, key, hparams, env_params)
-
-    def learn(state: ActorCriticState, n_updates: int) -> tuple[ActorCriticState, OnPolicyMetrics]:
-        return scan_updates(lambda s: update(agent, s), state, n_updates, config.log_every)
-
-    def train(key: jax.Array, hparams: Any, env_params: Any = None) -> TrainOutput:
-        state, metrics = learn(init(key, hparams, env_params), config.num_updates)
-        return TrainOutput(state=state, metrics=metrics)
-
-    def policy(params: Params, obs_stats: RunningStats, obs: jax.Array, key: jax.Array, greedy: bool = False) -> jax.Array:
-        return act(agent, params, obs_stats, obs, key, greedy)
-
-    return Trainer(config, init, learn, train, policy, config.num_updates, config.log_every)
+    return make_common_trainer(build_agent(config, hooks), init_train_state, update, act, greedy_default=False)

@@ -13,11 +13,9 @@ import jax
 from flax import struct
 
 from rlcx_jax.rl import onpolicy
-from rlcx_jax.rl.common import Hooks, Trainer, check_positive, check_range, check_sparsity
-from rlcx_jax.rl.onpolicy import ActorCriticState, OnPolicyMetrics
+from rlcx_jax.rl.common import Hooks, Trainer, TrainState
+from rlcx_jax.rl.onpolicy import OnPolicyMetrics
 from rlcx_jax.rl.returns import discounted_returns
-
-ReinforceState = ActorCriticState
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,25 +24,16 @@ class ReinforceConfig(onpolicy.OnPolicyConfig):
 
     num_envs: int = 8
     num_steps: int = 256
-    anneal_lr: bool = False
     use_baseline: bool = True
-    normalize_advantages: bool = True
 
 
 @struct.dataclass
-class ReinforceHParams:
-    lr: float = 1e-3
-    gamma: float = 0.99
-    ent_coef: float = 0.0
-    vf_coef: float = 0.5
-    max_grad_norm: float = 1.0
-    sparsity: float = 0.0  # target of CompressConfig.prune_schedule (traced: one vmap sweeps it)
+class ReinforceHParams(onpolicy.ActorCriticHParams):
+    """Traced REINFORCE hyperparameters (no entropy bonus by default)."""
 
-    def validate(self) -> None:
-        check_positive("lr", self.lr)
-        check_range("gamma", self.gamma, 0.0, 1.0)
-        check_positive("max_grad_norm", self.max_grad_norm)
-        check_sparsity(self.sparsity)
+    lr: float = 1e-3
+    max_grad_norm: float = 1.0
+    ent_coef: float = 0.0
 
 
 def _make_estimator(use_baseline: bool) -> onpolicy.Estimator:
@@ -60,8 +49,8 @@ def _make_estimator(use_baseline: bool) -> onpolicy.Estimator:
     return estimate
 
 
-def _update(agent: onpolicy.Agent, state: ReinforceState) -> tuple[ReinforceState, OnPolicyMetrics]:
-    config: ReinforceConfig = agent.config  # type: ignore[assignment]
+def _update(agent: onpolicy.Agent, state: TrainState) -> tuple[TrainState, OnPolicyMetrics]:
+    config: ReinforceConfig = agent.config
     return onpolicy.single_step_update(agent, state, _make_estimator(config.use_baseline))
 
 

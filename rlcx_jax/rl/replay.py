@@ -27,9 +27,7 @@ class ReplayBuffer:
 
 def init_buffer(example_item: Any, capacity: int) -> ReplayBuffer:
     """An empty buffer shaped like `example_item` (a single item, no batch axis)."""
-    data = jax.tree.map(
-        lambda x: jnp.zeros((capacity,) + jnp.shape(x), jnp.asarray(x).dtype), example_item
-    )
+    data = jax.tree.map(lambda x: jnp.zeros((capacity,) + jnp.shape(x), jnp.asarray(x).dtype), example_item)
     return ReplayBuffer(data=data, position=jnp.zeros((), jnp.int32), size=jnp.zeros((), jnp.int32))
 
 

@@ -5,17 +5,23 @@ of the environment with `vmap`, and runs `num_steps` steps in `lax.scan`.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import struct
 
 from rlcx_jax.envs.wrappers import EpisodeStats
-from rlcx_jax.rl.common import masked_mean
 
 # policy_fn(key, obs[num_envs, ...]) -> (action[num_envs, ...], extras pytree with leading num_envs)
 PolicyFn = Callable[[jax.Array, jax.Array], tuple[jax.Array, Any]]
+
+
+def masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
+    """Mean of `x` where `mask`; zero when the mask is empty (never NaN)."""
+    mask = mask.astype(jnp.float32)
+    return jnp.sum(x * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
 @struct.dataclass
@@ -54,7 +60,7 @@ class EpisodeMetrics:
     terminated_fraction: jax.Array
 
     @staticmethod
-    def from_stats(episode: EpisodeStats) -> "EpisodeMetrics":
+    def from_stats(episode: EpisodeStats) -> EpisodeMetrics:
         done = episode.done
         return EpisodeMetrics(
             episode_return=masked_mean(episode.episode_return, done),
@@ -63,7 +69,7 @@ class EpisodeMetrics:
             terminated_fraction=masked_mean(episode.terminated.astype(jnp.float32), done),
         )
 
-    def reduce(self) -> "EpisodeMetrics":
+    def reduce(self) -> EpisodeMetrics:
         """Combine a stacked block (leading axis) into one, weighting by episode counts."""
         w = self.episode_count
         total = jnp.sum(w, axis=0)
@@ -95,9 +101,9 @@ def _step(
 ) -> tuple[EnvRunner, Transition]:
     """`step` with its keys already split: keys[0] acts, keys[1:] step the environments."""
     action, extras = policy_fn(keys[0], runner.obs)
-    obs, env_state, reward, terminated, truncated, info = jax.vmap(
-        env.step, in_axes=(0, 0, 0, None)
-    )(keys[1:], runner.env_state, action, env_params)
+    obs, env_state, reward, terminated, truncated, info = jax.vmap(env.step, in_axes=(0, 0, 0, None))(
+        keys[1:], runner.env_state, action, env_params
+    )
     transition = Transition(
         obs=runner.obs,
         action=action,

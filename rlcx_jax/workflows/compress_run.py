@@ -17,15 +17,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlcx_jax import rl
+from rlcx_jax import envs, nets, rl
 from rlcx_jax.compress import export as export_lib
 from rlcx_jax.compress import masks as masks_lib
 from rlcx_jax.compress import quant, size, structured
-from rlcx_jax.compress.training import DEFAULT_PRUNE_EXCLUDE, DEFAULT_PRUNE_INCLUDE
+from rlcx_jax.compress.training import DEFAULT_PRUNE_INCLUDE, DEFAULT_PRUNE_ROLES
+from rlcx_jax.envs.normalize import normalize_observation
+from rlcx_jax.nets.policy import greedy_action
 from rlcx_jax.rl import rollout
-from rlcx_jax.rl.common import Hooks, make_apply
 from rlcx_jax.rl.evaluate import default_greedy, make_evaluator
-from rlcx_jax.rl.policy import greedy_action
+from rlcx_jax.seams import Hooks, make_apply
+from rlcx_jax.workflows import recipes
 
 Params = Any
 
@@ -55,9 +57,11 @@ class CompressOptions:
     """After pruning, train on for this many env steps with the mask fixed (0: no fine-tuning)."""
     activations: str = ""
     """Also fake-quantize every layer's input with ranges calibrated on rollouts: minmax or percentile."""
+    roles: tuple[str, ...] = DEFAULT_PRUNE_ROLES
+    """Roles of the network's layout that may be pruned (torso, actor_head, critic_head, q_head, policy, critic)."""
     include: tuple[str, ...] = DEFAULT_PRUNE_INCLUDE
-    """Regexes of the parameters pruned (by path, e.g. actor_torso/Dense_0/kernel)."""
-    exclude: tuple[str, ...] = DEFAULT_PRUNE_EXCLUDE
+    """Regexes (by path, e.g. .*kernel) of the parameters pruned within those roles."""
+    exclude: tuple[str, ...] = ()
     """Regexes of parameters never pruned."""
 
     def validate(self) -> None:
@@ -127,8 +131,6 @@ def policy_observations(
     trainer: Any, state: Any, greedy: bool, num_envs: int, num_steps: int, key: jax.Array
 ) -> jax.Array:
     """(seeds, num_envs * num_steps, *obs) raw observations visited by each seed's original policy."""
-    from rlcx_jax import envs
-
     config = trainer.config
     env, env_params = envs.make_training_env(config.env, config.env_kwargs)
 
@@ -146,13 +148,12 @@ def policy_observations(
     return jax.jit(jax.vmap(one))(state.params, state.obs_stats, jax.random.split(key, n))
 
 
-def _policy_forward(network: Any, hooks: Hooks, spec: Any, head: str):
+def _policy_forward(network: Any, hooks: Hooks, spec: Any):
+    """Greedy actions of `network` through `hooks` (every registered head has a `policy` method)."""
     apply = make_apply(network, hooks)
-    method = "policy" if head == "actor_critic" else None
 
     def forward(params: Params, obs: jax.Array) -> jax.Array:
-        out = apply(params, obs, method=method) if method else apply(params, obs)
-        return greedy_action(out, spec)
+        return greedy_action(apply(params, obs, method="policy"), spec)
 
     return forward
 
@@ -170,12 +171,10 @@ def compress_run(
     options.validate()
     out_dir.mkdir(parents=True, exist_ok=True)
     trainer = rl.make(algorithm, config)
-    head = "q" if algorithm == "dqn" else "actor_critic"
-    from rlcx_jax import envs, nets
-
-    env, env_params = envs.make_training_env(config.env, config.env_kwargs)
-    spec = nets.action_spec(env.action_space(env_params))
-    obs_shape = tuple(env.observation_space(env_params).shape)
+    agent = trainer.agent
+    head, spec, obs_shape = config.HEAD, agent.spec, agent.obs_shape
+    layout = nets.layout(config.net, head)
+    include = layout.patterns(options.roles, options.include)
     key = jax.random.PRNGKey(seed + 20_000)
     obs = policy_observations(trainer, state, default_greedy(algorithm), num_envs=16, num_steps=256, key=key)
     params = state.params
@@ -183,16 +182,14 @@ def compress_run(
     normalize = bool(getattr(config, "normalize_obs", False))
 
     def prep(i: int, x: jax.Array) -> jax.Array:
-        if not normalize:
-            return x
-        from rlcx_jax.envs.normalize import normalize as norm
-
-        return norm(_seed(state.obs_stats, i), x)
+        return normalize_observation(_seed(state.obs_stats, i), x) if normalize else x
 
     # -- 1. structured shrinking (a smaller network) ---------------------------------------------
     net_config = config.net
     if options.structured:
-        shrunk = [structured.shrink(_seed(params, i), config.net, options.structured) for i in range(n_seeds)]
+        shrunk = [
+            structured.shrink(_seed(params, i), config.net, options.structured, head=head) for i in range(n_seeds)
+        ]
         net_config = shrunk[0][1]
         params = jax.tree.map(lambda *xs: jnp.stack(xs), *[p for p, _ in shrunk])
     small_config = dataclasses.replace(config, net=net_config)
@@ -200,13 +197,16 @@ def compress_run(
     # -- 2. unstructured / N:M masks -------------------------------------------------------------
     masks = None
     if options.prune or options.nm:
+
         def seed_masks(p: Params) -> Params:
             m = masks_lib.ones_masks(p)
             if options.prune:
-                m = masks_lib.magnitude_masks(p, options.prune, options.distribution, options.include, options.exclude)
+                m = masks_lib.magnitude_masks(p, options.prune, options.distribution, include, options.exclude)
             if options.nm:
                 n, mm = options.nm_pair()
-                m = jax.tree.map(jnp.logical_and, m, masks_lib.nm_masks(p, n, mm, include=options.include, exclude=options.exclude))
+                m = jax.tree.map(
+                    jnp.logical_and, m, masks_lib.nm_masks(p, n, mm, include=include, exclude=options.exclude)
+                )
             return m
 
         masks = jax.vmap(seed_masks)(params)
@@ -228,10 +228,10 @@ def compress_run(
     network = nets.make(net_config, obs_shape, spec, head=head)
     evaluator_greedy = default_greedy(algorithm)
     returns, agreement, sizes, exact = [], [], [], True
-    original_forward = jax.jit(_policy_forward(nets.make(config.net, obs_shape, spec, head=head), Hooks(), spec, head))
+    original_forward = jax.jit(_policy_forward(agent.network, Hooks(), spec))
     for i, p in enumerate(compressed):
         hooks = Hooks()
-        if options.activations:
+        if options.activations and qspec is not None:
             calib_obs = prep(i, obs[i][:2048])
             ranges = quant.calibrate(make_apply(network), p, calib_obs, qspec)
             hooks = Hooks(interceptor=quant.activation_interceptor(qspec, ranges))
@@ -239,7 +239,7 @@ def compress_run(
         evaluator = jax.jit(make_evaluator(trainer_c, num_episodes, evaluator_greedy))
         eval_key = jax.random.fold_in(jax.random.PRNGKey(seed + 10_000), i)
         returns.append(np.asarray(evaluator(p, _seed(state.obs_stats, i), eval_key)))
-        forward = jax.jit(_policy_forward(network, hooks, spec, head))
+        forward = jax.jit(_policy_forward(network, hooks, spec))
         x = prep(i, obs[i])
         a_orig = np.asarray(original_forward(_seed(state.params, i), x))
         a_new = np.asarray(forward(p, x))
@@ -247,8 +247,15 @@ def compress_run(
         path = out_dir / f"seed_{i}.rlcx"
         sizes.append(
             export_lib.export(
-                p, path, masks=None if masks is None else _seed(masks, i), qspec=qspec,
-                include=QUANT_INCLUDE, net_config=net_config, obs_shape=obs_shape, action_spec=spec, head=head,
+                p,
+                path,
+                masks=None if masks is None else _seed(masks, i),
+                qspec=qspec,
+                include=QUANT_INCLUDE,
+                net_config=net_config,
+                obs_shape=obs_shape,
+                action_spec=spec,
+                head=head,
                 meta={"algorithm": algorithm, "env": config.env, "seed": i, "options": dataclasses.asdict(options)},
             )
         )
@@ -257,7 +264,7 @@ def compress_run(
             exact &= bool(np.array_equal(np.asarray(loaded.policy(x)), a_new))
 
     # -- 5. the table rows -------------------------------------------------------------------------
-    paths = size.policy_paths(_seed(state.params, 0))
+    paths = layout.prefixes("policy")
     batch1 = obs[0][:1]
     dense_bytes = export_lib.dense_float32_bytes(
         _seed(state.params, 0), net_config=config.net, obs_shape=obs_shape, action_spec=spec, head=head
@@ -275,7 +282,8 @@ def compress_run(
         export_exact=True,
     )
     c0 = compressed[0]
-    c_count = size.count(c0, qspec.bits if qspec else 32, size.policy_paths(c0))
+    small_paths = nets.layout(net_config, head).prefixes("policy")
+    c_count = size.count(c0, qspec.bits if qspec else 32, small_paths)
     new = Variant(
         name="compressed",
         returns=np.stack(returns),
@@ -283,8 +291,8 @@ def compress_run(
         params=c_count.params,
         nonzeros=c_count.nonzeros,
         artifact_bytes=float(np.mean(sizes)),
-        flops=size.flops_per_forward(c0, obs_shape, size.policy_paths(c0)),
-        latency_s=size.measure_latency(jax.jit(_policy_forward(network, Hooks(), spec, head)), c0, batch1),
+        flops=size.flops_per_forward(c0, obs_shape, small_paths),
+        latency_s=size.measure_latency(jax.jit(_policy_forward(network, Hooks(), spec)), c0, batch1),
         export_exact=exact,
     )
     return [original, new]
@@ -294,15 +302,12 @@ def _finetune(
     algorithm: str, config: Any, state: Any, params: Params, masks: Params, timesteps: int, seed: int
 ) -> tuple[Params, Params]:
     """Train the masked parameters on for `timesteps` env steps per seed with the mask fixed."""
-    from rlcx_jax.compress import recipes
-
     trainer = rl.make(algorithm, recipes.fixed_mask_config(config, timesteps))
     n = jax.tree.leaves(params)[0].shape[0]
     keys = jax.random.split(jax.random.PRNGKey(seed + 30_000), n)
     fresh = jax.jit(jax.vmap(trainer.init))(keys, state.hparams)
-    start = recipes.replace_masks(recipes.with_params(fresh, masks_lib.apply_masks(params, masks)), masks)
-    if hasattr(start, "obs_stats"):
-        start = start.replace(obs_stats=state.obs_stats)
+    start = recipes.replace_masks(fresh.with_params(masks_lib.apply_masks(params, masks)), masks)
+    start = start.replace(obs_stats=state.obs_stats)
     final, _ = jax.jit(jax.vmap(trainer.learn, in_axes=(0, None)), static_argnums=1)(start, trainer.num_updates)
     return final.params, masks
 
@@ -313,7 +318,13 @@ def _eval_original(algorithm: str, config: Any, state: Any, num_episodes: int, s
     n = jax.tree.leaves(state.params)[0].shape[0]
     return np.stack(
         [
-            np.asarray(evaluator(_seed(state.params, i), _seed(state.obs_stats, i), jax.random.fold_in(jax.random.PRNGKey(seed + 10_000), i)))
+            np.asarray(
+                evaluator(
+                    _seed(state.params, i),
+                    _seed(state.obs_stats, i),
+                    jax.random.fold_in(jax.random.PRNGKey(seed + 10_000), i),
+                )
+            )
             for i in range(n)
         ]
     )

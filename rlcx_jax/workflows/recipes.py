@@ -7,8 +7,9 @@
   smallest surviving weights, rewind the survivors (and the rest of the training state) to their
   values at update k, retrain; repeat for each sparsity level.
 
-Both build the algorithm with `CompressConfig(prune_schedule="fixed")` and write the masks into the
-training state (`replace_masks`), where the pruning transformation keeps them for the rest of training.
+Both build the algorithm with the compression extension on the "fixed" schedule and write the masks
+into the training state (`replace_masks`), where the pruning transformation keeps them for the rest
+of training. New parameters enter a state through its `with_params` (the `seams.HasParams` protocol).
 The loops over rounds run on the host (a handful of iterations); each round is one compiled,
 seed-vmapped `learn`.
 """
@@ -16,17 +17,25 @@ seed-vmapped `learn`.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, NamedTuple, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import jax
 
-from rlcx_jax import rl
+from rlcx_jax import nets, rl
 from rlcx_jax.compress import masks as masks_lib
-from rlcx_jax.compress.training import PruneState, find_masks
+from rlcx_jax.compress.training import CompressConfig, PruneState, find_masks, prune_selection
 
 Params = Any
 
-__all__ = ["replace_masks", "with_params", "fixed_mask_config", "prune_and_finetune", "lottery_ticket", "TicketRound"]
+__all__ = [
+    "replace_masks",
+    "compress_extension",
+    "fixed_mask_config",
+    "prune_and_finetune",
+    "lottery_ticket",
+    "TicketRound",
+]
 
 
 def replace_masks(state: Any, masks: Params) -> Any:
@@ -40,17 +49,17 @@ def replace_masks(state: Any, masks: Params) -> Any:
     )
 
 
-def with_params(state: Any, params: Params) -> Any:
-    """The training state with new parameters (and target network, for DQN)."""
-    if hasattr(state, "target_params"):
-        return state.replace(params=params, target_params=params)
-    return state.replace(params=params)
+def compress_extension(config: Any) -> CompressConfig:
+    """The compression extension of an algorithm config (default settings when it has none)."""
+    ext = config.extension(CompressConfig.name)
+    return ext if ext is not None else CompressConfig()
 
 
 def fixed_mask_config(config: Any, total_timesteps: int | None = None) -> Any:
     """`config` with the mask-keeping pruning transformation switched on (and a new budget)."""
-    compress = dataclasses.replace(config.compress, prune_schedule="fixed")
-    changes: dict[str, Any] = {"compress": compress}
+    compress = dataclasses.replace(compress_extension(config), prune_schedule="fixed")
+    others = tuple(e for e in config.extensions if e.name != CompressConfig.name)
+    changes: dict[str, Any] = {"extensions": others + (compress,)}
     if total_timesteps is not None:
         changes["total_timesteps"] = total_timesteps
     return dataclasses.replace(config, **changes)
@@ -58,9 +67,15 @@ def fixed_mask_config(config: Any, total_timesteps: int | None = None) -> Any:
 
 def _batched_masks(params: Params, sparsity: float, config: Any, distribution: str) -> Params:
     """Magnitude masks per seed (leading axis of every leaf) over the config's prunable layers."""
-    include, exclude = config.compress.prune_include, config.compress.prune_exclude
+    compress = compress_extension(config)
+    include = prune_selection(compress, nets.layout(config.net, config.HEAD))
+    exclude = compress.prune_exclude
     return jax.jit(
-        jax.vmap(lambda p: masks_lib.magnitude_masks(p, sparsity, distribution=distribution, include=include, exclude=exclude))
+        jax.vmap(
+            lambda p: masks_lib.magnitude_masks(
+                p, sparsity, distribution=distribution, include=include, exclude=exclude
+            )
+        )
     )(params)
 
 
@@ -80,7 +95,7 @@ def prune_and_finetune(
     trainer = rl.make(algorithm, fixed_mask_config(config, finetune_timesteps))
     masks = _batched_masks(params, sparsity, config, distribution)
     state = jax.jit(jax.vmap(trainer.init, in_axes=(0, None)))(keys, hparams)
-    state = replace_masks(with_params(state, masks_lib.apply_masks(params, masks)), masks)
+    state = replace_masks(state.with_params(masks_lib.apply_masks(params, masks)), masks)
     state, metrics = jax.jit(jax.vmap(trainer.learn, in_axes=(0, None)), static_argnums=1)(state, trainer.num_updates)
     return state, metrics, masks
 
@@ -111,7 +126,9 @@ def lottery_ticket(
     zero and go first), rewinds the survivors and the rest of the state to update k, and retrains
     for the remaining updates. `on_round` is called after each retraining (e.g. to evaluate).
     """
-    levels = [masks_lib.validate_sparsity(s) for s in sparsities]
+    levels = [float(s) for s in sparsities]
+    for level in levels:
+        masks_lib.validate_sparsity(level)
     if any(b <= a for a, b in zip(levels, levels[1:])):
         raise ValueError(f"sparsities must increase, got {list(sparsities)}")
     trainer = rl.make(algorithm, fixed_mask_config(config))
@@ -126,7 +143,7 @@ def lottery_ticket(
     del first_metrics
     for level in levels:
         masks = _batched_masks(rounds[-1].state.params, level, config, distribution)
-        state = with_params(rewind_state, masks_lib.apply_masks(rewind_state.params, masks))
+        state = rewind_state.with_params(masks_lib.apply_masks(rewind_state.params, masks))
         final, metrics = learn(replace_masks(state, masks), remaining)
         rounds.append(TicketRound(level, final, metrics, masks))
         if on_round is not None:

@@ -1,0 +1,280 @@
+"""The seams through which capabilities plug into every algorithm (docs/architecture.md, "Seams").
+
+This module sits below both `rl/` (the algorithms) and `compress/` (pure transforms), so a capability
+written anywhere can plug into training without the algorithms naming it:
+
+* `Hooks`: static extension points of the forward pass and the optimizer chain.
+* `Extension`: a capability with its own static config (the extension object itself, a frozen
+  dataclass on the algorithm config's `extensions` tuple), its own traced hyperparameters
+  (`hparams.ext[name]`, swept by `vmap` like any other hyperparameter), its own training state
+  (`state.ext[name]`), hooks, and an optional loss term.
+* `LossTerm`: `term(params, batch, ext_state, ext_hparams) -> (scalar, aux)`, added to the
+  algorithm's loss; `batch.extras[name]` carries per-sample data the extension computed for it.
+* `HasParams`: the state protocol (`params`, `with_params`) used by recipes, distillation, Reptile.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar, Protocol, TypeVar, runtime_checkable
+
+import flax.linen as nn
+import jax
+import optax
+
+Params = Any  # a Flax parameter tree
+PyTree = Any
+# apply(params, *inputs, method=None, task=None) -> network output
+ApplyFn = Callable[..., Any]
+ParamTransform = Callable[[Params], Params]
+Interceptor = Callable[..., Any]
+# loss(params, batch, hparams, ...) -> (scalar loss, aux pytree)
+LossFn = Callable[..., tuple[jax.Array, Any]]
+# term(params, batch, ext_state, ext_hparams) -> (scalar, aux pytree)
+LossTerm = Callable[[Params, Any, Any, Any], tuple[jax.Array, Any]]
+# extras(ext_state, ext_hparams, batch) -> pytree of per-sample arrays (leading batch axis)
+ExtrasFn = Callable[[Any, Any, Any], PyTree]
+
+S = TypeVar("S", bound="HasParams")
+
+
+@runtime_checkable
+class HasParams(Protocol):
+    """A training state with trainable parameters: what recipes, distillation and Reptile touch.
+
+    `with_params(params)` returns the state with new parameters, keeping everything that belongs to
+    them consistent (e.g. DQN's target network)."""
+
+    params: Params
+
+    def with_params(self: S, params: Params) -> S: ...
+
+
+# ----------------------------------------------------------------------------------------------
+# Hooks
+# ----------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Hooks:
+    """Static extension points, so compression and expansion plug in without editing algorithms.
+
+    param_transform: maps parameters on their way into every forward pass (a mask, fake
+        quantization); identity when None. Gradients flow through it (e.g. a straight-through
+        estimator).
+    interceptor: a `flax.linen.intercept_methods` interceptor active during every forward pass,
+        to transform activations (e.g. fake-quantize layer inputs/outputs).
+    extra_grad_transforms: optax transformations applied to the gradient tree before the
+        optimizer (e.g. gradient surgery across tasks).
+    post_update: `hparams -> optax transformation` applied to the optimizer's final updates
+        (with the parameters), built from traced hyperparameters (e.g. keep pruned weights at
+        exactly zero, with the target sparsity a hyperparameter). An extension's post_update
+        receives that extension's own hyperparameters (`hparams.ext[name]`).
+    """
+
+    param_transform: ParamTransform | None = None
+    interceptor: Interceptor | None = None
+    extra_grad_transforms: tuple[optax.GradientTransformation, ...] = ()
+    post_update: Callable[[Any], optax.GradientTransformation] | None = None
+
+    def merge(self, other: Hooks) -> Hooks:
+        """Both sets of hooks: `self`'s parameter transform and interceptor run first (outermost)."""
+        return Hooks(
+            param_transform=_compose(other.param_transform, self.param_transform),
+            interceptor=_nest_interceptors(self.interceptor, other.interceptor),
+            extra_grad_transforms=self.extra_grad_transforms + other.extra_grad_transforms,
+            post_update=_chain_post_updates(self.post_update, other.post_update),
+        )
+
+
+def _compose(outer: ParamTransform | None, inner: ParamTransform | None) -> ParamTransform | None:
+    if outer is None or inner is None:
+        return outer or inner
+    return lambda params: outer(inner(params))
+
+
+def _nest_interceptors(first: Interceptor | None, second: Interceptor | None) -> Interceptor | None:
+    if first is None or second is None:
+        return first or second
+
+    def interceptor(next_fun: Callable[..., Any], args: Any, kwargs: Any, context: Any) -> Any:
+        inner = lambda *a, **k: second(next_fun, a, k, context)  # noqa: E731
+        return first(inner, args, kwargs, context)
+
+    return interceptor
+
+
+def _chain_post_updates(
+    a: Callable[[Any], optax.GradientTransformation] | None,
+    b: Callable[[Any], optax.GradientTransformation] | None,
+) -> Callable[[Any], optax.GradientTransformation] | None:
+    if a is None or b is None:
+        return a or b
+    return lambda hparams: optax.chain(a(hparams), b(hparams))
+
+
+def make_apply(network: nn.Module, hooks: Hooks = Hooks()) -> ApplyFn:
+    """The one forward-pass wrapper: `apply(params, *inputs, **kwargs)` through the hooks."""
+    param_transform = hooks.param_transform
+    interceptor = hooks.interceptor
+
+    def apply(params: Params, *inputs: Any, **kwargs: Any) -> Any:
+        if param_transform is not None:
+            params = param_transform(params)
+        if interceptor is None:
+            return network.apply({"params": params}, *inputs, **kwargs)
+        with nn.intercept_methods(interceptor):
+            return network.apply({"params": params}, *inputs, **kwargs)
+
+    return apply
+
+
+# ----------------------------------------------------------------------------------------------
+# Extensions
+# ----------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class BuildContext:
+    """What an extension may read when an algorithm is built (all static).
+
+    network: the Flax module (its `layout()` says which parameter paths play which role);
+    optimizer_steps: optimizer steps in a full run (for schedules);
+    apply: the final forward-pass wrapper (through every extension's hooks); None while the hooks
+        themselves are being built.
+    """
+
+    network: nn.Module
+    obs_shape: tuple[int, ...]
+    action_spec: Any
+    optimizer_steps: int
+    apply: ApplyFn | None = None
+
+
+EXTENSION_TYPES: dict[str, type[Extension]] = {}
+
+
+def register_extension(cls: type[Extension]) -> type[Extension]:
+    """Class decorator: make an extension type known by its `name`, so run directories that use it
+    can be written to and read back from `config.json`."""
+    name = cls.name
+    if not name or not name.isidentifier():
+        raise ValueError(f"Extension name must be an identifier, got {name!r}")
+    known = EXTENSION_TYPES.get(name)
+    if known is not None and known.__qualname__ != cls.__qualname__:
+        raise ValueError(f"Another extension type ({known.__qualname__}) is registered as {name!r}")
+    EXTENSION_TYPES[name] = cls
+    return cls
+
+
+@dataclasses.dataclass(frozen=True)
+class Extension:
+    """Base class of a capability plugged into any algorithm.
+
+    Subclass it as a frozen dataclass (its fields are the static config), set `name` (the key of
+    its hyperparameters in `hparams.ext` and of its state in `state.ext`) and override what it
+    needs. Every method has a do-nothing default.
+    """
+
+    name: ClassVar[str] = ""
+
+    def validate(self) -> None:
+        """Check the static config (called before anything compiles)."""
+
+    def default_hparams(self) -> PyTree:
+        """The traced hyperparameters (a `flax.struct` dataclass), or None."""
+        return None
+
+    def validate_hparams(self, hparams: PyTree) -> None:
+        """Check concrete hyperparameter values (called by the CLI before compiling)."""
+
+    def hooks(self, ctx: BuildContext) -> Hooks:
+        """Forward-pass and optimizer hooks; `post_update` receives this extension's hparams."""
+        return Hooks()
+
+    def init_state(self, key: jax.Array, params: Params, hparams: PyTree) -> PyTree:
+        """This extension's part of the training state (`state.ext[name]`), or None."""
+        return None
+
+    def loss_term(self, ctx: BuildContext) -> LossTerm | None:
+        """A term added to the algorithm's loss, or None. `ctx.apply` is set here."""
+        return None
+
+    def extras(self, ctx: BuildContext) -> ExtrasFn | None:
+        """Per-sample data for the loss term, computed once per update on the whole batch before
+        any minibatching, found by the term in `batch.extras[name]`."""
+        return None
+
+
+def check_extensions(extensions: tuple[Extension, ...]) -> None:
+    """Each entry is an Extension with a distinct name; each validates."""
+    seen: set[str] = set()
+    for ext in extensions:
+        if not isinstance(ext, Extension):
+            raise ValueError(f"extensions must be Extension instances, got {type(ext).__name__}")
+        if not ext.name:
+            raise ValueError(f"{type(ext).__name__} has no name")
+        if ext.name in seen:
+            raise ValueError(f"Two extensions are named {ext.name!r}")
+        seen.add(ext.name)
+        ext.validate()
+
+
+def complete_ext_hparams(extensions: tuple[Extension, ...], ext: Mapping[str, Any]) -> dict[str, Any]:
+    """`ext` with every extension's default hyperparameters filled in where they are missing."""
+    names = {e.name for e in extensions}
+    unknown = sorted(set(ext) - names)
+    if unknown:
+        raise ValueError(f"hparams.ext has entries {unknown} for no configured extension (have {sorted(names)})")
+    return {e.name: ext[e.name] if e.name in ext else e.default_hparams() for e in extensions}
+
+
+def combine_hooks(base: Hooks, extensions: tuple[Extension, ...], ctx: BuildContext) -> Hooks:
+    """`base` merged with every extension's hooks, in order; each extension's `post_update` is fed
+    its own hyperparameters `hparams.ext[name]`."""
+    hooks = base
+    for ext in extensions:
+        h = ext.hooks(ctx)
+        if h.post_update is not None:
+            h = dataclasses.replace(h, post_update=_own_hparams(h.post_update, ext.name))
+        hooks = hooks.merge(h)
+    return hooks
+
+
+def _own_hparams(
+    post_update: Callable[[Any], optax.GradientTransformation], name: str
+) -> Callable[[Any], optax.GradientTransformation]:
+    return lambda hparams: post_update(hparams.ext[name])
+
+
+@dataclasses.dataclass(frozen=True)
+class ExtensionTerms:
+    """The loss terms and extras functions of a run's extensions, bound to its build context."""
+
+    terms: tuple[tuple[str, LossTerm], ...] = ()
+    extras: tuple[tuple[str, ExtrasFn], ...] = ()
+
+    @staticmethod
+    def build(extensions: tuple[Extension, ...], ctx: BuildContext) -> ExtensionTerms:
+        terms = tuple((e.name, t) for e in extensions if (t := e.loss_term(ctx)) is not None)
+        extras = tuple((e.name, f) for e in extensions if (f := e.extras(ctx)) is not None)
+        return ExtensionTerms(terms, extras)
+
+    def batch_extras(self, ext_state: Mapping[str, Any], ext_hparams: Mapping[str, Any], batch: Any) -> dict[str, Any]:
+        """{name: extras} for a flat batch (computed before minibatching)."""
+        return {name: fn(ext_state[name], ext_hparams[name], batch) for name, fn in self.extras}
+
+    def add_to(self, loss_fn: LossFn) -> Callable[..., tuple[jax.Array, tuple[Any, dict[str, Any]]]]:
+        """`loss_fn` plus every term: `(params, batch, ext_state, ext_hparams, *args) ->
+        (loss + sum of terms, (aux, {name: {"value": term, "aux": term_aux}}))`."""
+        terms = self.terms
+
+        def total(
+            params: Params, batch: Any, ext_state: Mapping[str, Any], ext_hparams: Mapping[str, Any], *args: Any
+        ) -> tuple[jax.Array, tuple[Any, dict[str, Any]]]:
+            loss, aux = loss_fn(params, batch, *args)
+            ext_aux: dict[str, Any] = {}
+            for name, term in terms:
+                value, term_aux = term(params, batch, ext_state[name], ext_hparams[name])
+                loss = loss + value
+                ext_aux[name] = {"value": value, "aux": term_aux}
+            return loss, (aux, ext_aux)
+
+        return total
