@@ -15,7 +15,7 @@ Experiments (each a function; the JSON is rewritten after each one, so a crash l
 running; re-running with --experiments merges into the existing JSON):
   dense     the dense baseline (all seeds in one `jit(vmap(train))`).
   gradual   Zhu & Gupta gradual magnitude pruning during training, all sparsity levels x seeds in one
-            vmapped call (`hparams.sparsity` is traced).
+            vmapped call (`hparams.ext["compress"].sparsity` is traced).
   oneshot   post-training magnitude pruning of the dense policies (no fine-tune), then
             `recipes.prune_and_finetune` for --finetune-steps.
   lottery   `recipes.lottery_ticket`: iterative magnitude pruning with rewinding to ~3% of updates.
@@ -23,7 +23,7 @@ running; re-running with --experiments merges into the existing JSON):
             output channel, k-means per tensor) and weights + activations (uniform / log, ranges
             calibrated on dense-policy rollouts, minmax and percentile), with greedy-action
             agreement against the dense policy on other dense-policy rollouts.
-  qat       quantization-aware training (`CompressConfig.qat_bits`, weights, straight-through),
+  qat       quantization-aware training (the `CompressConfig` extension's `qat_bits`, weights, straight-through),
             started from the dense policies for --finetune-steps (QuaRL's quantization delay: the
             dense run is the delay). Compared with PTQ of the same dense policies and with PTQ of
             an equally long fine-tune without quantization (the control).
@@ -92,13 +92,14 @@ import jax.numpy as jnp  # noqa: E402
 from rlcx_jax import envs, nets, rl  # noqa: E402
 from rlcx_jax.compress import export as export_lib  # noqa: E402
 from rlcx_jax.compress import masks as masks_lib  # noqa: E402
-from rlcx_jax.compress import pipeline, quant, recipes, size, structured  # noqa: E402
-from rlcx_jax.compress.training import CompressConfig  # noqa: E402
+from rlcx_jax.compress import quant, size, structured  # noqa: E402
+from rlcx_jax.compress.training import CompressConfig, CompressHParams, prune_selection  # noqa: E402
 from rlcx_jax.logging import bootstrap_ci  # noqa: E402
+from rlcx_jax.nets.policy import distribution, greedy_action  # noqa: E402
 from rlcx_jax.rl import ppo  # noqa: E402
-from rlcx_jax.rl.common import Hooks, make_apply  # noqa: E402
 from rlcx_jax.rl.evaluate import make_evaluator  # noqa: E402
-from rlcx_jax.rl.policy import distribution, greedy_action  # noqa: E402
+from rlcx_jax.seams import Hooks, make_apply  # noqa: E402
+from rlcx_jax.workflows import compress_run, recipes  # noqa: E402
 
 ALL_EXPERIMENTS = ("dense", "gradual", "oneshot", "lottery", "ptq", "qat", "qat_act", "wide", "export", "cost")
 REDUCED_EXPERIMENTS = ("dense", "gradual", "lottery", "ptq", "qat", "qat_act")
@@ -107,7 +108,7 @@ REDUCED_EXPERIMENTS = ("dense", "gradual", "lottery", "ptq", "qat", "qat_act")
 # PPO settings, but an MLP torso on the flattened 10x10x4 observation (the conv torso is too slow
 # on a 2-core CPU).
 PPO_CLASSIC = dict(num_envs=4, num_steps=128, update_epochs=4, num_minibatches=4, anneal_lr=True,
-                   net=dict(kind="mlp", hidden=(64, 64), activation="tanh"))
+                   net=dict(torso="mlp", hidden=(64, 64), activation="tanh"))
 HP_CLASSIC = dict(lr=2.5e-4, gamma=0.99, gae_lambda=0.95, clip_eps=0.2, ent_coef=0.01, vf_coef=0.5,
                   max_grad_norm=0.5)
 ENV_SETTINGS: dict[str, dict[str, Any]] = {
@@ -119,7 +120,7 @@ ENV_SETTINGS: dict[str, dict[str, Any]] = {
                        schemes=("uniform", "log")),
     "Breakout-MinAtar": dict(
         config=dict(num_envs=64, num_steps=128, update_epochs=4, num_minibatches=8, anneal_lr=True,
-                    net=dict(kind="mlp", hidden=(64, 64), activation="relu")),
+                    net=dict(torso="mlp", hidden=(64, 64), activation="relu")),
         hparams=dict(HP_CLASSIC, lr=5e-4), total=2_000_000, finetune=262_144,
         experiments=REDUCED_EXPERIMENTS, sparsities=(0.0, 0.9), bits=(8, 4), schemes=("uniform", "log")),
 }
@@ -128,7 +129,7 @@ QUICK = dict(total=20_480, finetune=10_240, sparsities=(0.0, 0.9), bits=(8, 4), 
 # return are taken above it, (x - floor) / (dense - floor), so they mean the same for negative returns.
 SCORE_FLOOR = {"CartPole-v1": 0.0, "Acrobot-v1": -500.0, "Breakout-MinAtar": 0.0}
 GRADUAL = dict(prune_start=0.2, prune_end=0.8, prune_every=16)  # Graesser et al. 2022: prune 20%..80%
-TARGETS = {  # DESIGN.md section 5
+TARGETS = {  # docs/architecture.md "Reference targets"
     "gradual90_keeps": 0.95,
     "int8_agreement": 0.99,
     "export_ratio": 20.0,
@@ -214,7 +215,7 @@ def make_config(env: str, settings: dict, total: int, net_overrides: dict | None
     net = dict(kw.pop("net"))
     net.update(net_overrides or {})
     return ppo.PPOConfig(env=env, total_timesteps=total, net=nets.NetConfig(**net),
-                         compress=compress or CompressConfig(), **kw)
+                         extensions=(compress,) if compress is not None else (), **kw)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -268,8 +269,29 @@ def evaluate(ctx: Ctx, config: ppo.PPOConfig, params: Any, obs_stats: Any, act_s
     return out
 
 
-def base_config(ctx: Ctx, **kw) -> ppo.PPOConfig:
+def base_config(ctx: Ctx, compress: CompressConfig | None = None, **kw) -> ppo.PPOConfig:
+    """The study's config with changes; `compress` becomes its compression extension (none by default)."""
+    if compress is not None:
+        others = tuple(e for e in ctx.config.extensions if e.name != CompressConfig.name)
+        kw["extensions"] = others + (compress,)
     return dataclasses.replace(ctx.config, **kw)
+
+
+def with_sparsity(hparams: Any, sparsity: Any) -> Any:
+    """`hparams` with the compression extension's target sparsity (traced; may be batched)."""
+    return hparams.with_ext(CompressConfig.name, CompressHParams(sparsity=sparsity))
+
+
+def prunable(config: ppo.PPOConfig) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(include, exclude) regexes of the weights the config's compression extension prunes (the
+    default extension's when the config has none): its `prune_roles` in the network's layout."""
+    cc = recipes.compress_extension(config)
+    return prune_selection(cc, nets.layout(config.net, config.HEAD)), cc.prune_exclude
+
+
+def policy_paths(config: ppo.PPOConfig) -> tuple[str, ...]:
+    """Path prefixes of the layers a greedy action needs (actor torso and head), from the layout."""
+    return nets.layout(config.net, config.HEAD).prefixes("policy")
 
 
 def dense_state(ctx: Ctx) -> Any:
@@ -278,9 +300,9 @@ def dense_state(ctx: Ctx) -> Any:
     return ctx._dense
 
 
-def actor_params(params: Any) -> dict:
-    paths = size.policy_paths(params)
-    return {k: v for k, v in params.items() if any((k + "/").startswith(p) or k == p.rstrip("/") for p in paths)}
+def actor_params(params: Any, config: ppo.PPOConfig) -> dict:
+    paths = policy_paths(config)
+    return {k: v for k, v in params.items() if k in paths}
 
 
 def torso_kernel_nnz(params: Any, torso: str = "actor_torso") -> tuple[int, int]:
@@ -289,8 +311,9 @@ def torso_kernel_nnz(params: Any, torso: str = "actor_torso") -> tuple[int, int]
 
 
 def selected_sparsity(params: Any, config: ppo.PPOConfig) -> float:
-    """Fraction of zeros among the prunable weights (the config's include/exclude regexes)."""
-    sel = masks_lib.select(params, config.compress.prune_include, config.compress.prune_exclude)
+    """Fraction of zeros among the prunable weights (the config's compression extension's selection)."""
+    include, exclude = prunable(config)
+    sel = masks_lib.select(params, include, exclude)
     zeros = total = 0
     for p, s in zip(jax.tree.leaves(params), jax.tree.leaves(sel)):
         if s:
@@ -322,10 +345,10 @@ def exp_gradual(ctx: Ctx) -> dict:
     keys = tile(ctx.train_keys, len(levels))
     sparsity = jnp.repeat(jnp.asarray(levels, jnp.float32), ctx.n_seeds)
     hp = jax.tree.map(lambda x: jnp.full((len(levels) * ctx.n_seeds,), x, jnp.float32), ctx.hparams)
-    hp = hp.replace(sparsity=sparsity)
+    hp = with_sparsity(hp, sparsity)
     state, timing = train_batch(config, hp, keys, hp_axis=0)
     ctx._gradual = (levels, state)
-    out = {"schedule": dataclasses.asdict(config.compress), "timing": timing, "levels": {}}
+    out = {"schedule": dataclasses.asdict(config.extension(CompressConfig.name)), "timing": timing, "levels": {}}
     for i, level in enumerate(levels):
         sl = slice(i * ctx.n_seeds, (i + 1) * ctx.n_seeds)
         st = jax.tree.map(lambda x: x[sl], state)
@@ -386,15 +409,15 @@ def exp_lottery(ctx: Ctx) -> dict:
 def rollout_obs(ctx: Ctx, params: Any, obs_stats: Any, key_tag: int, num_envs: int, num_steps: int) -> jax.Array:
     """Observations [seeds, num_envs * num_steps, ...] from each seed's dense policy (sampled actions)."""
     dense = ctx._dense.replace(params=params, obs_stats=obs_stats)
-    return pipeline.policy_observations(ppo.make(ctx.config), dense, False, num_envs, num_steps,
-                                        jax.random.PRNGKey(ctx.seed + 1000 * key_tag))
+    return compress_run.policy_observations(ppo.make(ctx.config), dense, False, num_envs, num_steps,
+                                            jax.random.PRNGKey(ctx.seed + 1000 * key_tag))
 
 
 def policy_network(config: ppo.PPOConfig):
     env, env_params = envs.make_training_env(config.env, config.env_kwargs)
     spec = nets.action_spec(env.action_space(env_params))
     obs_shape = tuple(env.observation_space(env_params).shape)
-    return nets.make(config.net, obs_shape, spec, head="actor_critic"), spec, obs_shape
+    return nets.make(config.net, obs_shape, spec, head=config.HEAD), spec, obs_shape
 
 
 def agreement_fn(ctx: Ctx, act_spec: quant.QuantSpec | None):
@@ -463,7 +486,7 @@ def finetune_from_dense(ctx: Ctx, cc: CompressConfig) -> tuple[Any, ppo.PPOConfi
     t = Timer()
     init = jax.jit(jax.vmap(trainer.init, in_axes=(0, None)))
     learn = jax.jit(jax.vmap(trainer.learn, in_axes=(0, None)), static_argnums=1)
-    state = recipes.with_params(init(ctx.fresh_keys(6), ctx.hparams), dense_state(ctx).params)
+    state = init(ctx.fresh_keys(6), ctx.hparams).with_params(dense_state(ctx).params)
     compiled = learn.lower(state, trainer.num_updates).compile()
     compile_s = t()
     t2 = Timer()
@@ -538,7 +561,7 @@ def exp_wide(ctx: Ctx) -> dict:
     sparsity = 0.9
     wide_h = (256, 256)
     config_w = gradual_config(ctx, net=dataclasses.replace(ctx.config.net, hidden=wide_h))
-    hp = ctx.hparams.replace(sparsity=sparsity)
+    hp = with_sparsity(ctx.hparams, sparsity)
     state_w, tw = train_batch(config_w, hp, ctx.train_keys)
     ctx._wide = (state_w, config_w)
     nnz_w, _ = torso_kernel_nnz(leading(state_w.params, 0))
@@ -553,9 +576,9 @@ def exp_wide(ctx: Ctx) -> dict:
     # Reference: the wide net trained dense, to tell the cost of the width from the cost of pruning.
     state_d, td = train_batch(eval_cfg_w, ctx.hparams, ctx.train_keys)
     # Diagnostic: the same wide net with only the actor pruned (critic torso kept dense).
-    actor_only = dataclasses.replace(config_w.compress,
-                                     prune_exclude=tuple(config_w.compress.prune_exclude) + (r"critic_torso/.*",))
-    config_a = dataclasses.replace(config_w, compress=actor_only)
+    cc_w = config_w.extension(CompressConfig.name)
+    actor_only = dataclasses.replace(cc_w, prune_exclude=tuple(cc_w.prune_exclude) + (r"critic_torso/.*",))
+    config_a = base_config(ctx, net=config_w.net, compress=actor_only)
     state_a, ta = train_batch(config_a, hp, ctx.train_keys)
     res = {
         "wide_sparse_actor_only": dict(evaluate(ctx, eval_cfg_w, state_a.params, state_a.obs_stats), hidden=wide_h,
@@ -607,7 +630,7 @@ def export_sizes(ctx: Ctx, st: Any, config: ppo.PPOConfig) -> dict:
         for i in range(ctx.n_seeds):
             p = jax.tree.map(np.asarray, leading(st.params, i))
             row = {}
-            for part, tree in (("actor", actor_params(p)), ("actor_critic", p)):
+            for part, tree in (("actor", actor_params(p, config)), ("actor_critic", p)):
                 row[part] = {"dense_float32_bytes": export_lib.dense_float32_bytes(tree, **meta)}
                 for name, (per_channel, codec, fdt) in EXPORT_VARIANTS.items():
                     f = os.path.join(tmp, f"{part}_{name}_{i}.rlcx")
@@ -643,7 +666,7 @@ def exp_export(ctx: Ctx) -> dict:
     """Export the 90% gradual policies (standard width, and the wide net if `wide` ran) with int8 kernels."""
     if ctx._gradual is None or 0.9 not in ctx._gradual[0]:
         # train just the 90% level if the gradual sweep did not run in this process
-        st, _ = train_batch(gradual_config(ctx), ctx.hparams.replace(sparsity=0.9), ctx.train_keys)
+        st, _ = train_batch(gradual_config(ctx), with_sparsity(ctx.hparams, 0.9), ctx.train_keys)
     else:
         levels, state = ctx._gradual
         i = levels.index(0.9)
@@ -662,11 +685,12 @@ def exp_cost(ctx: Ctx) -> dict:
     dense = dense_state(ctx)
     p = jax.tree.map(np.asarray, leading(dense.params, 0))
     network, spec, obs_shape = policy_network(ctx.config)
-    paths = size.policy_paths(p)
-    small, small_cfg = structured.shrink(p, ctx.config.net, 0.5)
-    small_net = nets.make(small_cfg, obs_shape, spec, head="actor_critic")
-    masks = masks_lib.magnitude_masks(p, 0.9, include=ctx.config.compress.prune_include,
-                                      exclude=ctx.config.compress.prune_exclude)
+    head = ctx.config.HEAD
+    small, small_cfg = structured.shrink(p, ctx.config.net, 0.5, head=head)
+    small_net = nets.make(small_cfg, obs_shape, spec, head=head)
+    paths = policy_paths(ctx.config)  # the shrunk net has the same layout (same separate_critic)
+    include, exclude = prunable(ctx.config)
+    masks = masks_lib.magnitude_masks(p, 0.9, include=include, exclude=exclude)
     pruned = masks_lib.apply_masks(p, masks)
     qspec = quant.QuantSpec(scheme="uniform", bits=8, per_channel=True)
     p_int8 = quant.quantize_tree(p, qspec, include=WEIGHTS)
@@ -685,9 +709,9 @@ def exp_cost(ctx: Ctx) -> dict:
                     "XLA:CPU has no int8 or sparse kernels, so int8 runs dequantized float32 and the masked "
                     "net runs dense matmuls (its FLOPs count non-zeros only)"), "variants": {}}
     for name, (f, params_run, params_count) in variants.items():
-        rep = size.count(params_count, paths=size.policy_paths(params_count))
+        rep = size.count(params_count, paths=paths)
         row = {"params": rep.params, "nonzeros": rep.nonzeros,
-               "flops_per_forward": size.flops_per_forward(params_count, obs_shape, size.policy_paths(params_count))}
+               "flops_per_forward": size.flops_per_forward(params_count, obs_shape, paths)}
         for b in (1, 256):
             obs = size.batch_of(obs_shape, b)
             row[f"latency_us_batch{b}"] = 1e6 * size.measure_latency(f, params_run, obs)
@@ -695,7 +719,7 @@ def exp_cost(ctx: Ctx) -> dict:
         log(f"cost {name:>26}: params {row['params']:>6} nnz {row['nonzeros']:>6} FLOPs {row['flops_per_forward']:>7} "
             f"latency b1 {row['latency_us_batch1']:.1f}us b256 {row['latency_us_batch256']:.1f}us")
     # return of the shrunk policy (no fine-tune)
-    smalls = [structured.shrink(jax.tree.map(np.asarray, leading(dense.params, i)), ctx.config.net, 0.5)[0]
+    smalls = [structured.shrink(jax.tree.map(np.asarray, leading(dense.params, i)), ctx.config.net, 0.5, head=head)[0]
               for i in range(ctx.n_seeds)]
     small_b = jax.tree.map(lambda *xs: jnp.stack(xs), *smalls)
     out["shrink_50_return_no_finetune"] = evaluate(ctx, base_config(ctx, net=small_cfg), small_b, dense.obs_stats)
@@ -728,7 +752,7 @@ def kept_fraction(env: str, x: float, dense: float) -> float:
 
 
 def checks(r: dict, env: str = "") -> dict:
-    """DESIGN.md section 5 targets, evaluated on our measurements (None = not measured)."""
+    """docs/architecture.md "Reference targets" targets, evaluated on our measurements (None = not measured)."""
     out: dict[str, Any] = {}
     dense = get(r, "dense")
     g90 = get(r, "gradual", "levels", "0.9")
@@ -861,7 +885,7 @@ def plot(env: str, r: dict, prefix: Path) -> list[str]:
 
 
 def paper_table(result: dict) -> str:
-    """One row per DESIGN.md section 5 claim, one column per environment: what we measured."""
+    """One row per docs/architecture.md "Reference targets" claim, one column per environment: what we measured."""
     envs_ = list(result["envs"])
     yes = lambda ok: "yes" if ok else "**no**"  # noqa: E731
 
@@ -930,7 +954,7 @@ def paper_table(result: dict) -> str:
         ("QuaRL: 4-bit log >= 4-bit uniform (PTQ weights)", "log4"),
         ("90% pruned + int8 export >= 20x smaller than dense float32 (actor file)", "export"),
     ]
-    lines = ["| claim (paper, DESIGN.md section 5) | " + " | ".join(envs_) + " |", "|---" * (len(envs_) + 1) + "|"]
+    lines = ["| claim (paper, docs/architecture.md \"Reference targets\") | " + " | ".join(envs_) + " |", "|---" * (len(envs_) + 1) + "|"]
     for label, kind in rows:
         lines.append(f"| {label} | " + " | ".join(cell(e, kind) for e in envs_) + " |")
     return "\n".join(lines) + "\n"
@@ -941,7 +965,7 @@ def summary_markdown(result: dict) -> str:
              f"Greedy return, IQM over {result['settings']['seeds']} seeds of the per-seed "
              f"mean over {result['settings']['eval_episodes']} episodes, [95% stratified bootstrap CI]. Every number was "
              f"measured by the invocations each environment lists below (JSON: `{result['json']}`; latest: "
-             f"`{result['command']}`). Paper figures: DESIGN.md section 5.", "",
+             f"`{result['command']}`). Paper figures: docs/architecture.md \"Reference targets\".", "",
              paper_table(result), ""]
     for env, r in result["envs"].items():
         st = r.get("settings", {})
@@ -1070,7 +1094,7 @@ def main(argv=None) -> dict:
                      "score": "IQM over seeds of per-seed mean greedy return; 95% percentile bootstrap, 2000 resamples of seeds, seed 0",
                      "gradual_schedule": GRADUAL},
         "envs": previous.get("envs", {}),
-        "targets": {"source": "DESIGN.md section 5", **TARGETS},
+        "targets": {"source": "docs/architecture.md, Reference targets", **TARGETS},
     }
     eval_eps = result["settings"]["eval_episodes"]
     if args.summary_only:
@@ -1109,7 +1133,7 @@ def main(argv=None) -> dict:
                          "finetune_steps": finetune, "sparsities": ctx.sparsities, "bits": ctx.bits,
                          "schemes": ctx.schemes,
                          "config_summary": f"{config.num_envs} envs x {config.num_steps} steps, {config.update_epochs} epochs, "
-                                           f"{config.num_minibatches} minibatches, {config.net.kind} {config.net.hidden} "
+                                           f"{config.num_minibatches} minibatches, {config.net.torso} {config.net.hidden} "
                                            f"{config.net.activation}, lr {st['hparams']['lr']}"}
         r.setdefault("wall_s", {})
         r.setdefault("errors", [])
