@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
 from flax import struct
 
 from rlcx_jax.rl import onpolicy
 from rlcx_jax.rl.common import Hooks, Trainer, TrainState
 from rlcx_jax.rl.onpolicy import OnPolicyMetrics
-from rlcx_jax.rl.returns import gae
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,24 +22,15 @@ class A2CConfig(onpolicy.OnPolicyConfig):
 
 
 @struct.dataclass
-class A2CHParams(onpolicy.ActorCriticHParams):
+class A2CHParams(onpolicy.GAEHParams):
     """Traced A2C hyperparameters; gae_lambda = 1 gives the paper's n-step returns."""
 
     lr: float = 2e-3
     gae_lambda: float = 1.0
 
-    UNIT = onpolicy.ActorCriticHParams.UNIT + ("gae_lambda",)
-
-
-def _advantages(col: onpolicy.Collected, hp: A2CHParams) -> tuple[jax.Array, jax.Array, A2CHParams]:
-    """GAE(lambda) advantages and their lambda-return targets."""
-    traj = col.traj
-    advantage = gae(traj.reward, col.discount_t, col.v_tm1, col.v_t, hp.gae_lambda, traj.truncated)
-    return advantage, advantage + col.v_tm1, hp
-
 
 def _update(agent: onpolicy.Agent, state: TrainState) -> tuple[TrainState, OnPolicyMetrics]:
-    return onpolicy.single_step_update(agent, state, _advantages)
+    return onpolicy.single_step_update(agent, state, onpolicy.gae_estimate)
 
 
 def make(config: A2CConfig = A2CConfig(), hooks: Hooks = Hooks()) -> Trainer:

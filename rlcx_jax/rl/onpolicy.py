@@ -34,6 +34,7 @@ from rlcx_jax.rl.common import (
     make_trainer as make_common_trainer,
 )
 from rlcx_jax.rl.losses import ActorCriticAux, PolicyBatch, policy_gradient_loss
+from rlcx_jax.rl.returns import gae
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +70,15 @@ class ActorCriticHParams(HParams):
 
     ent_coef: float = 0.01
     vf_coef: float = 0.5
+
+
+@struct.dataclass
+class GAEHParams(ActorCriticHParams):
+    """Actor-critic hyperparameters of the algorithms that estimate advantages with GAE(lambda)."""
+
+    gae_lambda: float = 0.95
+
+    UNIT = ActorCriticHParams.UNIT + ("gae_lambda",)
 
 
 @struct.dataclass
@@ -199,6 +209,13 @@ def standardize(advantage: jax.Array) -> jax.Array:
 
 
 Estimator = Callable[[Collected, Any], tuple[jax.Array, jax.Array, Any]]
+
+
+def gae_estimate(col: Collected, hp: GAEHParams) -> tuple[jax.Array, jax.Array, GAEHParams]:
+    """GAE(lambda) advantages (Schulman et al. 2016) and their lambda-return targets A + V(s)."""
+    traj = col.traj
+    advantage = gae(traj.reward, col.discount_t, col.v_tm1, col.v_t, hp.gae_lambda, traj.truncated)
+    return advantage, advantage + col.v_tm1, hp
 
 
 def single_step_update(agent: Agent, state: TrainState, estimate: Estimator) -> tuple[TrainState, OnPolicyMetrics]:

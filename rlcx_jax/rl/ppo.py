@@ -19,7 +19,6 @@ from rlcx_jax.rl import onpolicy
 from rlcx_jax.rl.common import Hooks, Trainer, TrainState, mean_ext_aux, next_keys
 from rlcx_jax.rl.losses import PolicyBatch, ppo_loss
 from rlcx_jax.rl.onpolicy import OnPolicyMetrics
-from rlcx_jax.rl.returns import gae
 
 PPOState = TrainState
 
@@ -49,14 +48,12 @@ class PPOConfig(onpolicy.OnPolicyConfig):
 
 
 @struct.dataclass
-class PPOHParams(onpolicy.ActorCriticHParams):
+class PPOHParams(onpolicy.GAEHParams):
     """Traced PPO hyperparameters (vmappable for sweeps)."""
 
-    gae_lambda: float = 0.95
     clip_eps: float = 0.2
 
-    POSITIVE = onpolicy.ActorCriticHParams.POSITIVE + ("clip_eps",)
-    UNIT = onpolicy.ActorCriticHParams.UNIT + ("gae_lambda",)
+    POSITIVE = onpolicy.GAEHParams.POSITIVE + ("clip_eps",)
 
 
 def _epoch_permutations(key: jax.Array, config: PPOConfig) -> jax.Array:
@@ -77,11 +74,10 @@ def _update(agent: onpolicy.Agent, state: PPOState) -> tuple[PPOState, OnPolicyM
 
     # COLLECT TRAJECTORIES
     state, col = onpolicy.collect(agent, state, key_collect)
-    traj = col.traj
 
     # CALCULATE ADVANTAGE
-    advantage = gae(traj.reward, col.discount_t, col.v_tm1, col.v_t, hp.gae_lambda, traj.truncated)
-    batch = onpolicy.policy_batch(agent, state, col, advantage, advantage + col.v_tm1, behaviour=True)
+    advantage, target, _ = onpolicy.gae_estimate(col, hp)
+    batch = onpolicy.policy_batch(agent, state, col, advantage, target, behaviour=True)
 
     # UPDATE NETWORK
     grad_fn = jax.grad(agent.terms.add_to(ppo_loss), has_aux=True)
