@@ -98,6 +98,7 @@ from rlcx_jax.logging import bootstrap_ci  # noqa: E402
 from rlcx_jax.nets.policy import distribution, greedy_action  # noqa: E402
 from rlcx_jax.rl import ppo  # noqa: E402
 from rlcx_jax.rl.evaluate import make_evaluator  # noqa: E402
+from rlcx_jax.rl.common import vmap_learn  # noqa: E402
 from rlcx_jax.seams import Hooks, make_apply  # noqa: E402
 from rlcx_jax.workflows import compress_run, recipes  # noqa: E402
 
@@ -485,9 +486,8 @@ def finetune_from_dense(ctx: Ctx, cc: CompressConfig) -> tuple[Any, ppo.PPOConfi
     trainer = ppo.make(config)
     t = Timer()
     init = jax.jit(jax.vmap(trainer.init, in_axes=(0, None)))
-    learn = jax.jit(jax.vmap(trainer.learn, in_axes=(0, None)), static_argnums=1)
     state = init(ctx.fresh_keys(6), ctx.hparams).with_params(dense_state(ctx).params)
-    compiled = learn.lower(state, trainer.num_updates).compile()
+    compiled = jax.jit(vmap_learn(trainer, trainer.num_updates, state)).lower(state).compile()
     compile_s = t()
     t2 = Timer()
     state, _ = compiled(state)

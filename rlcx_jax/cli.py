@@ -31,7 +31,7 @@ import tyro
 from rlcx_jax import checkpoint, envs, nets, rl
 from rlcx_jax import logging as rlog
 from rlcx_jax.compress.training import CompressConfig
-from rlcx_jax.rl.common import broadcast_tree
+from rlcx_jax.rl.common import broadcast_tree, vmap_learn
 from rlcx_jax.rl.evaluate import default_greedy, make_evaluator
 from rlcx_jax.seams import Extension
 from rlcx_jax.workflows.compress_run import CompressOptions, compress_run
@@ -256,7 +256,7 @@ def run_train(algorithm: str, args: Any) -> dict[str, Any]:
 
     def learn_fn(n: int) -> Any:
         if n not in compiled:
-            compiled[n] = jax.jit(jax.vmap(lambda s: trainer.learn(s, n))).lower(abstract).compile()
+            compiled[n] = jax.jit(vmap_learn(trainer, n, abstract)).lower(abstract).compile()
         return compiled[n]
 
     learn_fn(min(chunk_updates, trainer.num_updates - done) if done < trainer.num_updates else chunk_updates)

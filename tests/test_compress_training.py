@@ -5,6 +5,7 @@ return)."""
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +15,14 @@ import pytest
 
 from rlcx_jax import nets
 from rlcx_jax.compress import masks as M
-from rlcx_jax.compress.training import CompressConfig, CompressHParams, find_masks, prune_transform, zhu_gupta_sparsity
+from rlcx_jax.compress.training import (
+    RANKING_SCOPE,
+    CompressConfig,
+    CompressHParams,
+    find_masks,
+    prune_transform,
+    zhu_gupta_sparsity,
+)
 from rlcx_jax.rl import dqn, ppo
 
 SMALL_PPO = ppo.PPOConfig(num_envs=4, num_steps=32, total_timesteps=4 * 32 * 24, update_epochs=2, num_minibatches=2)
@@ -236,3 +244,79 @@ def test_size_and_flops_accounting() -> None:
     assert size.flops_per_forward(conv, (10, 10, 4)) == 2 * 3 * 3 * 4 * 16 * 8 * 8
     latency = size.measure_latency(lambda p, x: x @ p["k"], {"k": jnp.ones((4, 4))}, jnp.ones((1, 4)), repeats=5, rounds=2)
     assert 0 < latency < 1.0
+
+
+# ----------------------------------------------------------------------------------------------
+# Mask updates stay rare under vmap over seeds (the ranking is a sort behind a real `lax.cond`)
+# ----------------------------------------------------------------------------------------------
+def _ranking_outside_cond(jaxpr: Any, inside_cond: bool = False) -> int:
+    """Equations of the mask ranking (its named scope) in `jaxpr`, recursively, that no `cond` encloses."""
+    count = 0
+    for eqn in jaxpr.eqns:
+        if not inside_cond and RANKING_SCOPE in str(eqn.source_info.name_stack):
+            count += 1
+        nested = inside_cond or eqn.primitive.name == "cond"
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (list, tuple)) else (value,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    count += _ranking_outside_cond(inner, nested)
+    return count
+
+
+def _ranking_inside(jaxpr: Any) -> int:
+    """All equations of the mask ranking, wherever they are."""
+    count = 0
+    for eqn in jaxpr.eqns:
+        count += RANKING_SCOPE in str(eqn.source_info.name_stack)
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (list, tuple)) else (value,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    count += _ranking_inside(inner)
+    return count
+
+
+def _learn_jaxprs(algorithm: str, config: Any, hparams: Any) -> tuple[Any, Any]:
+    from rlcx_jax import rl
+    from rlcx_jax.rl.common import vmap_learn
+
+    trainer = rl.make(algorithm, config)
+    state = jax.eval_shape(jax.vmap(trainer.init, in_axes=(0, None)), jax.random.split(jax.random.PRNGKey(0), 2), hparams)
+    shared = jax.make_jaxpr(vmap_learn(trainer, 2, state))(state).jaxpr
+    plain = jax.make_jaxpr(jax.vmap(lambda s: trainer.learn(s, 2)))(state).jaxpr
+    return shared, plain
+
+
+TINY_DQN = dqn.DQNConfig(num_envs=2, train_frequency=2, buffer_size=64, batch_size=8, learning_starts=8,
+                         target_update_period=8, total_timesteps=200, log_every=1)
+
+
+@pytest.mark.parametrize("algorithm, config, hparams", [
+    ("ppo", SMALL_PPO, ppo.PPOHParams()),
+    ("dqn", TINY_DQN, dqn.DQNHParams()),
+])
+def test_mask_ranking_is_a_real_branch_under_vmap_over_seeds(algorithm, config, hparams) -> None:
+    pruned = with_compress(config, CompressConfig(prune_schedule="gradual"))
+    shared, plain = _learn_jaxprs(algorithm, pruned, sparsity_hparams(hparams, 0.9))
+    assert _ranking_inside(shared) > 0  # the ranking is in the program
+    # With the step counters shared, all of the ranking sits inside a cond: it runs only when due.
+    assert _ranking_outside_cond(shared) == 0
+    # A plain vmap batches the counters: the cond becomes a select and the ranking runs every step.
+    assert _ranking_outside_cond(plain) > 0
+
+
+def test_shared_counters_give_the_same_masks_and_parameters_as_plain_vmap() -> None:
+    from rlcx_jax.rl.common import vmap_learn
+
+    config = with_compress(SMALL_PPO, CompressConfig(prune_schedule="gradual", prune_end=0.5, prune_every=4))
+    trainer = ppo.make(config)
+    state = jax.jit(jax.vmap(trainer.init, in_axes=(0, None)))(
+        jax.random.split(jax.random.PRNGKey(4), 2), sparsity_hparams(ppo.PPOHParams(), 0.8)
+    )
+    n = trainer.num_updates
+    shared, _ = jax.jit(vmap_learn(trainer, n, state))(state)
+    plain, _ = jax.jit(jax.vmap(lambda s: trainer.learn(s, n)))(state)
+    for a, b in zip(jax.tree.leaves(shared), jax.tree.leaves(plain)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert abs(_kernel_sparsity(jax.tree.map(lambda x: x[1], shared.params))["actor_torso/Dense_0/kernel"] - 0.8) < 0.01

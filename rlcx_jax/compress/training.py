@@ -57,6 +57,7 @@ PRUNE_SCHEDULES = ("none", "gradual", "oneshot", "fixed")
 DEFAULT_PRUNE_ROLES = ("torso",)  # output heads are never pruned by default: that removes whole actions
 DEFAULT_PRUNE_INCLUDE = (r".*kernel",)  # within those roles: kernels; biases stay dense
 QAT_INCLUDE = (r".*kernel",)
+RANKING_SCOPE = "prune_mask_ranking"
 
 
 @struct.dataclass
@@ -223,9 +224,10 @@ def prune_transform(
         if config.prune_schedule == "fixed":
             selected = masks_lib.select(candidate, include, exclude)
             return jax.tree.map(lambda p, sel: (p != 0) if sel else jnp.ones(p.shape, bool), candidate, selected)
-        masks = masks_lib.magnitude_masks(
-            candidate, target, distribution=config.prune_distribution, include=include, exclude=exclude
-        )
+        with jax.named_scope(RANKING_SCOPE):  # tests find the ranking by this name
+            masks = masks_lib.magnitude_masks(
+                candidate, target, distribution=config.prune_distribution, include=include, exclude=exclude
+            )
         return jax.tree.map(jnp.logical_and, masks, current)  # never revive a pruned weight
 
     def update(updates: Params, state: PruneState, params: Params | None = None) -> tuple[Params, PruneState]:
@@ -234,8 +236,10 @@ def prune_transform(
         # Rank the weights as they would be after this step; "fixed" keeps the zeros they start from.
         candidate = params if config.prune_schedule == "fixed" else jax.tree.map(jnp.add, params, updates)
         now, target = schedule(state.step)
-        # A real branch (the ranking is a sort) as long as the step count is not batched, which
-        # holds under vmap over seeds or hyperparameters: it does not depend on either.
+        # A real branch (the ranking is a sort) only while the step count is unbatched. It is inside
+        # `jit(vmap(train))` (the count starts as a constant) and in `rl.common.vmap_learn`, which
+        # keeps the seeds' shared step counters out of the vmap; a plain `vmap(learn)` over a
+        # batched state turns it into a select that ranks at every step (tests check both).
         current = jax.lax.cond(
             now, recompute, lambda c, t, m: jax.tree.map(jnp.asarray, m), candidate, target, state.masks
         )

@@ -323,6 +323,64 @@ def make_trainer(
     return Trainer(config, init_fn, learn, train, policy, config.num_updates, rows, agent)
 
 
+# Parts of a training state that may hold per-seed integers (swept hyperparameters or environment
+# parameters, extension state, environment state): never treated as shared counters.
+PER_SEED_FIELDS = ("params", "runner", "obs_stats", "key", "hparams", "env_params", "ext")
+
+
+def lockstep_counters(batched_state: Any) -> Any:
+    """Tree of bools over a seed-batched training state: True for the step counters all seeds share.
+
+    They are the integer leaves of shape (num_seeds,) outside PER_SEED_FIELDS: the update count,
+    optimizer step counts (Adam, schedules, pruning) and replay positions. Seeds of one vmapped run
+    start together and take the same number of steps, so these are equal across seeds."""
+    counters = jax.tree.map(lambda x: bool(jnp.issubdtype(x.dtype, jnp.integer) and len(x.shape) == 1), batched_state)
+    if not isinstance(batched_state, TrainState):
+        return jax.tree.map(lambda _: False, counters)
+    never = {name: jax.tree.map(lambda _: False, getattr(counters, name)) for name in PER_SEED_FIELDS}
+    return counters.replace(**never)
+
+
+def vmap_learn(trainer: Trainer, n_updates: int, batched_state: Any) -> Callable[[Any], tuple[Any, Any]]:
+    """`learn(state, n_updates)` over a seed-batched state, with the lockstep step counters unbatched.
+
+    A plain `vmap(learn)` batches every leaf of the state, so a `lax.cond` whose predicate comes from
+    a step counter (a pruning schedule, DQN's learning start) sees a batched predicate and becomes a
+    `select` that runs both branches at every step. Here the counters enter the vmap unbatched
+    (`in_axes=None`, the first seed's value) and leave it unbatched, so such branches stay real
+    branches; they are broadcast back to (num_seeds,) so the state keeps its layout (checkpoints).
+    If some integer scalar is not a lockstep counter (its output depends on per-seed data), tracing
+    fails and a plain `vmap` is returned instead. `batched_state` may be abstract (shapes only).
+    """
+    shared = lockstep_counters(batched_state)
+    axes = jax.tree.map(lambda s: None if s else 0, shared)
+
+    def learn(state: Any) -> tuple[Any, Any]:
+        num_seeds = jax.tree.leaves(state)[0].shape[0]
+        squeezed = jax.tree.map(lambda x, s: x[0] if s else x, state, shared)
+        new, metrics = jax.vmap(lambda st: trainer.learn(st, n_updates), in_axes=(axes,), out_axes=(axes, 0))(squeezed)
+        widen = lambda x, s: jnp.broadcast_to(x, (num_seeds, *jnp.shape(x))) if s else x  # noqa: E731
+        return jax.tree.map(widen, new, shared), metrics
+
+    try:
+        jax.eval_shape(learn, batched_state)
+    except ValueError:  # a shared integer leaf became per-seed: batch everything
+        return jax.vmap(lambda st: trainer.learn(st, n_updates))
+    return learn
+
+
+def batched_learner(trainer: Trainer) -> Callable[[Any, int], tuple[Any, Any]]:
+    """`learn(batched_state, n_updates)`: `vmap_learn`, jitted once per `n_updates`."""
+    compiled: dict[int, Callable[[Any], tuple[Any, Any]]] = {}
+
+    def learn(state: Any, n_updates: int) -> tuple[Any, Any]:
+        if n_updates not in compiled:
+            compiled[n_updates] = jax.jit(vmap_learn(trainer, n_updates, state))
+        return compiled[n_updates](state)
+
+    return learn
+
+
 def mean_ext_aux(ext_aux: dict[str, Any]) -> dict[str, Any]:
     """Extension loss-term values and aux averaged over minibatches / epochs (any leading axes)."""
     return jax.tree.map(jnp.mean, ext_aux)

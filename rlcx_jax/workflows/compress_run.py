@@ -25,6 +25,7 @@ from rlcx_jax.compress.training import DEFAULT_PRUNE_INCLUDE, DEFAULT_PRUNE_ROLE
 from rlcx_jax.envs.normalize import normalize_observation
 from rlcx_jax.nets.policy import greedy_action
 from rlcx_jax.rl import rollout
+from rlcx_jax.rl.common import batched_learner
 from rlcx_jax.rl.evaluate import default_greedy, make_evaluator
 from rlcx_jax.seams import Hooks, make_apply
 from rlcx_jax.workflows import recipes
@@ -308,7 +309,7 @@ def _finetune(
     fresh = jax.jit(jax.vmap(trainer.init))(keys, state.hparams)
     start = recipes.replace_masks(fresh.with_params(masks_lib.apply_masks(params, masks)), masks)
     start = start.replace(obs_stats=state.obs_stats)
-    final, _ = jax.jit(jax.vmap(trainer.learn, in_axes=(0, None)), static_argnums=1)(start, trainer.num_updates)
+    final, _ = batched_learner(trainer)(start, trainer.num_updates)
     return final.params, masks
 
 

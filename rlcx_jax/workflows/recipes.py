@@ -25,6 +25,7 @@ import jax
 from rlcx_jax import nets, rl
 from rlcx_jax.compress import masks as masks_lib
 from rlcx_jax.compress.training import CompressConfig, PruneState, find_masks, prune_selection
+from rlcx_jax.rl.common import batched_learner
 
 Params = Any
 
@@ -96,7 +97,7 @@ def prune_and_finetune(
     masks = _batched_masks(params, sparsity, config, distribution)
     state = jax.jit(jax.vmap(trainer.init, in_axes=(0, None)))(keys, hparams)
     state = replace_masks(state.with_params(masks_lib.apply_masks(params, masks)), masks)
-    state, metrics = jax.jit(jax.vmap(trainer.learn, in_axes=(0, None)), static_argnums=1)(state, trainer.num_updates)
+    state, metrics = batched_learner(trainer)(state, trainer.num_updates)
     return state, metrics, masks
 
 
@@ -134,7 +135,7 @@ def lottery_ticket(
     trainer = rl.make(algorithm, fixed_mask_config(config))
     if not 0 <= rewind_updates < trainer.num_updates:
         raise ValueError(f"rewind_updates must be in [0, {trainer.num_updates}), got {rewind_updates}")
-    learn = jax.jit(jax.vmap(trainer.learn, in_axes=(0, None)), static_argnums=1)
+    learn = batched_learner(trainer)
     state0 = jax.jit(jax.vmap(trainer.init, in_axes=(0, None)))(keys, hparams)
     rewind_state, first_metrics = learn(state0, rewind_updates) if rewind_updates else (state0, None)
     remaining = trainer.num_updates - rewind_updates
