@@ -563,6 +563,19 @@ def print_table(points: list[dict]) -> None:
           "return: mean over seeds / min over seeds of each seed's mean final-policy return")
 
 
+def markdown_table(points: list[dict]) -> str:
+    """README's throughput table: speeds, their ratio and the returns beside them, from the JSON."""
+    lines = ["| algorithm | seeds | ours env steps/s | rejax env steps/s | ours / rejax | final return ours mean/min "
+             "| rejax mean/min |", "|---|---|---|---|---|---|---|"]
+    for p in points:
+        o, r = p["sides"].get("ours"), p["sides"].get("rejax")
+        ratio = p.get("ratio_ours_over_rejax")
+        lines.append(f"| {p['algo'].upper()} | {p['n_seeds']} | {fmt_int(o and o['median_steps_per_s'])} | "
+                     f"{fmt_int(r and r['median_steps_per_s'])} | {'-' if ratio is None else f'{ratio:.2f}x'} | "
+                     f"{fmt_ret(o and o['returns']).replace('/', ' / ')} | {fmt_ret(r and r['returns']).replace('/', ' / ')} |")
+    return "\n".join(lines)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--algos", nargs="+", choices=("ppo", "dqn"), default=None, help="default: ppo dqn")
@@ -588,6 +601,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rejax-pin", action="append", metavar="NAME==VER",
                    help="override a version pinned in the rejax venv (repeatable)")
     p.add_argument("--out", type=Path, default=None, help="JSON path (default: benchmarks/results/throughput_<cpu>.json)")
+    p.add_argument("--markdown", type=Path, default=None, metavar="JSON",
+                   help="print README's table from a result JSON and exit (runs nothing)")
     p.add_argument("--worker", choices=("ours",), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.prng_impl:
@@ -625,6 +640,9 @@ def request_with_retries(worker: Worker, req: dict, timeout_s: float, retries: i
 
 def main(argv: list[str] | None = None) -> dict | None:
     args = parse_args(argv)
+    if args.markdown is not None:
+        print(markdown_table(json.loads(args.markdown.read_text())["points"]))
+        return None
     if args.worker == "ours":
         serve_ours()
         return None
