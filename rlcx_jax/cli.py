@@ -12,17 +12,20 @@ field is a new flag without editing this file. Bad input gives a one-line error 
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import datetime
+import inspect
 import json
 import math
 import pathlib
 import shutil
 import sys
+import textwrap
 import time
 import typing
 from collections.abc import Sequence
-from typing import Any
+from typing import Annotated, Any
 
 import jax
 import numpy as np
@@ -78,24 +81,54 @@ def _field_default(instance: Any, f: dataclasses.Field) -> Any:
     return getattr(instance, f.name)
 
 
+def field_docs(cls: type) -> dict[str, str]:
+    """{field: its attribute docstring} of a dataclass, a subclass's overriding its bases'.
+
+    An attribute docstring is the string literal on the line after `name: type = default`."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError, SyntaxError):
+            continue
+        body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+        for stmt, nxt in zip(body, body[1:]):
+            if (
+                isinstance(stmt, ast.AnnAssign)
+                and isinstance(stmt.target, ast.Name)
+                and isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant)
+                and isinstance(nxt.value.value, str)
+            ):
+                docs[stmt.target.id] = inspect.cleandoc(nxt.value.value)
+    return docs
+
+
 def train_args_class(algorithm: str) -> type:
     """A flat dataclass of run options + the algorithm's config, network and hyperparameters."""
     spec = rl.get(algorithm)
     config0 = spec.config_cls()
     hparams0 = spec.hparams_cls()
     fields: list[tuple[str, Any, Any]] = []
+
+    def add(name: str, hint: Any, default: Any, doc: str | None) -> None:
+        flag_type = Annotated[hint, tyro.conf.arg(help=doc)] if doc else hint
+        fields.append((name, flag_type, dataclasses.field(default=default)))
+
+    run_docs = field_docs(RunOptions)
     for f in dataclasses.fields(RunOptions):
-        fields.append((f.name, typing.get_type_hints(RunOptions)[f.name], dataclasses.field(default=f.default)))
+        add(f.name, typing.get_type_hints(RunOptions)[f.name], f.default, run_docs.get(f.name))
     parts: list[tuple[Any, str]] = [(config0, ""), (config0.net, "net_"), (hparams0, "")]
     for ext_cls in CLI_EXTENSIONS:
         ext0 = ext_cls()
         parts += [(ext0, "")] + ([(ext0.default_hparams(), "")] if ext0.default_hparams() is not None else [])
     for obj, prefix in parts:
         hints = typing.get_type_hints(type(obj))
+        docs = field_docs(type(obj))
         for f in dataclasses.fields(obj):
             if prefix == "" and f.name in _RENAMED:
                 continue
-            fields.append((prefix + f.name, hints[f.name], dataclasses.field(default=_field_default(obj, f))))
+            add(prefix + f.name, hints[f.name], _field_default(obj, f), docs.get(f.name))
     return dataclasses.make_dataclass(f"Train{algorithm.upper()}", fields)
 
 

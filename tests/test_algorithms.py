@@ -18,7 +18,7 @@ from rlcx_jax import envs, nets, rl
 from rlcx_jax.envs import probes
 from rlcx_jax.envs.normalize import init_stats
 from rlcx_jax.envs.wrappers import EpisodeStatsWrapper
-from rlcx_jax.rl import a2c, dqn, evaluate, onpolicy, ppo, reinforce, rollout
+from rlcx_jax.rl import a2c, common, dqn, evaluate, onpolicy, ppo, reinforce, rollout
 from rlcx_jax.rl.common import Hooks
 from rlcx_jax.seams import ExtensionTerms
 
@@ -229,7 +229,7 @@ class _TruncationAsTermination(probes.Truncation):
 
 
 def _values(config, params, obs_values):
-    return np.asarray(onpolicy.build_agent(config).apply(params, jnp.asarray(obs_values)[:, None])[1])
+    return np.asarray(common.build_agent(config).apply(params, jnp.asarray(obs_values)[:, None])[1])
 
 
 class TestTruncationProbe:

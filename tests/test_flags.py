@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import dataclasses
+import typing
 from typing import Any
 
 import jax
@@ -146,3 +147,34 @@ def test_observation_normalisation_learns_a_miscalibrated_cartpole() -> None:
     assert np.all(final[True] > 120.0), final
     assert final[True].mean() > 3.0 * final[False].mean(), final
     assert jnp.all(jnp.isfinite(final[False]))
+
+
+@pytest.mark.parametrize("algorithm", list(rl.ALGORITHMS))
+def test_every_flag_has_help_text(algorithm: str) -> None:
+    """Each flag of `rlcx train` shows its field's attribute docstring in --help (fails for a new
+    field added without one)."""
+    args_class = cli.train_args_class(algorithm)
+    hints = typing.get_type_hints(args_class, include_extras=True)
+    undocumented = [
+        f.name
+        for f in dataclasses.fields(args_class)
+        if not any(getattr(m, "help", None) for m in getattr(hints[f.name], "__metadata__", ()))
+    ]
+    assert not undocumented, f"{algorithm}: flags without help text {undocumented}"
+
+
+def test_field_docs_reads_attribute_docstrings_and_subclass_overrides() -> None:
+    @dataclasses.dataclass(frozen=True)
+    class Base:
+        a: int = 1
+        """Base a."""
+        b: int = 2
+        c: int = 3
+        """Base c."""
+
+    @dataclasses.dataclass(frozen=True)
+    class Child(Base):
+        c: int = 4
+        """Child c."""
+
+    assert cli.field_docs(Child) == {"a": "Base a.", "c": "Child c."}

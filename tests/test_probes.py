@@ -15,7 +15,7 @@ from conftest import PROBE_GAMMA
 
 from rlcx_jax import envs, nets
 from rlcx_jax.envs import probes
-from rlcx_jax.rl import onpolicy
+from rlcx_jax.rl import common
 
 PROBE_IDS = list(probes.PROBES)
 T_LIMIT = probes.Truncation.time_limit
@@ -108,7 +108,7 @@ def test_probes_vmap_over_envs():
 # Learning the known answers
 # ----------------------------------------------------------------------------------------------
 def _actor_critic_outputs(run, obs_values):
-    agent = onpolicy.build_agent(run.config)
+    agent = common.build_agent(run.config)
     obs = jnp.asarray(obs_values, jnp.float32)[:, None]
     logits, value = agent.apply(run.out.state.params, obs)
     return np.asarray(jax.nn.softmax(logits)), np.asarray(value)

@@ -65,6 +65,7 @@ class CompressHParams:
     """Traced compression hyperparameters: the target sparsity of the pruning schedule, in [0, 1)."""
 
     sparsity: float = 0.0
+    """Target sparsity of the pruning schedule, in [0, 1)."""
 
 
 @register_extension
@@ -79,20 +80,31 @@ class CompressConfig(Extension):
     name = "compress"
 
     prune_schedule: str = "none"
+    """none, gradual (Zhu & Gupta 2017), oneshot, or fixed (the zeros training starts from stay zero)."""
     prune_distribution: str = "uniform"
+    """How sparsity spreads over layers: uniform, global or erk (Evci et al. 2020)."""
     prune_start: float = 0.0
+    """Fraction of the optimizer steps at which pruning starts."""
     prune_end: float = 0.75
+    """Fraction of the optimizer steps at which the target sparsity is reached."""
     prune_every: int = 16
+    """Optimizer steps between mask updates."""
     prune_roles: tuple[str, ...] = DEFAULT_PRUNE_ROLES
+    """Network roles pruned (torso, actor, critic, q_head)."""
     prune_include: tuple[str, ...] = DEFAULT_PRUNE_INCLUDE
+    """Regexes of the parameter paths pruned within those roles."""
     prune_exclude: tuple[str, ...] = ()
+    """Regexes of parameter paths never pruned."""
     qat_bits: int = 0
+    """Bits of quantization-aware training (0: off)."""
     qat_scheme: str = "uniform"
+    """Quantizer: uniform, log or kmeans."""
     qat_per_channel: bool = True
+    """One quantization range per output channel instead of per tensor."""
     qat_activations: bool = True
-    # dynamic activation ranges: "sample" (each observation its own range: acting and learning see
-    # the same quantized network whatever the batch) or "tensor" (one range per call)
+    """Also fake-quantize layer inputs."""
     qat_activation_range: str = "sample"
+    """Activation ranges: sample (each observation its own: acting and learning see the same network) or tensor."""
 
     @property
     def prunes(self) -> bool:

@@ -92,22 +92,20 @@ def _unknown(what: str, name: str, known: Mapping[str, Any]) -> ValueError:
 
 @dataclasses.dataclass(frozen=True)
 class NetConfig:
-    """Static network description (hashable; part of an algorithm's config).
-
-    torso: a registered torso: "mlp" (flattens any observation), "cnn" (MinAtar-style conv, then
-        `hidden`), or one registered by the user.
-    hidden: widths of the dense layers.
-    activation: one of ACTIVATIONS.
-    separate_critic: actor and critic get their own torsos (PureJaxRL default) or share one.
-    conv_features / conv_kernel: the CNN's single conv layer (Young & Tian 2019, MinAtar).
-    """
+    """Static network description (hashable; part of an algorithm's config)."""
 
     torso: str = "mlp"
+    """A registered torso: mlp (flattens any observation), cnn (MinAtar-style conv, then hidden) or one of yours."""
     hidden: tuple[int, ...] = (64, 64)
+    """Widths of the dense layers."""
     activation: str = "tanh"
+    """Activation of the dense layers: tanh, relu, gelu, elu or silu."""
     separate_critic: bool = True
+    """Actor and critic get their own torsos (PureJaxRL default) or share one."""
     conv_features: int = 16
+    """Channels of the CNN's conv layer (Young & Tian 2019, MinAtar)."""
     conv_kernel: int = 3
+    """Kernel size of the CNN's conv layer."""
 
     def validate(self) -> None:
         if self.torso not in TORSOS:

@@ -17,16 +17,20 @@ class A2CConfig(onpolicy.OnPolicyConfig):
     """Static A2C settings: short rollouts from many environments."""
 
     num_envs: int = 16
+    """Parallel environments (the paper runs 16 actor-learner threads)."""
     num_steps: int = 8
+    """Steps per environment per update: the n of the n-step returns (the paper uses 5)."""
     normalize_advantages: bool = False
+    """Off as in the paper; on often helps with few environments."""
 
 
 @struct.dataclass
 class A2CHParams(onpolicy.GAEHParams):
-    """Traced A2C hyperparameters; gae_lambda = 1 gives the paper's n-step returns."""
+    """Traced A2C hyperparameters."""
 
     lr: float = 2e-3
     gae_lambda: float = 1.0
+    """1 gives the paper's n-step returns (n = num_steps)."""
 
 
 def _update(agent: onpolicy.Agent, state: TrainState) -> tuple[TrainState, OnPolicyMetrics]:

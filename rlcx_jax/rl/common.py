@@ -40,6 +40,25 @@ class Reducible(Protocol):
     def reduce(self) -> Any: ...
 
 
+class BlockMetrics:
+    """Base of an algorithm's per-update metrics (a `struct.dataclass`): `reduce` combines a stacked
+    block of them (leading axis) into one. Fields named in `LAST` keep their last value (counters),
+    fields with their own `reduce` (episode statistics) use it, every other leaf is averaged."""
+
+    LAST: ClassVar[tuple[str, ...]] = ("env_steps",)
+
+    def reduce(self) -> Self:
+        def one(name: str, value: Any) -> Any:
+            if name in self.LAST:
+                return jax.tree.map(lambda x: x[-1], value)
+            if isinstance(value, BlockMetrics | rollout.EpisodeMetrics):
+                return value.reduce()
+            return jax.tree.map(lambda x: jnp.mean(x, axis=0), value)
+
+        fields = {f.name: one(f.name, getattr(self, f.name)) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
+        return self.replace(**fields)  # type: ignore[attr-defined]
+
+
 S = TypeVar("S")
 M = TypeVar("M", bound=Reducible)
 
@@ -96,13 +115,20 @@ class TrainConfig(abc.ABC):
     """
 
     env: str = "CartPole-v1"
+    """Environment id: a gymnax id (CartPole-v1, Breakout-MinAtar, ...) or a registered probe."""
     env_kwargs: tuple[tuple[str, Any], ...] = ()
+    """Keyword arguments of the environment's constructor."""
     num_envs: int = 4
+    """Environments stepped in parallel per seed."""
     total_timesteps: int = 500_000
+    """Environment steps per seed, summed over the parallel environments."""
     net: nets.NetConfig = nets.NetConfig()
     anneal_lr: bool = False
+    """Decay the learning rate linearly to 0 over the run's optimizer steps."""
     log_every: int = 1
+    """Updates averaged into one metrics row."""
     prng_impl: str = "threefry2x32"
+    """PRNG implementation: threefry2x32 (JAX default), rbg or unsafe_rbg (faster on accelerators)."""
     extensions: tuple[Extension, ...] = ()
 
     HEAD: ClassVar[str] = "actor_critic"
@@ -170,8 +196,11 @@ class HParams:
     """
 
     lr: float = 2.5e-4
+    """Adam learning rate."""
     gamma: float = 0.99
+    """Discount factor."""
     max_grad_norm: float = 0.5
+    """Global gradient-norm clip."""
     ext: dict[str, Any] = struct.field(default_factory=dict)
 
     POSITIVE: ClassVar[tuple[str, ...]] = ("lr", "max_grad_norm")

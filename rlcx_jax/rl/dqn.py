@@ -8,7 +8,7 @@ Defaults are PureJaxRL's CartPole DQN settings.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -17,22 +17,8 @@ from flax import struct
 
 from rlcx_jax import nets
 from rlcx_jax.envs.normalize import RunningStats
-from rlcx_jax.rl import replay, rollout
-from rlcx_jax.rl.common import (
-    Agent,
-    Hooks,
-    HParams,
-    Params,
-    TrainConfig,
-    Trainer,
-    TrainState,
-    build_agent,
-    check_range,
-    init_train_state,
-    make_trainer,
-    mean_ext_aux,
-    next_keys,
-)
+from rlcx_jax.rl import common, replay, rollout
+from rlcx_jax.rl.common import Agent, Hooks, HParams, Params, TrainConfig, Trainer, TrainState
 from rlcx_jax.rl.losses import QBatch, q_learning_loss
 
 
@@ -42,15 +28,25 @@ class DQNConfig(TrainConfig):
 
     num_envs: int = 10
     buffer_size: int = 10_000
+    """Replay capacity in transitions."""
     batch_size: int = 128
+    """Transitions per gradient step."""
     learning_starts: int = 10_000
+    """Environment steps collected before the first gradient step."""
     train_frequency: int = 10
+    """Environment steps per gradient step (a multiple of num_envs)."""
     target_update_period: int = 500
+    """Environment steps between target-network updates."""
     eps_start: float = 1.0
+    """Initial exploration epsilon."""
     eps_end: float = 0.05
+    """Final exploration epsilon."""
     eps_decay_fraction: float = 0.5
+    """Fraction of the run over which epsilon decays linearly."""
     double: bool = False
+    """Double DQN: the online network picks the bootstrap action (van Hasselt et al. 2016)."""
     huber_delta: float | None = None
+    """Huber loss threshold; None for the squared TD error."""
     net: nets.NetConfig = nets.NetConfig(hidden=(120, 84), activation="relu")
     log_every: int = 50
 
@@ -89,9 +85,9 @@ class DQNConfig(TrainConfig):
                 f"learning_starts ({self.learning_starts}) exceeds buffer_size ({self.buffer_size}): "
                 "the buffer never holds that many transitions, so no gradient step would ever be taken"
             )
-        check_range("eps_start", self.eps_start, 0.0, 1.0)
-        check_range("eps_end", self.eps_end, 0.0, 1.0)
-        check_range("eps_decay_fraction", self.eps_decay_fraction, 0.0, 1.0)
+        common.check_range("eps_start", self.eps_start, 0.0, 1.0)
+        common.check_range("eps_end", self.eps_end, 0.0, 1.0)
+        common.check_range("eps_decay_fraction", self.eps_decay_fraction, 0.0, 1.0)
         if self.huber_delta is not None and not self.huber_delta > 0:
             raise ValueError(f"huber_delta must be positive (or None for the squared loss), got {self.huber_delta}")
 
@@ -103,6 +99,7 @@ class DQNHParams(HParams):
     lr: float = 2.5e-4
     max_grad_norm: float = 10.0
     tau: float = 1.0
+    """Target network's Polyak step at each target update (1: hard copy)."""
 
     UNIT = HParams.UNIT + ("tau",)
 
@@ -121,24 +118,17 @@ class DQNState(TrainState):
 
 
 @struct.dataclass
-class DQNMetrics:
+class DQNMetrics(common.BlockMetrics):
+    """Per-update (or per block of `log_every` updates) DQN metrics; epsilon is the block's last."""
+
+    LAST: ClassVar[tuple[str, ...]] = ("epsilon", "env_steps")
+
     episode: rollout.EpisodeMetrics
     loss: jax.Array
     q_mean: jax.Array
     epsilon: jax.Array
     env_steps: jax.Array
     ext: dict[str, Any]
-
-    def reduce(self) -> DQNMetrics:
-        mean = lambda x: jnp.mean(x, axis=0)  # noqa: E731
-        return DQNMetrics(
-            episode=self.episode.reduce(),
-            loss=mean(self.loss),
-            q_mean=mean(self.q_mean),
-            epsilon=self.epsilon[-1],
-            env_steps=self.env_steps[-1],
-            ext=jax.tree.map(mean, self.ext),
-        )
 
 
 def epsilon_schedule(config: DQNConfig, env_steps: jax.Array) -> jax.Array:
@@ -159,12 +149,12 @@ def epsilon_greedy(q: jax.Array, key: jax.Array, epsilon: jax.Array) -> jax.Arra
 def init(agent: Agent, key: jax.Array, hparams: DQNHParams, env_params: Any = None) -> DQNState:
     """The common initial state plus a target network equal to the online one and an empty buffer."""
     config: DQNConfig = agent.config
-    common = init_train_state(agent, key, hparams, env_params)
-    obs = common.runner.obs[0]
+    base = common.init_train_state(agent, key, hparams, env_params)
+    obs = base.runner.obs[0]
     zero = jnp.zeros((), jnp.float32)
     example = QBatch(obs=obs, action=jnp.zeros((), jnp.int32), reward=zero, discount=zero, next_obs=obs)
-    fields = {f.name: getattr(common, f.name) for f in dataclasses.fields(common)}
-    return DQNState(**fields, target_params=common.params, buffer=replay.init_buffer(example, config.buffer_size))
+    fields = {f.name: getattr(base, f.name) for f in dataclasses.fields(base)}
+    return DQNState(**fields, target_params=base.params, buffer=replay.init_buffer(example, config.buffer_size))
 
 
 def _td_loss(
@@ -176,7 +166,7 @@ def _td_loss(
 def update(agent: Agent, state: DQNState) -> tuple[DQNState, DQNMetrics]:
     config: DQNConfig = agent.config
     hp = state.hparams
-    key, (key_collect, key_sample) = next_keys(state.key, config.prng_impl, 2)
+    key, (key_collect, key_sample) = common.next_keys(state.key, config.prng_impl, 2)
     env_steps = state.update_step * config.train_frequency
 
     # COLLECT TRANSITIONS (epsilon-greedy) INTO THE REPLAY BUFFER
@@ -210,7 +200,7 @@ def update(agent: Agent, state: DQNState) -> tuple[DQNState, DQNMetrics]:
             params, batch, state.ext, hp.ext, state.target_params, agent.apply, config.double, config.huber_delta
         )
         params, opt_state = agent.gradient_step(params, opt_state, hp, grads)
-        return params, opt_state, loss, aux.q_mean, mean_ext_aux(ext_aux)
+        return params, opt_state, loss, aux.q_mean, common.mean_ext_aux(ext_aux)
 
     def skip(operand: tuple[Params, Any]) -> tuple[Params, Any, jax.Array, jax.Array, dict[str, Any]]:
         ext_shape = jax.eval_shape(learn_step, operand)[4]
@@ -256,7 +246,7 @@ def act(
 
 def make(config: DQNConfig = DQNConfig(), hooks: Hooks = Hooks()) -> Trainer:
     """Validate `config` and build init / learn / train / act for it."""
-    return make_trainer(build_agent(config, hooks), init, update, act, greedy_default=True)
+    return common.make_trainer(common.build_agent(config, hooks), init, update, act, greedy_default=True)
 
 
 def make_train(config: DQNConfig = DQNConfig(), hooks: Hooks = Hooks()):

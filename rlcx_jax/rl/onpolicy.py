@@ -16,23 +16,8 @@ from flax import struct
 
 from rlcx_jax.envs.normalize import RunningStats, update_stats
 from rlcx_jax.nets.policy import distribution, greedy_action
-from rlcx_jax.rl import rollout
-from rlcx_jax.rl.common import (
-    Agent,
-    Hooks,
-    HParams,
-    Params,
-    TrainConfig,
-    Trainer,
-    TrainState,
-    build_agent,
-    init_train_state,
-    mean_ext_aux,
-    next_keys,
-)
-from rlcx_jax.rl.common import (
-    make_trainer as make_common_trainer,
-)
+from rlcx_jax.rl import common, rollout
+from rlcx_jax.rl.common import Agent, Hooks, HParams, Params, TrainConfig, Trainer, TrainState
 from rlcx_jax.rl.losses import ActorCriticAux, PolicyBatch, policy_gradient_loss
 from rlcx_jax.rl.returns import gae
 
@@ -43,8 +28,11 @@ class OnPolicyConfig(TrainConfig):
 
     num_envs: int = 4
     num_steps: int = 128
+    """Steps per environment in one rollout."""
     normalize_obs: bool = False
+    """Standardise observations with running mean and variance (updated from every rollout)."""
     normalize_advantages: bool = True
+    """Standardise advantages over the batch before the policy loss."""
 
     POSITIVE = TrainConfig.POSITIVE + ("num_steps",)
 
@@ -69,7 +57,9 @@ class ActorCriticHParams(HParams):
     """Traced hyperparameters of the actor-critic losses: entropy bonus and value-loss weights."""
 
     ent_coef: float = 0.01
+    """Weight of the entropy bonus."""
     vf_coef: float = 0.5
+    """Weight of the value loss."""
 
 
 @struct.dataclass
@@ -77,12 +67,13 @@ class GAEHParams(ActorCriticHParams):
     """Actor-critic hyperparameters of the algorithms that estimate advantages with GAE(lambda)."""
 
     gae_lambda: float = 0.95
+    """GAE lambda: 0 gives one-step TD advantages, 1 Monte-Carlo (n-step) ones."""
 
     UNIT = ActorCriticHParams.UNIT + ("gae_lambda",)
 
 
 @struct.dataclass
-class OnPolicyMetrics:
+class OnPolicyMetrics(common.BlockMetrics):
     """Per-update (or per block of `log_every` updates) fixed-shape metrics; `ext` holds every
     extension loss term's value and aux."""
 
@@ -91,16 +82,6 @@ class OnPolicyMetrics:
     aux: ActorCriticAux
     env_steps: jax.Array
     ext: dict[str, Any]
-
-    def reduce(self) -> OnPolicyMetrics:
-        mean = lambda x: jnp.mean(x, axis=0)  # noqa: E731
-        return OnPolicyMetrics(
-            episode=self.episode.reduce(),
-            loss=mean(self.loss),
-            aux=jax.tree.map(mean, self.aux),
-            env_steps=self.env_steps[-1],
-            ext=jax.tree.map(mean, self.ext),
-        )
 
 
 def value(agent: Agent, params: Params, stats: RunningStats, obs: jax.Array) -> jax.Array:
@@ -224,7 +205,7 @@ def single_step_update(agent: Agent, state: TrainState, estimate: Estimator) -> 
     `estimate(collected, hparams) -> (advantage, target, loss_hparams)` is what distinguishes the
     algorithms; the loss is `losses.policy_gradient_loss`.
     """
-    key, (key_collect,) = next_keys(state.key, agent.config.prng_impl, 1)
+    key, (key_collect,) = common.next_keys(state.key, agent.config.prng_impl, 1)
     state = state.replace(key=key)
 
     # COLLECT TRAJECTORIES
@@ -241,7 +222,7 @@ def single_step_update(agent: Agent, state: TrainState, estimate: Estimator) -> 
     )
     params, opt_state = agent.gradient_step(state.params, state.opt_state, state.hparams, grads)
     state = state.replace(params=params, opt_state=opt_state)
-    return finish_update(agent, state, col, loss, aux, mean_ext_aux(ext_aux))
+    return finish_update(agent, state, col, loss, aux, common.mean_ext_aux(ext_aux))
 
 
 def flatten_time(x: jax.Array) -> jax.Array:
@@ -265,4 +246,5 @@ def make_trainer(
     update: Callable[[Agent, TrainState], tuple[TrainState, OnPolicyMetrics]],
 ) -> Trainer:
     """Build init / learn / train / act for an on-policy algorithm given its `update`."""
-    return make_common_trainer(build_agent(config, hooks), init_train_state, update, act, greedy_default=False)
+    agent = common.build_agent(config, hooks)
+    return common.make_trainer(agent, common.init_train_state, update, act, greedy_default=False)

@@ -29,8 +29,11 @@ class PPOConfig(onpolicy.OnPolicyConfig):
 
     anneal_lr: bool = True
     update_epochs: int = 4
+    """Passes over each rollout."""
     num_minibatches: int = 4
+    """Minibatches per pass; num_envs * num_steps must divide by it."""
     clip_value_loss: bool = True
+    """Clip the value update to clip_eps around the old value (PPO2)."""
 
     POSITIVE = onpolicy.OnPolicyConfig.POSITIVE + ("update_epochs", "num_minibatches")
 
@@ -52,6 +55,7 @@ class PPOHParams(onpolicy.GAEHParams):
     """Traced PPO hyperparameters (vmappable for sweeps)."""
 
     clip_eps: float = 0.2
+    """Clipping radius of the probability ratio."""
 
     POSITIVE = onpolicy.GAEHParams.POSITIVE + ("clip_eps",)
 

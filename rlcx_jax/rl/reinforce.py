@@ -18,15 +18,6 @@ from rlcx_jax.rl.onpolicy import OnPolicyMetrics
 from rlcx_jax.rl.returns import discounted_returns
 
 
-@dataclasses.dataclass(frozen=True)
-class ReinforceConfig(onpolicy.OnPolicyConfig):
-    """Static REINFORCE settings. `use_baseline` subtracts a learned V(s) from the return."""
-
-    num_envs: int = 8
-    num_steps: int = 256
-    use_baseline: bool = True
-
-
 @struct.dataclass
 class ReinforceHParams(onpolicy.ActorCriticHParams):
     """Traced REINFORCE hyperparameters (no entropy bonus by default)."""
@@ -34,6 +25,16 @@ class ReinforceHParams(onpolicy.ActorCriticHParams):
     lr: float = 1e-3
     max_grad_norm: float = 1.0
     ent_coef: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class ReinforceConfig(onpolicy.OnPolicyConfig):
+    """Static REINFORCE settings. `use_baseline` subtracts a learned V(s) from the return."""
+
+    num_envs: int = 8
+    num_steps: int = 256
+    use_baseline: bool = True
+    """Subtract a learned V(s) from the return (the critic is then trained too)."""
 
 
 def _make_estimator(use_baseline: bool) -> onpolicy.Estimator:
