@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from rlcx_jax import envs, nets
+from rlcx_jax import envs, nets, prng
 from rlcx_jax.envs.normalize import RunningStats, init_stats, normalize_observation
 from rlcx_jax.rl import rollout
 from rlcx_jax.seams import (
@@ -478,25 +478,23 @@ def broadcast_tree(tree: Any, n: int) -> Any:
 # ----------------------------------------------------------------------------------------------
 # PRNG keys inside training state
 # ----------------------------------------------------------------------------------------------
-PRNG_IMPLS = ("threefry2x32", "unsafe_rbg", "rbg")
+PRNG_IMPLS = prng.IMPLS
 
 
 def check_prng_impl(impl: str) -> None:
-    if impl not in PRNG_IMPLS:
-        raise ValueError(f"Unknown prng_impl {impl!r}; expected one of {PRNG_IMPLS}")
+    prng.jax_impl(impl)  # raises for an unknown name
 
 
 def seed_key(key: jax.Array, impl: str) -> jax.Array:
     """A typed key of implementation `impl`, derived deterministically from the caller's key.
 
-    The caller passes an ordinary `jax.random.PRNGKey` (threefry). Training may run on another
-    implementation: on CPU, XLA's RngBitGenerator ("unsafe_rbg") makes the per-step random numbers
-    of a rollout (action sampling, gymnax's auto-reset) about 5x cheaper than threefry hashing,
-    and random-number generation dominates a small agent's rollout step.
+    The caller passes an ordinary `jax.random.PRNGKey` (threefry). "threefry2x32" keys run on
+    `prng.THREEFRY` (JAX's bits, lowered without loops); training may also run on XLA's
+    RngBitGenerator ("unsafe_rbg", "rbg"), whose bits differ.
     """
     if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
         key = jax.random.key_data(key)
-    threefry = jax.random.wrap_key_data(key, impl="threefry2x32")
+    threefry = jax.random.wrap_key_data(key, impl=prng.THREEFRY)
     if impl == "threefry2x32":
         return threefry
     width = jax.random.key_data(jax.random.key(0, impl=impl)).shape[-1]
@@ -508,7 +506,7 @@ def next_keys(state_key: jax.Array, impl: str, n: int) -> tuple[jax.Array, jax.A
 
     States keep raw key data (plain uint32 arrays) so they vmap, checkpoint and compare like any
     other array."""
-    keys = jax.random.split(jax.random.wrap_key_data(state_key, impl=impl), n + 1)
+    keys = jax.random.split(jax.random.wrap_key_data(state_key, impl=prng.jax_impl(impl)), n + 1)
     return jax.random.key_data(keys[0]), keys[1:]
 
 

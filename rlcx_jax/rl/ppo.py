@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from rlcx_jax import prng
 from rlcx_jax.rl import onpolicy
 from rlcx_jax.rl.common import Hooks, Trainer, TrainState, mean_ext_aux, next_keys
 from rlcx_jax.rl.losses import PolicyBatch, ppo_loss
@@ -65,7 +66,7 @@ def _epoch_permutations(key: jax.Array, config: PPOConfig) -> jax.Array:
 
     The shuffles use threefry keys whatever `prng_impl` is: XLA:CPU runs `permutation` with
     RngBitGenerator keys several times slower (measured), while threefry costs nothing here."""
-    threefry = jax.random.wrap_key_data(jax.random.bits(key, (2,), jnp.uint32), impl="threefry2x32")
+    threefry = jax.random.wrap_key_data(jax.random.bits(key, (2,), jnp.uint32), impl=prng.THREEFRY)
     keys = jax.random.split(threefry, config.update_epochs)
     return jax.vmap(lambda k: jax.random.permutation(k, config.steps_per_update))(keys)
 
