@@ -16,6 +16,8 @@ running; re-running with --experiments merges into the existing JSON):
   dense     the dense baseline (all seeds in one `jit(vmap(train))`).
   gradual   Zhu & Gupta gradual magnitude pruning during training, all sparsity levels x seeds in one
             vmapped call (`hparams.ext["compress"].sparsity` is traced).
+  train_cost  wall time of gradual pruning to 90% against the dense run (all seeds vmapped through
+            `vmap_learn` as `rlcx train` runs them, alternating, median of 3), each beside its return.
   oneshot   post-training magnitude pruning of the dense policies (no fine-tune), then
             `recipes.prune_and_finetune` for --finetune-steps.
   lottery   `recipes.lottery_ticket`: iterative magnitude pruning with rewinding to ~3% of updates.
@@ -73,16 +75,17 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
 sys.path.insert(0, str(REPO))
 
 
-def _load_throughput():
+def _load_sibling(name: str):
+    """A benchmark script of this folder, loaded by path (see above)."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("rlcx_bench_throughput", HERE / "throughput.py")
+    spec = importlib.util.spec_from_file_location(f"rlcx_bench_{name}", HERE / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-_tp = _load_throughput()
+_tp = _load_sibling("throughput")
 _jsonable, cpu_info, cpu_short_name = _tp._jsonable, _tp.cpu_info, _tp.cpu_short_name
 jax_environment, loadavg, local_versions = _tp.jax_environment, _tp.loadavg, _tp.local_versions
 
@@ -102,8 +105,9 @@ from rlcx_jax.rl.common import vmap_learn  # noqa: E402
 from rlcx_jax.seams import Hooks, make_apply  # noqa: E402
 from rlcx_jax.workflows import compress_run, recipes  # noqa: E402
 
-ALL_EXPERIMENTS = ("dense", "gradual", "oneshot", "lottery", "ptq", "qat", "qat_act", "wide", "export", "cost")
-REDUCED_EXPERIMENTS = ("dense", "gradual", "lottery", "ptq", "qat", "qat_act")
+ALL_EXPERIMENTS = ("dense", "gradual", "train_cost", "oneshot", "lottery", "ptq", "qat", "qat_act", "wide", "export",
+                   "cost")
+REDUCED_EXPERIMENTS = ("dense", "gradual", "train_cost", "lottery", "ptq", "qat", "qat_act")
 
 # PureJaxRL's CartPole PPO settings (also used for Acrobot). Breakout-MinAtar: PureJaxRL's MinAtar
 # PPO settings, but an MLP torso on the flattened 10x10x4 observation (the conv torso is too slow
@@ -358,6 +362,44 @@ def exp_gradual(ctx: Ctx) -> dict:
         out["levels"][str(level)] = res
         log(f"gradual {level:.2f}: {fmt(res)}  (measured sparsity {res['measured_sparsity']:.3f})")
     log(f"gradual: compile {timing['compile_s']:.1f}s, run {timing['run_s']:.1f}s for {timing['runs']} runs")
+    return out
+
+
+def exp_train_cost(ctx: Ctx, repeats: int = 3) -> dict:
+    """What pruning during training costs: wall time of gradual pruning to 90% against the dense run,
+    both on the study's seeds through the path `rlcx train` uses (`vmap_learn`: the seeds share their
+    step counters, so the mask ranking runs only when due), compiled ahead of time, alternating
+    (order flipped every repeat), median of `repeats`; each with its greedy return (IQM)."""
+    sparse_cost = _load_sibling("sparse_cost")
+    hp90 = with_sparsity(ctx.hparams, 0.9)
+    variants = {"dense": sparse_cost.Variant("dense", ppo.make(ctx.config), ctx.hparams, plain=False),
+                "gradual90": sparse_cost.Variant("gradual90", ppo.make(gradual_config(ctx)), hp90, plain=False)}
+    built = {}
+    for name, v in variants.items():
+        keys = ctx.train_keys
+        state = jax.jit(jax.vmap(v.trainer.init, in_axes=(0, None)))(keys, v.hparams)
+        learn = vmap_learn(v.trainer, v.trainer.num_updates, state)
+        t = Timer()
+        built[name] = (jax.jit(learn).lower(state).compile(), state, t())
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    finals: dict[str, Any] = {}
+    for r in range(repeats):
+        for name in (list(variants) if r % 2 == 0 else list(variants)[::-1]):
+            fn, state, _ = built[name]
+            seconds, out, _metrics = sparse_cost.run_once(fn, state)
+            times[name].append(seconds)
+            finals[name] = out
+    dense_s = float(np.median(times["dense"]))
+    out = {"note": f"{ctx.n_seeds} seeds vmapped (vmap_learn), median of {repeats} alternating runs, compile apart",
+           "cost_vs_dense": float(np.median(times["gradual90"])) / dense_s, "variants": {}}
+    for name in variants:
+        st = finals[name]
+        res = evaluate(ctx, ctx.config, st.params, st.obs_stats)
+        res.update(run_seconds=times[name], median_run_seconds=float(np.median(times[name])),
+                   compile_seconds=built[name][2])
+        out["variants"][name] = res
+        log(f"train cost {name}: median {res['median_run_seconds']:.2f}s (compile {built[name][2]:.1f}s)  {fmt(res)}")
+    log(f"train cost: gradual 90% = x{out['cost_vs_dense']:.2f} the dense run's wall time")
     return out
 
 
@@ -729,7 +771,7 @@ def exp_cost(ctx: Ctx) -> dict:
 
 
 EXPERIMENTS: dict[str, Callable[[Ctx], dict]] = {
-    "dense": exp_dense, "gradual": exp_gradual, "oneshot": exp_oneshot, "lottery": exp_lottery,
+    "dense": exp_dense, "gradual": exp_gradual, "train_cost": exp_train_cost, "oneshot": exp_oneshot, "lottery": exp_lottery,
     "ptq": exp_ptq, "qat": exp_qat, "qat_act": exp_qat_act, "wide": exp_wide, "export": exp_export, "cost": exp_cost,
 }
 
@@ -911,6 +953,14 @@ def paper_table(result: dict) -> str:
                      if "wide_sparse_actor_only" in w else "")
             return (f"{w['wide_sparse']['iqm']:.1f} vs {w['small_dense']['iqm']:.1f} (256-wide dense {w['wide_dense']['iqm']:.1f}"
                     f"{extra}): {yes(w['wide_sparse']['iqm'] >= w['small_dense']['iqm'])}")
+        if kind == "train_cost":
+            c = r.get("train_cost")
+            if not c:
+                return "not run"
+            v = c["variants"]
+            return (f"x{c['cost_vs_dense']:.2f} ({v['gradual90']['median_run_seconds']:.1f}s vs "
+                    f"{v['dense']['median_run_seconds']:.1f}s); return {v['gradual90']['iqm']:.1f} vs dense "
+                    f"{v['dense']['iqm']:.1f}: {yes(c['cost_vs_dense'] <= 1.25)}")
         if kind == "int8":
             p8, c = get(r, "ptq", "results", "uniform/8"), ck.get("int8_ptq_weights")
             if not (p8 and c):
@@ -947,6 +997,8 @@ def paper_table(result: dict) -> str:
     rows = [
         ("Graesser et al. 2022: 90% sparsity keeps >= 95% of dense return (gradual, IQM; Acrobot measured above -500)", "gradual90"),
         ("return vs gradual sparsity (IQM)", "curve"),
+        ("Sparse training costs <= 1.25x dense wall time (gradual to 90%, all seeds vmapped, median of 3; return IQM)",
+         "train_cost"),
         ("Obando-Ceron et al. 2024: wide sparse >= small dense at equal non-zeros", "wide"),
         ("QuaRL: int8 PTQ within the dense CI, >= 99% greedy agreement", "int8"),
         ("QuaRL: QAT >= PTQ (weights; PTQ of an equally long fine-tune)", "qat_w"),

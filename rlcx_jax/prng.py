@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend import random as jex_random
 
-__all__ = ["IMPLS", "THREEFRY", "jax_impl", "threefry2x32_hash"]
+__all__ = ["IMPLS", "THREEFRY", "jax_impl", "permutations", "threefry2x32_hash"]
 
 _ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
 _PARITY = np.uint32(0x1BD11BDA)  # key-schedule constant of Threefry
@@ -110,3 +110,27 @@ def jax_impl(name: str) -> object:
     if name not in IMPLS:
         raise ValueError(f"Unknown prng_impl {name!r}; expected one of {IMPLS}")
     return THREEFRY if name == "threefry2x32" else name
+
+
+def permutations(key: jax.Array, n: int, count: int) -> jax.Array:
+    """`count` independent uniformly random permutations of range(n), shape (count, n), int32.
+
+    Like `jax.random.permutation`, each round sorts the elements by random keys, but a key packs
+    its random bits and the element's index into one uint32 (random high bits, index in the low
+    ceil(log2 n) bits), so XLA sorts a single array instead of key-value pairs (about 4x cheaper on
+    XLA:CPU at n = 512). Ties between random parts keep the previous order, so rounds repeat until
+    the random bits per element reach 3 log2(n), the threshold `jax.random.permutation` uses for its
+    32-bit keys. When the index leaves fewer than 8 random bits, `jax.random.permutation` is used.
+    """
+    index_bits = max(int(n - 1).bit_length(), 1)
+    random_bits = 32 - index_bits
+    if random_bits < 8:
+        return jax.vmap(lambda k: jax.random.permutation(k, n))(jax.random.split(key, count))
+    rounds = max(math.ceil(3 * math.log2(max(n, 2)) / random_bits), 1)
+    low = np.uint32((1 << index_bits) - 1)
+    perm = jnp.broadcast_to(jnp.arange(n, dtype=jnp.uint32), (count, n))
+    for round_key in jax.random.split(key, rounds):
+        packed = (jax.random.bits(round_key, (count, n), jnp.uint32) & ~low) | jnp.arange(n, dtype=jnp.uint32)
+        order = jnp.sort(packed, axis=-1) & low  # positions of the previous order, shuffled
+        perm = jnp.take_along_axis(perm, order.astype(jnp.int32), axis=-1)
+    return perm.astype(jnp.int32)
