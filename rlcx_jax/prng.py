@@ -5,7 +5,7 @@ programs with many random calls). In an RL rollout every environment step draws 
 (action sampling, gymnax's automatic reset), so each step pays several tiny loops of a dozen
 kernels each. `THREEFRY` below is the same generator written in `jax.numpy`: 20 rounds unrolled,
 which XLA fuses into one kernel per call site. Measured on a 2-core CPU, PPO on CartPole runs
-about 1.1-1.2x faster and compiles faster (docs/architecture.md, "Random numbers").
+about 1.1x faster and compiles faster (docs/architecture.md, Conventions, "Random numbers").
 
 Bit-for-bit the same as `jax.random` with `impl="threefry2x32"` (with JAX's default
 `jax_threefry_partitionable=True`) for `split`, `fold_in` and `bits` of every width, hence for every
@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend import random as jex_random
 
-__all__ = ["IMPLS", "THREEFRY", "jax_impl", "permutations", "threefry2x32_hash"]
+__all__ = ["IMPLS", "THREEFRY", "jax_impl", "loop_free", "permutations", "threefry2x32_hash"]
 
 _ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
 _PARITY = np.uint32(0x1BD11BDA)  # key-schedule constant of Threefry
@@ -134,3 +134,15 @@ def permutations(key: jax.Array, n: int, count: int) -> jax.Array:
         order = jnp.sort(packed, axis=-1) & low  # positions of the previous order, shuffled
         perm = jnp.take_along_axis(perm, order.astype(jnp.int32), axis=-1)
     return perm.astype(jnp.int32)
+
+
+def loop_free(key: jax.Array) -> jax.Array:
+    """A threefry key (raw uint32[..., 2] data or a typed "threefry2x32" key) as a `THREEFRY` key:
+    the same random numbers, drawn without loops on CPU. Keys of other implementations pass unchanged."""
+    if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+        if str(jax.random.key_impl(key)) != "threefry2x32":
+            return key
+        key = jax.random.key_data(key)
+    if key.dtype != jnp.uint32 or key.shape[-1:] != (2,):
+        return key  # not threefry key data: left to JAX's default handling
+    return jax.random.wrap_key_data(key, impl=THREEFRY)

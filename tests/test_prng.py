@@ -110,3 +110,14 @@ def test_permutations_are_uniform() -> None:
     eight = np.asarray(prng.permutations(jax.random.key(1, impl=prng.THREEFRY), 8, draws))
     table = np.stack([np.bincount(eight[:, pos], minlength=8) for pos in range(8)])
     assert stats.chisquare(table.ravel()).pvalue > 1e-3
+
+
+def test_loop_free_keeps_the_numbers_of_a_threefry_key() -> None:
+    raw = jax.random.PRNGKey(5)
+    typed = jax.random.key(5, impl="threefry2x32")
+    for key in (raw, typed):
+        np.testing.assert_array_equal(
+            np.asarray(jax.random.uniform(prng.loop_free(key), (4,))), np.asarray(jax.random.uniform(key, (4,)))
+        )
+    rbg = jax.random.key(5, impl="rbg")
+    assert prng.loop_free(rbg) is rbg

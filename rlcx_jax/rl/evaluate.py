@@ -9,7 +9,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from rlcx_jax import envs
+from rlcx_jax import envs, prng
 from rlcx_jax.envs.normalize import init_stats
 from rlcx_jax.rl import rollout
 from rlcx_jax.rl.common import Trainer
@@ -34,7 +34,7 @@ def make_evaluator(
 
     def evaluate(params: Any, obs_stats: Any, key: jax.Array, env_params: Any = None) -> jax.Array:
         env_params = default_env_params if env_params is None else env_params
-        key_reset, key_run = jax.random.split(key)
+        key_reset, key_run = jax.random.split(prng.loop_free(key))
         runner = rollout.reset(env, env_params, key_reset, num_episodes)
 
         def policy_fn(k: jax.Array, obs: jax.Array) -> tuple[jax.Array, None]:
