@@ -81,6 +81,7 @@ def _load_sibling(name: str):
 
     spec = importlib.util.spec_from_file_location(f"rlcx_bench_{name}", HERE / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 

@@ -143,6 +143,22 @@ RUN_SPECS: dict[str, tuple[str, Any, Any]] = {
         ),
         dqn.DQNHParams(lr=1e-3, gamma=PROBE_GAMMA),
     ),
+    "dqn-truncation": (
+        "dqn",
+        dqn.DQNConfig(
+            env="Probe-TruncationReset-v0",
+            num_envs=4,
+            train_frequency=4,
+            buffer_size=512,
+            batch_size=32,
+            learning_starts=64,
+            target_update_period=40,
+            total_timesteps=4_000,
+            log_every=50,
+            net=PROBE_NET,
+        ),
+        dqn.DQNHParams(lr=1e-3, gamma=PROBE_GAMMA),
+    ),
     # Continuous actions and the MinAtar CNN torso, tiny budgets (they must run, not learn).
     "ppo-pendulum": (
         "ppo",

@@ -308,7 +308,9 @@ class TestPendulumPPO:
 
 
 class TestBreakoutCNN:
-    def test_cnn_torso_trains_on_breakout_minatar(self, runs):
+    def test_cnn_torso_runs_on_breakout_minatar(self, runs):
+        """A smoke test (32 env steps): the CNN torso builds, trains and stays finite. Learning on
+        Breakout is not checked here (issue: a return above a random policy's is still to come)."""
         run = runs.get("a2c-breakout-cnn")
         assert run.out.state.params["actor_torso"]["Conv_0"]["kernel"].shape == (3, 3, 4, 16)
         assert all_finite(run.out.state.params) and all_finite(run.out.metrics)

@@ -46,20 +46,31 @@ def _x(shape=(24, 6), seed=0, scale=2.0) -> np.ndarray:
 # NumPy references
 # ----------------------------------------------------------------------------------------------
 def np_uniform(x: np.ndarray, bits: int, symmetric: bool, per_channel: bool) -> tuple[np.ndarray, np.ndarray]:
-    """(fake-quantized x, scale) in float32 NumPy arithmetic (Jacob et al. 2018)."""
-    axes = tuple(range(x.ndim - 1)) if per_channel else None
-    lo, hi = x.min(axis=axes), x.max(axis=axes)
-    if symmetric:
-        qmax = F32(2 ** (bits - 1) - 1)
-        qmin, zp = -qmax, F32(0)
-        scale = np.maximum(np.maximum(np.abs(lo), np.abs(hi)) * (F32(1) / qmax), F32(TINY))
-    else:
-        qmin, qmax = F32(0), F32(2**bits - 1)
-        lo, hi = np.minimum(lo, F32(0)), np.maximum(hi, F32(0))
-        scale = np.maximum((hi - lo) * (F32(1) / (qmax - qmin)), F32(TINY))
-        zp = np.clip(np.round(qmin - lo * (F32(1) / scale)), qmin, qmax)
-    codes = np.clip(np.round(x * (F32(1) / scale)) + zp, qmin, qmax)
-    return ((codes - zp) * scale).astype(F32), np.asarray(scale, F32)
+    """(x sent to its nearest grid level, grid step), from the definition (Jacob et al. 2018) in float64
+    and by brute force over every level, not the implementation's round / clip / zero-point arithmetic.
+
+    Symmetric: levels k * s for |k| <= 2^(b-1) - 1, s = max|x| / (2^(b-1) - 1). Asymmetric: the range
+    is widened to contain 0, s = (hi - lo) / (2^b - 1), and levels (k - z) * s for 0 <= k < 2^b with
+    z = round(-lo / s), so that 0 is a level. Per channel: one grid per output (last-axis) column.
+    """
+    x64 = np.asarray(x, np.float64)
+    columns = [x64[..., j] for j in range(x64.shape[-1])] if per_channel else [x64]
+    out, steps = [], []
+    for col in columns:
+        lo, hi = col.min(), col.max()
+        if symmetric:
+            kmax = 2 ** (bits - 1) - 1
+            step = max(abs(lo), abs(hi)) / kmax
+            levels = step * np.arange(-kmax, kmax + 1)
+        else:
+            lo, hi = min(lo, 0.0), max(hi, 0.0)
+            step = (hi - lo) / (2**bits - 1)
+            levels = step * (np.arange(2**bits) - np.round(-lo / step))
+        nearest = np.argmin(np.abs(col.reshape(-1, 1) - levels[None, :]), axis=1)
+        out.append(levels[nearest].reshape(col.shape))
+        steps.append(step)
+    y = np.stack(out, axis=-1) if per_channel else out[0]
+    return y, np.asarray(steps if per_channel else steps[0])
 
 
 def np_log(x: np.ndarray, bits: int) -> np.ndarray:
@@ -176,7 +187,13 @@ def test_uniform_matches_numpy_and_error_is_at_most_half_a_step(symmetric: bool,
     ys = np.asarray(fq_bits(jnp.asarray(all_bits)))
     for bits, y in zip(all_bits, ys):
         ref, scale = np_uniform(x, int(bits), symmetric, per_channel)
-        np.testing.assert_array_equal(y, ref, err_msg=f"bits={bits}")
+        off = ~np.isclose(y, ref, rtol=1e-6, atol=1e-6 * float(np.max(scale)))
+        # Float32 arithmetic may pick the other of two levels only for a value within float32
+        # resolution of their midpoint (seen at 16 bits); anything else is a wrong level.
+        scale_b = np.broadcast_to(scale, x.shape)
+        near_tie = np.abs(np.abs(x.astype(np.float64) - ref) - scale_b / 2) <= 1e-6 * float(np.abs(x).max())
+        assert np.all(near_tie[off]), f"bits={bits}: {int(off.sum())} values off their nearest level"
+        assert off.sum() <= 2, f"bits={bits}"
         assert np.all(np.abs(y - x) <= scale / 2 * (1 + 1e-5) + 1e-30), f"bits={bits}"
     # The static-spec path and its integer codes, at a few widths.
     for bits in (2, 5, 16):
@@ -339,20 +356,38 @@ def test_quantize_tree_applies_masks(actor_critic) -> None:
         quantize_tree(params, QuantSpec(), masks={"policy_head": {"bias": np.ones(3, bool)}})
 
 
-def test_qat_hooks_train_through_the_ste(actor_critic) -> None:
+def test_qat_gradient_is_the_float_gradient_at_the_quantized_weights(actor_critic) -> None:
+    """Straight-through QAT (Bengio et al. 2013; Jacob et al. 2018): the forward pass sees exactly the
+    fake-quantized weights fq(w), and d/dw L(fq(w)) is the float network's gradient dL/dw' taken at
+    w' = fq(w) (every weight is inside its range: the range is the tensor's own min / max)."""
     net, params, obs = actor_critic
     spec = QuantSpec("uniform", 4)
-    apply = make_apply(net, Hooks(param_transform=weight_param_transform(spec),
-                                  interceptor=activation_interceptor(QuantSpec("uniform", 8))))
+    qat_apply = make_apply(net, Hooks(param_transform=weight_param_transform(spec)))
+    float_apply = make_apply(net)
+    quantized = quantize_tree(params, spec)
 
-    def loss(p):
+    def loss(apply, p):
         logits, value = apply(p, obs)
         return jnp.mean(logits**2) + jnp.mean(value**2)
 
-    grads = jax.jit(jax.grad(loss))(params)
+    for a, b in zip(jax.tree.leaves(qat_apply(params, obs)), jax.tree.leaves(float_apply(quantized, obs))):
+        np.testing.assert_array_equal(a, b)
+    kernels_changed = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(quantized))]
+    assert any(kernels_changed)  # 4 bits moves the weights, so the two gradients below are not trivially equal
+    g_qat = jax.jit(jax.grad(lambda p: loss(qat_apply, p)))(params)
+    g_float = jax.jit(jax.grad(lambda p: loss(float_apply, p)))(quantized)
+    for a, b in zip(jax.tree.leaves(g_qat), jax.tree.leaves(g_float)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    assert float(jnp.abs(g_qat["actor_torso"]["Dense_0"]["kernel"]).sum()) > 0
+
+
+def test_qat_with_activations_has_finite_gradients(actor_critic) -> None:
+    net, params, obs = actor_critic
+    apply = make_apply(net, Hooks(param_transform=weight_param_transform(QuantSpec("uniform", 4)),
+                                  interceptor=activation_interceptor(QuantSpec("uniform", 8))))
+    grads = jax.jit(jax.grad(lambda p: sum(jnp.mean(o**2) for o in apply(p, obs))))(params)
     for g in jax.tree.leaves(grads):
         assert np.all(np.isfinite(g))
-    assert float(jnp.abs(grads["actor_torso"]["Dense_0"]["kernel"]).sum()) > 0
     assert float(jnp.abs(grads["policy_head"]["kernel"]).sum()) > 0
 
 

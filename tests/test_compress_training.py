@@ -15,7 +15,9 @@ import pytest
 
 from rlcx_jax import nets
 from rlcx_jax.compress import masks as M
+from rlcx_jax.compress.quant import quantize_tree
 from rlcx_jax.compress.training import (
+    QAT_INCLUDE,
     RANKING_SCOPE,
     CompressConfig,
     CompressHParams,
@@ -24,6 +26,7 @@ from rlcx_jax.compress.training import (
     zhu_gupta_sparsity,
 )
 from rlcx_jax.rl import dqn, ppo
+from rlcx_jax.seams import make_apply
 
 SMALL_PPO = ppo.PPOConfig(num_envs=4, num_steps=32, total_timesteps=4 * 32 * 24, update_epochs=2, num_minibatches=2)
 
@@ -158,12 +161,24 @@ def test_dqn_oneshot_pruned_weights_stay_zero() -> None:
 
 
 def test_qat_trains_through_fake_quantized_forward() -> None:
-    config = with_compress(SMALL_PPO, CompressConfig(qat_bits=4))
-    out = jax.jit(ppo.make(config).train)(jax.random.PRNGKey(0), ppo.PPOHParams())
-    leaves = jax.tree.leaves(out.state.params)
-    assert all(np.all(np.isfinite(np.asarray(x))) for x in leaves)
-    dense = jax.jit(ppo.make(SMALL_PPO).train)(jax.random.PRNGKey(0), ppo.PPOHParams())
-    assert any(not np.array_equal(a, b) for a, b in zip(leaves, jax.tree.leaves(dense.state.params)))
+    """With `qat_bits`, the network that acts and learns is the fake-quantized one: the trained agent's
+    forward pass equals the plain network applied to the quantized kernels, bit for bit, and training
+    moved the float weights behind them."""
+    cc = CompressConfig(qat_bits=4, qat_activations=False)
+    config = with_compress(SMALL_PPO, cc)
+    trainer = ppo.make(config)
+    init = jax.jit(trainer.init)(jax.random.PRNGKey(0), ppo.PPOHParams())
+    out = jax.jit(trainer.train)(jax.random.PRNGKey(0), ppo.PPOHParams())
+    params = out.state.params
+    assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(params))
+    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(init.params)))
+    obs = jax.random.normal(jax.random.PRNGKey(1), (16,) + trainer.agent.obs_shape)
+    quantized = quantize_tree(params, cc.qat_spec(), include=QAT_INCLUDE)
+    plain = make_apply(trainer.agent.network)
+    for a, b in zip(jax.tree.leaves(trainer.agent.apply(params, obs)), jax.tree.leaves(plain(quantized, obs))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # ... which is not the float network (4 bits changes the outputs).
+    assert not np.array_equal(np.asarray(trainer.agent.apply(params, obs)[1]), np.asarray(plain(params, obs)[1]))
 
 
 @pytest.mark.parametrize(

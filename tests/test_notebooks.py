@@ -19,7 +19,3 @@ def test_notebook_runs(path: pathlib.Path, monkeypatch) -> None:
     NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}).execute()
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.get("output_type") == "error"]
     assert not errors
-
-
-def test_quickstart_exists() -> None:
-    assert any(p.name == "01_quickstart.ipynb" for p in NOTEBOOKS)

@@ -94,6 +94,15 @@ def test_truncation_probe_dynamics():
     assert [r[4] for r in rows] == [False, False, True] * 2
 
 
+def test_truncation_reset_probe_dynamics():
+    """A B A | A B A | ...: truncated on arriving at B (final obs +1), restarted at A (-1)."""
+    rows = _play("Probe-TruncationReset-v0", [0] * 6)
+    assert [r[0] for r in rows] == [-1.0, 1.0, -1.0] * 2
+    assert [r[2] for r in rows] == [1.0, 0.0, 1.0] * 2
+    assert [r[4] for r in rows] == [False, False, True] * 2 and not any(r[3] for r in rows)
+    assert rows[2][1] == 1.0  # the pre-reset observation differs from the reset one (-1)
+
+
 def test_probes_vmap_over_envs():
     env, params = envs.make("Probe-ObsActionReward-v0")
     keys = jax.random.split(jax.random.PRNGKey(0), 64)
@@ -154,6 +163,24 @@ class TestPPOObsActionReward:
         assert probs[0, 0] > 0.95 and probs[1, 1] > 0.95
         np.testing.assert_allclose(v, [1.0, 1.0], atol=0.1)
         np.testing.assert_allclose(run.out.metrics.episode.episode_return[-1], 1.0, atol=0.05)
+
+
+# Probe-TruncationReset-v0 (gamma = PROBE_GAMMA): the values of A and B for three ways of bootstrapping
+# at the time limit (the probe's docstring): from the pre-reset observation (right), from the reset
+# observation, and not at all (truncation treated as termination).
+V_A = 1.0 / (1.0 - PROBE_GAMMA**2)
+V_A_FROM_RESET_OBS = 1.0 / (1.0 - PROBE_GAMMA * (1.0 + PROBE_GAMMA) / 2.0)
+V_A_AS_TERMINATION = 1.0 / (1.0 - PROBE_GAMMA**2 / 2.0)
+
+
+class TestDQNTruncationReset:
+    def test_bootstraps_from_the_pre_reset_observation(self, runs):
+        run = runs.get("dqn-truncation")
+        spec = nets.ActionSpec(discrete=True, num_actions=1)
+        qnet = nets.make(run.config.net, (1,), spec, head="q")
+        q = np.asarray(qnet.apply({"params": run.out.state.params}, jnp.array([[-1.0], [1.0]])))[:, 0]
+        np.testing.assert_allclose(q, [V_A, PROBE_GAMMA * V_A], atol=0.15)
+        assert abs(q[0] - V_A_FROM_RESET_OBS) > 0.5 and abs(q[0] - V_A_AS_TERMINATION) > 0.5
 
 
 class TestDQNActionReward:

@@ -2,8 +2,14 @@
 
 import numpy as np
 import pytest
+from scipy import stats
 
 from rlcx_jax.logging import bootstrap_ci, iqm
+
+
+def _iqm_reference(x: np.ndarray) -> float:
+    """rliable's IQM: scipy's 25%-trimmed mean (cuts floor(n / 4) values from each end)."""
+    return float(stats.trim_mean(np.ravel(x), proportiontocut=0.25))
 
 
 def _reference(x, statistic, num_resamples, confidence, seed):
@@ -11,7 +17,7 @@ def _reference(x, statistic, num_resamples, confidence, seed):
     x = np.asarray(x, np.float64)
     x = x[:, None] if x.ndim == 1 else x
     runs, tasks = x.shape
-    stat = iqm if statistic == "iqm" else np.mean
+    stat = _iqm_reference if statistic == "iqm" else np.mean
     idx = np.random.default_rng(seed).integers(0, runs, size=(num_resamples, runs, tasks))
     values = []
     for b in range(num_resamples):
@@ -29,6 +35,12 @@ def test_matches_loop_reference(statistic, shape):
     got = bootstrap_ci(x, statistic, num_resamples=300, confidence=0.9, seed=7)
     want = _reference(x, statistic, 300, 0.9, 7)
     np.testing.assert_allclose(got, want, rtol=1e-12)
+
+
+@pytest.mark.parametrize("n", [4, 5, 6, 7, 8, 9, 10, 31, 32, 33])
+def test_iqm_is_the_25_percent_trimmed_mean(n):
+    x = np.random.default_rng(n).normal(size=n) ** 3  # skewed, so trimming the wrong count shows
+    assert iqm(x) == pytest.approx(_iqm_reference(x), rel=1e-12)
 
 
 def test_hand_cases():

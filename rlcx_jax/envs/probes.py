@@ -23,6 +23,13 @@ probe exercises, not in the task being hard:
                              worth 1 / (1 - gamma); an agent that treats truncation as termination
                              learns the remaining steps' return (1 - gamma^(T - t)) / (1 - gamma)
                              instead.
+  Probe-TruncationReset-v0   one action; the obs alternates A = -1, B = +1, A, ... from A; reward +1
+                             for leaving A, 0 for leaving B; time limit 3, so an episode is truncated
+                             on arriving at B and restarts at A: the pre-reset observation (B) is NOT
+                             the reset one (A). Correct: V(A) = 1 / (1 - gamma^2), V(B) = gamma V(A).
+                             Bootstrapping from the reset observation instead gives
+                             V(A) = 1 / (1 - gamma (1 + gamma) / 2); truncation as termination
+                             V(A) = 1 / (1 - gamma^2 / 2)   (which observation a bootstrap uses)
 
 All probes follow gymnax 1.x (`step_env` returns `(obs, state, reward, terminated, info)`; the base
 class adds truncation at `max_steps_in_episode` and auto-resets). Observations have shape (1,), float32.
@@ -46,6 +53,7 @@ __all__ = [
     "ActionReward",
     "ObsActionReward",
     "Truncation",
+    "TruncationReset",
     "PROBES",
 ]
 
@@ -241,8 +249,28 @@ class Truncation(_Probe):
         return self.phase(state.time + 1, params), jnp.float32(1.0), jnp.array(False)
 
 
+class TruncationReset(_Probe):
+    """(g) One action; observations alternate A = -1, B = +1 starting at A; leaving A pays +1,
+    leaving B pays 0; never terminates; the time limit (3) truncates on arriving at B, and the
+    episode restarts at A. So the final pre-reset observation (B) differs from the reset one (A),
+    and which one a bootstrap uses changes the answer (see the module docstring):
+    V(A) = 1 / (1 - gamma^2) and V(B) = gamma V(A) only when bootstrapping from B.
+    """
+
+    time_limit = 3
+    probe_name = "Probe-TruncationReset-v0"
+
+    def _first_value(self, key, params):
+        return jnp.float32(-1.0)
+
+    def _transition(self, key, state, action, params):
+        leaving_a = state.value < 0.0
+        return jnp.where(leaving_a, 1.0, -1.0), jnp.where(leaving_a, 1.0, 0.0), jnp.array(False)
+
+
 PROBES: dict[str, type[_Probe]] = {
-    cls.probe_name: cls for cls in (ConstantReward, ObsReward, TwoStep, ActionReward, ObsActionReward, Truncation)
+    cls.probe_name: cls
+    for cls in (ConstantReward, ObsReward, TwoStep, ActionReward, ObsActionReward, Truncation, TruncationReset)
 }
 
 
