@@ -76,6 +76,22 @@ def _probe_a2c(env: str) -> tuple[str, Any, Any]:
     return "a2c", config, a2c.A2CHParams(lr=3e-3, gamma=PROBE_GAMMA, ent_coef=0.0)
 
 
+def _probe_dqn(env: str, total_timesteps: int) -> tuple[str, Any, Any]:
+    config = dqn.DQNConfig(
+        env=env,
+        num_envs=4,
+        train_frequency=4,
+        buffer_size=512,
+        batch_size=32,
+        learning_starts=64,
+        target_update_period=40,
+        total_timesteps=total_timesteps,
+        log_every=50,
+        net=PROBE_NET,
+    )
+    return "dqn", config, dqn.DQNHParams(lr=1e-3, gamma=PROBE_GAMMA)
+
+
 def _probe_ppo(env: str) -> tuple[str, Any, Any]:
     config = ppo.PPOConfig(
         env=env,
@@ -127,38 +143,8 @@ RUN_SPECS: dict[str, tuple[str, Any, Any]] = {
     "a2c-truncation": _probe_a2c("Probe-Truncation-v0"),
     "ppo-action": _probe_ppo("Probe-ActionReward-v0"),
     "ppo-obsaction": _probe_ppo("Probe-ObsActionReward-v0"),
-    "dqn-action": (
-        "dqn",
-        dqn.DQNConfig(
-            env="Probe-ActionReward-v0",
-            num_envs=4,
-            train_frequency=4,
-            buffer_size=512,
-            batch_size=32,
-            learning_starts=64,
-            target_update_period=40,
-            total_timesteps=2_000,
-            log_every=50,
-            net=PROBE_NET,
-        ),
-        dqn.DQNHParams(lr=1e-3, gamma=PROBE_GAMMA),
-    ),
-    "dqn-truncation": (
-        "dqn",
-        dqn.DQNConfig(
-            env="Probe-TruncationReset-v0",
-            num_envs=4,
-            train_frequency=4,
-            buffer_size=512,
-            batch_size=32,
-            learning_starts=64,
-            target_update_period=40,
-            total_timesteps=4_000,
-            log_every=50,
-            net=PROBE_NET,
-        ),
-        dqn.DQNHParams(lr=1e-3, gamma=PROBE_GAMMA),
-    ),
+    "dqn-action": _probe_dqn("Probe-ActionReward-v0", 2_000),
+    "dqn-truncation": _probe_dqn("Probe-TruncationReset-v0", 4_000),
     # Continuous actions and the MinAtar CNN torso, tiny budgets (they must run, not learn).
     "ppo-pendulum": (
         "ppo",
