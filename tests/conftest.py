@@ -145,7 +145,7 @@ RUN_SPECS: dict[str, tuple[str, Any, Any]] = {
     "ppo-obsaction": _probe_ppo("Probe-ObsActionReward-v0"),
     "dqn-action": _probe_dqn("Probe-ActionReward-v0", 2_000),
     "dqn-truncation": _probe_dqn("Probe-TruncationReset-v0", 4_000),
-    # Continuous actions and the MinAtar CNN torso, tiny budgets (they must run, not learn).
+    # Continuous actions, a tiny budget (it must run, not learn).
     "ppo-pendulum": (
         "ppo",
         ppo.PPOConfig(
@@ -153,16 +153,19 @@ RUN_SPECS: dict[str, tuple[str, Any, Any]] = {
         ),
         ppo.PPOHParams(lr=3e-4, gamma=0.9),
     ),
-    "a2c-breakout-cnn": (
-        "a2c",
-        a2c.A2CConfig(
+    # Breakout-MinAtar with the CNN torso: a budget (16k steps, about 10 s with compilation) after which
+    # the policy is far above a uniformly random one (about 3.8 against 0.3 per episode, PRNGKey(0)).
+    "ppo-breakout-cnn": (
+        "ppo",
+        ppo.PPOConfig(
             env="Breakout-MinAtar",
-            num_envs=2,
-            num_steps=8,
-            total_timesteps=2 * 8 * 2,
-            net=nets.NetConfig(torso="cnn", hidden=(32,), activation="relu"),
+            num_envs=8,
+            num_steps=64,
+            total_timesteps=16_384,
+            log_every=8,
+            net=nets.NetConfig(torso="cnn", hidden=(64,), activation="relu", conv_features=8),
         ),
-        a2c.A2CHParams(),
+        ppo.PPOHParams(lr=5e-3, gamma=0.99),
     ),
 }
 
