@@ -260,3 +260,27 @@ def restore_state(run_dir: pathlib.Path, abstract_state: Any, step: int | None =
             _check_matches(step, _leaves_by_path(stored), _leaves_by_path(abstract_state))
         state = mngr.restore(step, args=ocp.args.StandardRestore(abstract_state))
     return step, state
+
+
+# ----------------------------------------------------------------------------------------------
+# Whole runs
+# ----------------------------------------------------------------------------------------------
+def abstract_state(trainer: Any, run_spec: RunSpec) -> tuple[Any, tuple[Any, Any], Any]:
+    """(jitted vmapped init, its arguments, the abstract seed-batched state) of a run."""
+    from rlcx_jax.rl.common import broadcast_tree
+
+    keys = jax.random.split(jax.random.PRNGKey(run_spec.seed), run_spec.num_seeds)
+    hps = broadcast_tree(run_spec.hparams, run_spec.num_seeds)
+    init = jax.jit(jax.vmap(trainer.init))
+    return init, (keys, hps), jax.eval_shape(init, keys, hps)
+
+
+def restore_run(run_dir: pathlib.Path) -> tuple[RunSpec, Any, int, Any]:
+    """(run spec, trainer, checkpoint step, seed-batched state) of a run directory."""
+    from rlcx_jax import rl
+
+    run_spec = read_run_spec(run_dir)
+    trainer = rl.make(run_spec.algorithm, run_spec.config)
+    _, _, abstract = abstract_state(trainer, run_spec)
+    step, state = restore_state(run_dir, abstract)
+    return run_spec, trainer, step, state

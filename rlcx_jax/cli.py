@@ -1,5 +1,6 @@
 """The `rlcx` command line.
 
+  rlcx pipeline [--recipe FILE.toml] [--out DIR] [--from STAGE] [flags]   (workflows/pipeline.py)
   rlcx train {dqn,reinforce,a2c,ppo} [--env ID] [--seeds N] [--total-steps N] [--out DIR] [flags]
   rlcx eval DIR [--episodes N]
 
@@ -34,9 +35,10 @@ import tyro
 from rlcx_jax import checkpoint, envs, nets, rl
 from rlcx_jax import logging as rlog
 from rlcx_jax.compress.training import CompressConfig
-from rlcx_jax.rl.common import broadcast_tree, vmap_learn
+from rlcx_jax.rl.common import vmap_learn
 from rlcx_jax.rl.evaluate import default_greedy, make_evaluator
 from rlcx_jax.seams import Extension
+from rlcx_jax.workflows import pipeline
 from rlcx_jax.workflows.compress_run import CompressOptions, compress_run
 
 # Config fields that the CLI exposes under other names (or not at all).
@@ -216,22 +218,6 @@ def _prepare_run_dir(run_dir: pathlib.Path, run_spec: checkpoint.RunSpec, resume
     return 0
 
 
-def _abstract_state(trainer: Any, run_spec: checkpoint.RunSpec) -> tuple[Any, Any, Any]:
-    keys = jax.random.split(jax.random.PRNGKey(run_spec.seed), run_spec.num_seeds)
-    hps = broadcast_tree(run_spec.hparams, run_spec.num_seeds)
-    init = jax.jit(jax.vmap(trainer.init))
-    return init, (keys, hps), jax.eval_shape(init, keys, hps)
-
-
-def restore_run(run_dir: pathlib.Path) -> tuple[checkpoint.RunSpec, Any, int, Any]:
-    """(run spec, trainer, checkpoint step, vmapped state) of a run directory."""
-    run_spec = checkpoint.read_run_spec(run_dir)
-    trainer = rl.make(run_spec.algorithm, run_spec.config)
-    _, _, abstract = _abstract_state(trainer, run_spec)
-    step, state = checkpoint.restore_state(run_dir, abstract)
-    return run_spec, trainer, step, state
-
-
 def evaluate_states(trainer: Any, algorithm: str, state: Any, num_episodes: int, seed: int) -> np.ndarray:
     """Returns (seeds, episodes) of every seed's final policy."""
     evaluator = make_evaluator(trainer, num_episodes, default_greedy(algorithm))
@@ -284,7 +270,7 @@ def run_train(algorithm: str, args: Any) -> dict[str, Any]:
 
     # COMPILE (timed separately from running)
     t0 = time.perf_counter()
-    init, init_args, abstract = _abstract_state(trainer, run_spec)
+    init, init_args, abstract = checkpoint.abstract_state(trainer, run_spec)
     compiled: dict[int, Any] = {}
 
     def learn_fn(n: int) -> Any:
@@ -377,7 +363,7 @@ def run_eval(argv: Sequence[str]) -> dict[str, Any]:
     run_dir = pathlib.Path(args.run_dir)
     if not run_dir.is_dir():
         raise CLIError(f"No run directory at {run_dir}")
-    run_spec, trainer, step, state = restore_run(run_dir)
+    run_spec, trainer, step, state = checkpoint.restore_run(run_dir)
     returns = evaluate_states(trainer, run_spec.algorithm, state, args.episodes, args.seed)
     _print_table(
         f"{run_spec.algorithm} on {run_spec.config.env} (checkpoint at update {step}): "
@@ -412,7 +398,7 @@ def run_compress(argv: Sequence[str]) -> dict[str, Any]:
     run_dir = pathlib.Path(args.run_dir)
     if not args.run_dir or not run_dir.is_dir():
         raise CLIError(f"No run directory at {run_dir}")
-    run_spec, _, step, state = restore_run(run_dir)
+    run_spec, _, step, state = checkpoint.restore_run(run_dir)
     out_dir = pathlib.Path(args.out) if args.out else run_dir / "compressed"
     rows = compress_run(run_spec.algorithm, run_spec.config, state, options, out_dir, args.episodes, args.seed)
     _print_compress_table(run_spec, step, options, rows)
@@ -485,9 +471,91 @@ def _print_compress_table(run_spec: checkpoint.RunSpec, step: int, options: Comp
 
 
 # ----------------------------------------------------------------------------------------------
+# The expand-then-compress pipeline
+# ----------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class PipelineArgs(pipeline.Recipe):
+    recipe: str = ""
+    """A TOML file of recipe settings (keys are the flags' names with underscores); flags override it."""
+    out: str = ""
+    """Run directory (default: runs/pipeline-<env>); finished stages there are skipped."""
+    from_stage: str = ""
+    """Re-run this stage and every later one (also spelled --from)."""
+
+
+def _recipe_path(argv: list[str]) -> str:
+    for i, arg in enumerate(argv):
+        if arg == "--recipe" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--recipe="):
+            return arg.split("=", 1)[1]
+    return ""
+
+
+def run_pipeline_command(argv: Sequence[str]) -> list[dict[str, Any]]:
+    argv = ["--from-stage" if a == "--from" else a for a in argv]
+    path = _recipe_path(argv)
+    base = pipeline.load_recipe(pathlib.Path(path) if path else None)
+    default = PipelineArgs(**{f.name: getattr(base, f.name) for f in dataclasses.fields(pipeline.Recipe)})
+    args = tyro.cli(PipelineArgs, args=argv, default=default, prog="rlcx pipeline")
+    recipe = pipeline.Recipe(**{f.name: getattr(args, f.name) for f in dataclasses.fields(pipeline.Recipe)})
+    run_dir = pathlib.Path(args.out or f"runs/pipeline-{recipe.env}")
+    t0 = time.perf_counter()
+    rows = pipeline.run_pipeline(recipe, run_dir, args.from_stage or None, log=lambda m: print(m, flush=True))
+    if rows:
+        _print_pipeline_table(rows, recipe)
+    print(f"pipeline finished in {time.perf_counter() - t0:.0f} s; run directory {run_dir}")
+    return rows
+
+
+def _print_pipeline_table(rows: list[dict[str, Any]], recipe: pipeline.Recipe) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(
+        title=f"expand -> compress on {recipe.env}, {recipe.seeds} seeds, {recipe.eval_episodes} episodes each"
+    )
+    columns = (
+        "stage",
+        "return IQM [95% CI]",
+        "kept",
+        "agreement",
+        "params",
+        "non-zeros",
+        "file bytes",
+        "smaller",
+        "FLOPs",
+        "latency (us)",
+    )
+    for col in columns:
+        table.add_column(col, justify="right")
+    for r in rows:
+        lo, hi = r["return_ci95"]
+        table.add_row(
+            r["name"],
+            f"{r['return_iqm']:.1f} [{lo:.1f}, {hi:.1f}]",
+            f"{100 * r['return_retained']:.0f}%",
+            f"{100 * r['agreement_with_teacher']:.1f}%",
+            f"{r['params']:,}",
+            f"{r['nonzeros']:,}",
+            f"{r['artifact_bytes']:,.0f}",
+            f"{r['smaller_than_teacher']:.1f}x",
+            f"{r['flops']:,}",
+            f"{r['latency_us']:.1f}",
+        )
+    console = Console(width=max(Console().width, 160))
+    console.print(table)
+    for line in pipeline.verdicts(rows):
+        console.print(line)
+
+
+# ----------------------------------------------------------------------------------------------
 # Entry point
 # ----------------------------------------------------------------------------------------------
-USAGE = """usage: rlcx {train,eval,compress} ...
+USAGE = """usage: rlcx {pipeline,train,eval,compress} ...
+
+  rlcx pipeline [--recipe FILE.toml] [--out DIR] [--from STAGE] [flags]
+                                train a teacher, distil, prune, quantize, export, evaluate
 
   rlcx train {dqn,reinforce,a2c,ppo} [--env ID] [--seeds N] [--total-steps N] [--out DIR] [flags]
   rlcx train ppo --help         all flags of one algorithm
@@ -500,7 +568,7 @@ def _dispatch(argv: list[str]) -> None:
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         if not argv:
-            raise CLIError("missing command (train or eval)")
+            raise CLIError("missing command (pipeline, train, eval or compress)")
         return
     command, rest = argv[0], argv[1:]
     if command == "train":
@@ -517,8 +585,10 @@ def _dispatch(argv: list[str]) -> None:
         run_eval(rest)
     elif command == "compress":
         run_compress(rest)
+    elif command == "pipeline":
+        run_pipeline_command(rest)
     else:
-        raise CLIError(f"unknown command {command!r}; expected train, eval or compress")
+        raise CLIError(f"unknown command {command!r}; expected pipeline, train, eval or compress")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

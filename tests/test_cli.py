@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from rlcx_jax import checkpoint
-from rlcx_jax.cli import main, restore_run
+from rlcx_jax.checkpoint import restore_run
+from rlcx_jax.cli import main
 
 # 2 seeds x 100 PPO updates of 4 envs x 32 steps, 20 chunks: a few seconds once compiled.
 RUN_FLAGS = ["--seeds", "2", "--total-steps", "12800", "--num-steps", "32", "--chunks", "20", "--eval-episodes", "2"]

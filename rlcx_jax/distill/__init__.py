@@ -1,0 +1,1 @@
+"""Distillation: losses between a student's and a teacher's outputs, and the distillation loop."""

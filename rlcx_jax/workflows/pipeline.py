@@ -1,0 +1,755 @@
+"""The expand-then-compress pipeline (`rlcx pipeline`): train a large teacher, distil it into a small
+student, prune the student, quantize it, export it, and evaluate what every stage keeps and costs.
+
+Stages, in this order (a recipe may leave out prune and quantize, or start from an existing teacher):
+
+    teacher   train the teacher with its algorithm (a normal run directory: RUN/teacher)
+    distill   policy distillation into a student with `student_hidden` (`distill.policy_distillation`)
+    prune     gradual magnitude pruning to `sparsity`, learned under distillation from the teacher
+    quantize  post-training quantization (`quant`), or QAT under distillation when `qat_steps` > 0
+    export    one artifact file per seed (actor only), reloaded and checked against the evaluated policy
+    evaluate  one row per stage: return (IQM over seeds, 95% bootstrap CI), greedy-action agreement with
+              the teacher, parameters, non-zeros, artifact bytes, FLOPs, latency; table.json, report.md,
+              report.png
+
+Every stage reads its inputs from the run directory and writes its artifacts into RUN/<stage>, with a
+`done.json` marker written last (atomically); a finished stage is skipped when the pipeline runs again,
+so a killed pipeline resumes at the first unfinished stage, and `--from STAGE` re-runs a stage and every
+later one. `stages.jsonl` logs every stage run and skip with its time. Each stage trains all seeds in one
+compiled, seed-vmapped program.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import pathlib
+import shutil
+import time
+import tomllib
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import serialization
+
+from rlcx_jax import checkpoint, envs, nets, rl
+from rlcx_jax import logging as rlog
+from rlcx_jax.compress import export as export_lib
+from rlcx_jax.compress import masks as masks_lib
+from rlcx_jax.compress import quant, size
+from rlcx_jax.compress.training import CompressConfig, CompressHParams, find_masks
+from rlcx_jax.distill import losses
+from rlcx_jax.distill import policy_distillation as pd
+from rlcx_jax.nets.policy import greedy_action
+from rlcx_jax.rl.common import batched_learner
+from rlcx_jax.rl.evaluate import default_greedy, make_evaluator
+from rlcx_jax.seams import make_apply
+from rlcx_jax.workflows import recipes
+from rlcx_jax.workflows.compress_run import QUANT_INCLUDE, parse_quant, policy_observations
+
+Params = Any
+
+__all__ = ["STAGES", "Recipe", "PipelineError", "load_recipe", "run_pipeline"]
+
+STAGES = ("teacher", "distill", "prune", "quantize", "export", "evaluate")
+STUDENT_STAGES = ("distill", "prune", "quantize")
+DONE_FILE = "done.json"
+STUDENT_FILE = "student.msgpack"
+LOG_FILE = "stages.jsonl"
+RECIPE_FILE = "recipe.json"
+PRUNE_ROLES = ("policy", "critic")  # heads too: the actor's output layer is part of the shipped file
+
+
+class PipelineError(ValueError):
+    """A bad recipe, or a run directory that does not fit it (one line, before any training)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """What the pipeline does: a TOML file (`--recipe`), flags, or both (flags win)."""
+
+    env: str = "CartPole-v1"
+    """Environment id."""
+    seeds: int = 4
+    """Seeds trained at once (vmapped); student i learns from teacher seed i."""
+    seed: int = 0
+    """Base PRNG seed."""
+    stages: tuple[str, ...] = STAGES
+    """Stages to run, in pipeline order (teacher, distill, prune, quantize, export, evaluate)."""
+    teacher: str = ""
+    """An existing run directory (from `rlcx train`) to use as the teacher instead of the teacher stage."""
+    teacher_algorithm: str = "ppo"
+    """Algorithm of the teacher stage."""
+    teacher_hidden: tuple[int, ...] = (256, 256)
+    """Hidden widths of the teacher."""
+    teacher_steps: int = 500_000
+    """Environment steps per seed of the teacher stage."""
+    student_hidden: tuple[int, ...] = (64, 64)
+    """Hidden widths of the student (same torso kind and activation as the teacher)."""
+    distill_steps: int = 100_000
+    """Environment steps per seed of distillation."""
+    loss: str = "kl"
+    """Distillation loss: kl, nll or mse."""
+    temperature: float = 1.0
+    """Temperature of the kl loss."""
+    teacher_fraction_start: float = 1.0
+    """Probability that the teacher acts while collecting, at the start of distillation."""
+    teacher_fraction_end: float = 0.0
+    """... and at its end (linear in between)."""
+    sparsity: float = 0.9
+    """Target sparsity of the student's kernels (actor and critic, heads included)."""
+    prune_steps: int = 200_000
+    """Environment steps per seed of gradual pruning under distillation."""
+    quant: str = "int8"
+    """Weight quantization of the shipped student: int<b>, uint<b>, log<b> or kmeans<b>."""
+    qat_steps: int = 0
+    """Environment steps of quantization-aware distillation before quantizing (0: post-training only)."""
+    eval_episodes: int = 32
+    """Evaluation episodes per seed."""
+
+    # -- validation (plain Python: runs before anything is traced) ------------------------------
+    def validate(self) -> None:
+        check_stages(self.stages)
+        envs.check_env_name(self.env)
+        rl.get(self.teacher_algorithm)
+        for name in ("seeds", "teacher_steps", "distill_steps", "prune_steps", "eval_episodes"):
+            if getattr(self, name) < 1:
+                raise PipelineError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.qat_steps < 0:
+            raise PipelineError(f"qat_steps must be >= 0, got {self.qat_steps}")
+        for name in ("teacher_hidden", "student_hidden"):
+            widths = getattr(self, name)
+            if not widths or min(widths) < 1:
+                raise PipelineError(f"{name} needs at least one layer of width >= 1, got {tuple(widths)}")
+        if self.loss not in losses.LOSSES:
+            raise PipelineError(f"Unknown distillation loss {self.loss!r}; expected one of {losses.LOSSES}")
+        if not self.temperature > 0:
+            raise PipelineError(f"temperature must be > 0, got {self.temperature}")
+        for name in ("teacher_fraction_start", "teacher_fraction_end"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise PipelineError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if "prune" in self.stages:
+            masks_lib.validate_sparsity(self.sparsity)
+        if "quantize" in self.stages:
+            parse_quant(self.quant)
+        if self.teacher and "teacher" in self.stages:
+            raise PipelineError("teacher is an existing run directory: leave the teacher stage out of stages")
+        if self.teacher:
+            teacher_dir = pathlib.Path(self.teacher)
+            if not (teacher_dir / checkpoint.CONFIG_FILE).is_file():
+                raise PipelineError(f"teacher {self.teacher!r} is not a run directory (no {checkpoint.CONFIG_FILE})")
+
+    # -- the configurations of the stages -------------------------------------------------------
+    def teacher_run_spec(self) -> checkpoint.RunSpec:
+        spec = rl.get(self.teacher_algorithm)
+        defaults = spec.config_cls()
+        config = dataclasses.replace(
+            defaults,
+            env=self.env,
+            total_timesteps=self.teacher_steps,
+            net=dataclasses.replace(defaults.net, hidden=tuple(self.teacher_hidden)),
+        )
+        trainer = rl.make(self.teacher_algorithm, config)  # validates
+        hparams = spec.hparams_cls()
+        return checkpoint.RunSpec(self.teacher_algorithm, config, hparams, self.seeds, self.seed, trainer.num_updates)
+
+    def distill_config(self, teacher: checkpoint.RunSpec, steps: int, extensions: tuple = ()) -> pd.DistillConfig:
+        tconfig = teacher.config
+        return pd.DistillConfig(
+            env=tconfig.env,
+            env_kwargs=tconfig.env_kwargs,
+            teacher_algorithm=teacher.algorithm,
+            teacher_net=tconfig.net,
+            normalize_obs=bool(getattr(tconfig, "normalize_obs", False)),
+            net=dataclasses.replace(tconfig.net, hidden=tuple(self.student_hidden)),
+            loss=self.loss,
+            total_timesteps=steps,
+            log_every=8,
+            extensions=extensions,
+        )
+
+    def distill_hparams(self) -> pd.DistillHParams:
+        return pd.DistillHParams(
+            temperature=self.temperature,
+            teacher_fraction_start=self.teacher_fraction_start,
+            teacher_fraction_end=self.teacher_fraction_end,
+        )
+
+
+def check_stages(stages: tuple[str, ...]) -> None:
+    """Known stage names, each once, in pipeline order."""
+    if not stages:
+        raise PipelineError("stages is empty")
+    for s in stages:
+        if s not in STAGES:
+            close = difflib.get_close_matches(s, STAGES, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise PipelineError(f"Unknown stage {s!r}.{hint} Stages: {', '.join(STAGES)}")
+    order = [STAGES.index(s) for s in stages]
+    if order != sorted(set(order)):
+        raise PipelineError(f"stages must be in pipeline order ({' -> '.join(STAGES)}), each once; got {list(stages)}")
+
+
+def load_recipe(path: pathlib.Path | None, overrides: dict[str, Any] | None = None) -> Recipe:
+    """A Recipe from a TOML file (keys are Recipe fields) with `overrides` applied on top."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = tomllib.loads(pathlib.Path(path).read_text())
+        except FileNotFoundError:
+            raise PipelineError(f"No recipe file at {path}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise PipelineError(f"{path} is not valid TOML: {e}") from None
+    data.update(overrides or {})
+    names = [f.name for f in dataclasses.fields(Recipe)]
+    for key in data:
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise PipelineError(f"Unknown recipe key {key!r}.{hint}")
+    try:
+        return checkpoint.from_jsonable(Recipe, data)
+    except (TypeError, ValueError) as e:
+        raise PipelineError(f"Bad recipe value: {e}") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# The run directory: stage markers, the stage log, student files
+# ----------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Context:
+    recipe: Recipe
+    run_dir: pathlib.Path
+    log: Callable[[str], None]
+
+    def stage_dir(self, stage: str) -> pathlib.Path:
+        return self.run_dir / stage
+
+    def done(self, stage: str) -> bool:
+        return (self.stage_dir(stage) / DONE_FILE).is_file()
+
+    def teacher_dir(self) -> pathlib.Path:
+        return pathlib.Path(self.recipe.teacher) if self.recipe.teacher else self.stage_dir("teacher")
+
+    def keys(self, offset: int, n: int) -> jax.Array:
+        return jax.random.split(jax.random.PRNGKey(self.recipe.seed + offset), n)
+
+
+def _log_event(run_dir: pathlib.Path, event: dict[str, Any]) -> None:
+    with open(run_dir / LOG_FILE, "a") as f:
+        f.write(json.dumps(event) + "\n")
+
+
+def save_student(
+    stage_dir: pathlib.Path, params: Params, masks: Params | None, info: dict[str, Any], float_params: Params = None
+) -> None:
+    """The seed-batched student (its masks; for a quantized student also the float parameters it was
+    quantized from) as one msgpack file, written atomically."""
+    tree = {"params": jax.tree.map(np.asarray, params)}
+    for name, value in (("masks", masks), ("float_params", float_params)):
+        if value is not None:
+            tree[name] = jax.tree.map(np.asarray, value)
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    data = serialization.msgpack_serialize(tree)
+    tmp = stage_dir / (STUDENT_FILE + ".tmp")
+    tmp.write_bytes(data)
+    tmp.replace(stage_dir / STUDENT_FILE)
+    checkpoint.atomic_write_text(stage_dir / "stage.json", json.dumps(info, indent=2) + "\n")
+
+
+def load_student(stage_dir: pathlib.Path, float_params: bool = False) -> tuple[Params, Params | None, dict[str, Any]]:
+    """(params, masks or None, info) of a student stage; `float_params`: the parameters a quantized
+    student was quantized from instead of its fake-quantized ones."""
+    path = stage_dir / STUDENT_FILE
+    if not path.is_file():
+        raise PipelineError(f"Missing artifact {path}: run its stage first")
+    tree = serialization.msgpack_restore(path.read_bytes())
+    info = json.loads((stage_dir / "stage.json").read_text())
+    params = tree.get("float_params", tree["params"]) if float_params else tree["params"]
+    return params, tree.get("masks"), info
+
+
+def load_teacher(ctx: Context) -> tuple[checkpoint.RunSpec, Any, Any]:
+    """(run spec, trainer, seed-batched state) of the teacher; checked against the recipe."""
+    teacher_dir = ctx.teacher_dir()
+    if not (teacher_dir / checkpoint.CONFIG_FILE).is_file():
+        raise PipelineError(f"Missing teacher artifact: {teacher_dir} is not a run directory")
+    spec, trainer, _, state = checkpoint.restore_run(teacher_dir)
+    _check_teacher(ctx, spec)
+    return spec, trainer, state
+
+
+def _check_teacher(ctx: Context, spec: checkpoint.RunSpec) -> None:
+    where = ctx.teacher_dir()
+    if spec.config.env != ctx.recipe.env:
+        raise PipelineError(f"The teacher in {where} was trained on {spec.config.env}; the recipe: {ctx.recipe.env}")
+    if spec.num_seeds != ctx.recipe.seeds:
+        raise PipelineError(f"The teacher in {where} has {spec.num_seeds} seeds, the recipe {ctx.recipe.seeds}")
+
+
+def latest_student_stage(ctx: Context, before: str) -> str:
+    """The last student stage before `before` that the recipe has."""
+    earlier = [s for s in STUDENT_STAGES if s in ctx.recipe.stages and STAGES.index(s) < STAGES.index(before)]
+    if not earlier:
+        raise PipelineError(f"Stage {before} needs a student: include distill in stages")
+    return earlier[-1]
+
+
+def _policy_tree(params: Params, head: str, net_config: nets.NetConfig) -> Params:
+    """The actor's parameter groups only (what a deployed policy needs)."""
+    groups = nets.layout(net_config, head).groups("policy")
+    return {k: v for k, v in params.items() if k in groups}
+
+
+def _seed(tree: Any, i: int) -> Any:
+    return None if tree is None else jax.tree.map(lambda x: x[i], tree)
+
+
+# ----------------------------------------------------------------------------------------------
+# Stages
+# ----------------------------------------------------------------------------------------------
+def _train_student(
+    ctx: Context,
+    spec: checkpoint.RunSpec,
+    state: Any,
+    config: pd.DistillConfig,
+    hparams: Any,
+    params: Params | None,
+    masks: Params | None,
+    key_offset: int,
+    stage: str,
+) -> Any:
+    """Distil from the teacher for `config.total_timesteps`, starting from `params` when given."""
+    trainer = pd.make(config)
+    teacher = pd.Teacher(params=state.params, obs_stats=state.obs_stats)
+    n = ctx.recipe.seeds
+    init = jax.jit(jax.vmap(trainer.init, in_axes=(0, None, 0)))
+    student = init(ctx.keys(key_offset, n), hparams, teacher)
+    if params is not None:
+        student = student.with_params(params)
+    if masks is not None:
+        student = recipes.replace_masks(student, masks)
+    t0 = time.perf_counter()
+    student, metrics = batched_learner(trainer)(student, trainer.num_updates)
+    jax.block_until_ready(student)
+    seconds = time.perf_counter() - t0
+    ctx.log(f"  {stage}: {trainer.num_updates} updates x {n} seeds in {seconds:.1f} s (with compilation)")
+    rlog.append_rows(ctx.stage_dir(stage), rlog.metrics_rows(metrics, 0, trainer.log_every))
+    return student
+
+
+def stage_teacher(ctx: Context) -> dict[str, Any]:
+    spec = ctx.recipe.teacher_run_spec()
+    out = ctx.stage_dir("teacher")
+    if out.exists():
+        shutil.rmtree(out)  # an unfinished teacher stage: start it again
+    checkpoint.write_run_spec(out, spec)
+    trainer = rl.make(spec.algorithm, spec.config)
+    init, args, _ = checkpoint.abstract_state(trainer, spec)
+    t0 = time.perf_counter()
+    state, metrics = batched_learner(trainer)(init(*args), trainer.num_updates)
+    jax.block_until_ready(state)
+    seconds = time.perf_counter() - t0
+    ctx.log(
+        f"  teacher: {spec.algorithm} {spec.config.net.hidden}, {trainer.num_updates} updates x {spec.num_seeds} "
+        f"seeds in {seconds:.1f} s (with compilation)"
+    )
+    rlog.append_rows(out, rlog.metrics_rows(metrics, 0, trainer.log_every))
+    checkpoint.save_state(out, trainer.num_updates, state)
+    return {"seconds": seconds}
+
+
+def stage_distill(ctx: Context) -> dict[str, Any]:
+    spec, _, state = load_teacher(ctx)
+    config = ctx.recipe.distill_config(spec, ctx.recipe.distill_steps)
+    student = _train_student(ctx, spec, state, config, ctx.recipe.distill_hparams(), None, None, 1, "distill")
+    save_student(ctx.stage_dir("distill"), student.params, None, {"net": checkpoint.to_jsonable(config.net)})
+    return {}
+
+
+def stage_prune(ctx: Context) -> dict[str, Any]:
+    spec, _, state = load_teacher(ctx)
+    params, _, _ = load_student(ctx.stage_dir(latest_student_stage(ctx, "prune")))
+    compress = CompressConfig(prune_schedule="gradual", prune_roles=PRUNE_ROLES, prune_end=0.75)
+    config = ctx.recipe.distill_config(spec, ctx.recipe.prune_steps, (compress,))
+    hparams = ctx.recipe.distill_hparams().with_ext(compress.name, CompressHParams(sparsity=ctx.recipe.sparsity))
+    student = _train_student(ctx, spec, state, config, hparams, params, None, 2, "prune")
+    info = {"net": checkpoint.to_jsonable(config.net)}
+    save_student(ctx.stage_dir("prune"), student.params, find_masks(student), info)
+    return {}
+
+
+def stage_quantize(ctx: Context) -> dict[str, Any]:
+    recipe = ctx.recipe
+    qspec = parse_quant(recipe.quant)
+    params, masks, info = load_student(ctx.stage_dir(latest_student_stage(ctx, "quantize")))
+    if recipe.qat_steps:
+        spec, _, state = load_teacher(ctx)
+        compress = CompressConfig(
+            prune_schedule="fixed" if masks is not None else "none",
+            prune_roles=PRUNE_ROLES,
+            qat_bits=qspec.bits,
+            qat_scheme=qspec.scheme,
+            qat_per_channel=qspec.per_channel,
+            qat_activations=False,  # the artifact holds weights; activations stay float
+        )
+        config = recipe.distill_config(spec, recipe.qat_steps, (compress,))
+        student = _train_student(ctx, spec, state, config, recipe.distill_hparams(), params, masks, 3, "quantize")
+        params = student.params
+    quantize = jax.jit(lambda p, m: quant.quantize_tree(p, qspec, include=QUANT_INCLUDE, masks=m))
+    per_seed = [quantize(_seed(params, i), _seed(masks, i)) for i in range(recipe.seeds)]
+    params_q = jax.tree.map(lambda *xs: jnp.stack(xs), *per_seed)
+    info = {**info, "quant": recipe.quant, "qat_steps": recipe.qat_steps}
+    save_student(ctx.stage_dir("quantize"), params_q, masks, info, float_params=params)
+    return {}
+
+
+def stage_export(ctx: Context) -> dict[str, Any]:
+    spec, teacher_trainer, state = load_teacher(ctx)
+    source = latest_student_stage(ctx, "export")
+    params, masks, info = load_student(ctx.stage_dir(source))
+    float_params, _, _ = load_student(ctx.stage_dir(source), float_params=True)
+    student_net = checkpoint.from_jsonable(nets.NetConfig, info["net"])
+    qspec = parse_quant(info["quant"]) if "quant" in info else None
+    agent = teacher_trainer.agent
+    head = spec.config.HEAD
+    meta = dict(obs_shape=agent.obs_shape, action_spec=agent.spec, head=head)
+    out = ctx.stage_dir("export")
+    out.mkdir(parents=True, exist_ok=True)
+    obs = policy_observations(teacher_trainer, state, default_greedy(spec.algorithm), 8, 128, jax.random.PRNGKey(7))
+    forward = jax.jit(_greedy_forward(student_net, agent, head))
+    sizes, exact = [], True
+    for i in range(ctx.recipe.seeds):
+        actor = _policy_tree(_seed(params, i), head, student_net)
+        actor_masks = None if masks is None else _policy_tree(_seed(masks, i), head, student_net)
+        path = out / f"seed_{i}.rlcx"
+        sizes.append(
+            export_lib.export(  # quantized once, from the float parameters (a second pass could move values)
+                _policy_tree(_seed(float_params, i), head, student_net),
+                path,
+                masks=actor_masks,
+                qspec=qspec,
+                include=QUANT_INCLUDE,
+                net_config=student_net,
+                meta={"env": ctx.recipe.env, "seed": i, "source_stage": source},
+                **meta,
+            )
+        )
+        loaded = export_lib.load(path)
+        x = _prep(agent, _seed(state.obs_stats, i), obs[i])
+        same_params = all(
+            np.array_equal(np.asarray(a), np.asarray(b))
+            for a, b in zip(jax.tree.leaves(loaded.params), jax.tree.leaves(jax.tree.map(np.asarray, actor)))
+        )
+        exact &= same_params and bool(np.array_equal(np.asarray(loaded.policy(x)), np.asarray(forward(actor, x))))
+    teacher_actor = _policy_tree(_seed(state.params, 0), head, spec.config.net)
+    teacher_bytes = export_lib.dense_float32_bytes(
+        jax.tree.map(np.asarray, teacher_actor), net_config=spec.config.net, **meta
+    )
+    if not exact:
+        raise PipelineError("A reloaded artifact differs from the evaluated policy (export is not exact)")
+    result = {"source_stage": source, "bytes_per_seed": sizes, "teacher_float32_bytes": teacher_bytes, "exact": exact}
+    checkpoint.atomic_write_text(out / "export.json", json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def _prep(agent: Any, obs_stats: Any, obs: jax.Array) -> jax.Array:
+    return agent.prep_obs(obs_stats, obs)
+
+
+def _greedy_forward(net_config: nets.NetConfig, agent: Any, head: str) -> Callable[[Params, jax.Array], jax.Array]:
+    network = nets.make(net_config, agent.obs_shape, agent.spec, head=head)
+    apply = make_apply(network)
+
+    def forward(params: Params, obs: jax.Array) -> jax.Array:
+        return greedy_action(apply(params, obs, method="policy"), agent.spec)
+
+    return forward
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation and report
+# ----------------------------------------------------------------------------------------------
+ROW_NAMES = {
+    "teacher": "teacher (float32)",
+    "distill": "distilled student (float32)",
+    "prune": "pruned student (sparse float32)",
+    "quantize": "quantized student (shipped file)",
+}
+
+
+def _kernel_sparsity(tree: Params) -> float:
+    kernels = [np.asarray(v) for p, v in quant.flatten_with_paths(tree).items() if p.endswith("kernel")]
+    total = sum(k.size for k in kernels)
+    return 1.0 - sum(int(np.count_nonzero(k)) for k in kernels) / max(total, 1)
+
+
+def _file_bytes(
+    tree: Params, masks: Params | None, qspec: quant.QuantSpec | None, net: nets.NetConfig, meta: dict
+) -> int:
+    """Bytes of `tree` exported as it would be shipped (sparse where masked, quantized when qspec)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        return export_lib.export(
+            jax.tree.map(np.asarray, tree),
+            pathlib.Path(tmp) / "a.rlcx",
+            masks=masks,
+            qspec=qspec,
+            include=QUANT_INCLUDE,
+            net_config=net,
+            **meta,
+        )
+
+
+def stage_evaluate(ctx: Context) -> dict[str, Any]:
+    recipe = ctx.recipe
+    spec, teacher_trainer, state = load_teacher(ctx)
+    agent, head, n = teacher_trainer.agent, spec.config.HEAD, recipe.seeds
+    meta = dict(obs_shape=agent.obs_shape, action_spec=agent.spec, head=head)
+    greedy = default_greedy(spec.algorithm)
+    keys = ctx.keys(10_000, n)
+    obs = policy_observations(teacher_trainer, state, greedy, 8, 128, jax.random.PRNGKey(recipe.seed + 20_000))
+    x = jax.vmap(agent.prep_obs)(state.obs_stats, obs)
+    teacher_forward = jax.jit(jax.vmap(_greedy_forward(spec.config.net, agent, head)))
+    teacher_actions = np.asarray(teacher_forward(state.params, x))
+    batch1 = x[0][:1]
+
+    def row(stage: str, trainer: Any, params: Params, masks: Params | None, net: nets.NetConfig, qspec: Any) -> dict:
+        evaluator = jax.jit(jax.vmap(make_evaluator(trainer, recipe.eval_episodes, greedy)))
+        returns = np.asarray(evaluator(params, state.obs_stats, keys))
+        per_seed = returns.mean(axis=1)
+        forward = _greedy_forward(net, agent, head)
+        actions = np.asarray(jax.jit(jax.vmap(forward))(params, x))
+        actor = _policy_tree(_seed(params, 0), head, net)
+        actor_masks = None if masks is None else _policy_tree(_seed(masks, 0), head, net)
+        counted = size.count(actor, qspec.bits if qspec else 32)
+        iqm, lo, hi = rlog.bootstrap_ci(per_seed, "iqm")
+        return {
+            "stage": stage,
+            "name": ROW_NAMES[stage],
+            "return_per_seed": per_seed.tolist(),
+            "return_iqm": iqm,
+            "return_ci95": [lo, hi],
+            "agreement_with_teacher": float(np.mean(actions == teacher_actions)),
+            "params": counted.params,
+            "nonzeros": counted.nonzeros,
+            "kernel_sparsity": _kernel_sparsity(actor),
+            "artifact_bytes": _file_bytes(actor, actor_masks, qspec, net, meta),
+            "flops": size.flops_per_forward(actor, agent.obs_shape),
+            "latency_us": 1e6 * size.measure_latency(forward, actor, batch1),
+        }
+
+    rows = [row("teacher", teacher_trainer, state.params, None, spec.config.net, None)]
+    for stage in STUDENT_STAGES:
+        if stage not in recipe.stages:
+            continue
+        params, masks, info = load_student(ctx.stage_dir(stage))
+        net = checkpoint.from_jsonable(nets.NetConfig, info["net"])
+        trainer = pd.make(recipe.distill_config(spec, recipe.distill_steps))
+        qspec = parse_quant(info["quant"]) if "quant" in info else None
+        rows.append(row(stage, trainer, params, masks, net, qspec))
+    export_info = ctx.stage_dir("export") / "export.json"
+    if export_info.is_file():  # the shipped files themselves, not a re-export
+        shipped = json.loads(export_info.read_text())
+        rows[-1]["artifact_bytes"] = float(np.mean(shipped["bytes_per_seed"]))
+        rows[-1]["export_exact"] = shipped["exact"]
+    teacher = rows[0]
+    for r in rows:
+        r["return_retained"] = r["return_iqm"] / teacher["return_iqm"] if teacher["return_iqm"] else float("nan")
+        r["smaller_than_teacher"] = teacher["artifact_bytes"] / r["artifact_bytes"]
+    out = ctx.stage_dir("evaluate")
+    out.mkdir(parents=True, exist_ok=True)
+    result = {
+        "recipe": checkpoint.to_jsonable(recipe),
+        "rows": rows,
+        "device": jax.devices()[0].device_kind,
+        "latency_note": "one jitted forward of the actor, batch 1, float32 dense kernels on this host (masks "
+        "and int codes do not make XLA's dense matmuls faster)",
+    }
+    checkpoint.atomic_write_text(out / "table.json", json.dumps(result, indent=2) + "\n")
+    write_report(ctx, rows)
+    return {"rows": len(rows)}
+
+
+def verdicts(rows: list[dict[str, Any]]) -> list[str]:
+    """The two targets of the pipeline, each decided by the figure printed beside it."""
+    final, teacher = rows[-1], rows[0]
+    keep = final["return_retained"]
+    ratio = final["smaller_than_teacher"]
+    return [
+        f"final student keeps {100 * keep:.1f}% of the teacher's return (IQM {final['return_iqm']:.1f} vs "
+        f"{teacher['return_iqm']:.1f}); target >= 90%: {'yes' if keep >= 0.9 else 'no'}",
+        f"its file is {ratio:.1f}x smaller than the teacher's float32 actor file ({final['artifact_bytes']:,.0f} B vs "
+        f"{teacher['artifact_bytes']:,.0f} B); target >= 50x: {'yes' if ratio >= 50 else 'no'}",
+    ]
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    head = (
+        "| stage | return IQM [95% CI] | kept | agreement | params | non-zeros | kernel sparsity | file bytes "
+        "| smaller | FLOPs | latency (us) |\n|---|---|---|---|---|---|---|---|---|---|---|\n"
+    )
+    body = "".join(
+        f"| {r['name']} | {r['return_iqm']:.1f} [{r['return_ci95'][0]:.1f}, {r['return_ci95'][1]:.1f}] "
+        f"| {100 * r['return_retained']:.0f}% | {100 * r['agreement_with_teacher']:.1f}% | {r['params']:,} "
+        f"| {r['nonzeros']:,} | {100 * r['kernel_sparsity']:.1f}% | {r['artifact_bytes']:,.0f} "
+        f"| {r['smaller_than_teacher']:.1f}x | {r['flops']:,} | {r['latency_us']:.1f} |\n"
+        for r in rows
+    )
+    return head + body
+
+
+def write_report(ctx: Context, rows: list[dict[str, Any]]) -> None:
+    out = ctx.stage_dir("evaluate")
+    recipe = ctx.recipe
+    lines = [
+        f"# Pipeline report: {recipe.env}, {recipe.seeds} seeds",
+        "",
+        markdown_table(rows),
+        *[f"- {v}" for v in verdicts(rows)],
+        f"- return: mean over {recipe.eval_episodes} episodes per seed, IQM over seeds; agreement: greedy actions "
+        "equal to the teacher's on states the teacher visits; params / non-zeros / FLOPs: the actor; file bytes: "
+        "the actor as shipped (float32 dense, float32 sparse, or quantized sparse); latency: see table.json.",
+        "",
+        "![return against file size and learning curves](report.png)",
+        "",
+    ]
+    checkpoint.atomic_write_text(out / "report.md", "\n".join(lines))
+    plot_report(ctx, rows, out / "report.png")
+
+
+def plot_report(ctx: Context, rows: list[dict[str, Any]], path: pathlib.Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_size, ax_curve, ax_agree) = plt.subplots(1, 3, figsize=(15, 4.2))
+    for r in rows:
+        lo, hi = r["return_ci95"]
+        ax_size.errorbar(
+            r["artifact_bytes"],
+            r["return_iqm"],
+            yerr=[[r["return_iqm"] - lo], [hi - r["return_iqm"]]],
+            fmt="o",
+            capsize=4,
+            label=r["name"],
+        )
+    ax_size.set_xscale("log")
+    ax_size.set_xlabel("actor file bytes (log)")
+    ax_size.set_ylabel("return (IQM over seeds, 95% CI)")
+    ax_size.set_title("return against size")
+    ax_size.legend(fontsize=7, loc="lower left")
+    offset = 0.0
+    for stage in ("teacher", *STUDENT_STAGES):
+        stage_rows = rlog.read_rows(ctx.teacher_dir() if stage == "teacher" else ctx.stage_dir(stage))
+        if not stage_rows:
+            continue
+        steps, returns = rlog.curves_from_rows(stage_rows)
+        label = "teacher" if stage == "teacher" else f"{stage} (behaviour policy)"
+        ax_curve.plot(offset + steps, np.nanmean(returns, axis=0), label=label)
+        if stage != "teacher":
+            agree = _row_curve(stage_rows, "aux/agreement")
+            ax_agree.plot(offset + steps, agree, label=stage)
+        offset += steps[-1]
+    ax_curve.set_xlabel("environment steps, stages one after another")
+    ax_curve.set_ylabel("training episode return (mean over seeds)")
+    ax_curve.set_title("learning curves")
+    ax_curve.legend(fontsize=7)
+    ax_agree.set_xlabel("environment steps")
+    ax_agree.set_ylabel("greedy agreement with the teacher (training batch)")
+    ax_agree.set_title("distillation")
+    ax_agree.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _row_curve(rows: list[dict[str, Any]], name: str) -> np.ndarray:
+    updates = sorted({r["update"] for r in rows})
+    return np.array([np.mean([r[name] for r in rows if r["update"] == u]) for u in updates])
+
+
+# ----------------------------------------------------------------------------------------------
+# The driver
+# ----------------------------------------------------------------------------------------------
+STAGE_FUNCTIONS: dict[str, Callable[[Context], dict[str, Any]]] = {
+    "teacher": stage_teacher,
+    "distill": stage_distill,
+    "prune": stage_prune,
+    "quantize": stage_quantize,
+    "export": stage_export,
+    "evaluate": stage_evaluate,
+}
+
+
+def _check_inputs(ctx: Context, will_run: list[str]) -> None:
+    """Every input a stage needs exists or is produced earlier in this run (checked before training)."""
+    recipe = ctx.recipe
+    if "teacher" not in recipe.stages or "teacher" not in will_run:
+        teacher_dir = ctx.teacher_dir()
+        if not (teacher_dir / checkpoint.CONFIG_FILE).is_file():
+            raise PipelineError(f"Missing teacher artifact: {teacher_dir} is not a run directory (run stage teacher)")
+        try:
+            _check_teacher(ctx, checkpoint.read_run_spec(teacher_dir))
+        except checkpoint.CheckpointError as e:
+            raise PipelineError(f"Bad teacher artifact: {e}") from None
+    for stage in will_run:
+        if stage in ("prune", "quantize", "export"):
+            source = latest_student_stage(ctx, stage)
+            if source not in will_run and not (ctx.stage_dir(source) / STUDENT_FILE).is_file():
+                raise PipelineError(f"Stage {stage} needs {ctx.stage_dir(source) / STUDENT_FILE}: run {source} first")
+
+
+def run_pipeline(
+    recipe: Recipe,
+    run_dir: pathlib.Path,
+    from_stage: str | None = None,
+    log: Callable[[str], None] = print,
+) -> list[dict[str, Any]]:
+    """Run (or resume) the recipe's stages in `run_dir`; returns the evaluation table's rows."""
+    recipe.validate()
+    run_dir = pathlib.Path(run_dir)
+    if from_stage is not None and from_stage not in recipe.stages:
+        raise PipelineError(f"--from {from_stage!r}: not one of this recipe's stages {list(recipe.stages)}")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise PipelineError(f"{run_dir} exists and is not a directory")
+    recipe_json = checkpoint.to_jsonable(recipe)
+    stored = run_dir / RECIPE_FILE
+    if stored.is_file() and json.loads(stored.read_text()) != recipe_json and from_stage is None:
+        raise PipelineError(
+            f"{run_dir} holds a pipeline with another recipe; pass --from STAGE to re-run from a stage with this one, "
+            "or choose another --out"
+        )
+    ctx = Context(recipe, run_dir, log)
+    forced = recipe.stages[recipe.stages.index(from_stage) :] if from_stage else ()
+    will_run = [s for s in recipe.stages if s in forced or not ctx.done(s)]
+    _check_inputs(ctx, will_run)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint.atomic_write_text(stored, json.dumps(recipe_json, indent=2) + "\n")
+    for stage in recipe.stages:
+        if stage not in will_run:
+            log(f"{stage}: done earlier, skipped")
+            _log_event(run_dir, {"stage": stage, "event": "skipped", "time": time.time()})
+            continue
+        marker = ctx.stage_dir(stage) / DONE_FILE
+        marker.unlink(missing_ok=True)
+        if stage != "teacher":
+            rlog_file = ctx.stage_dir(stage) / rlog.METRICS_FILE
+            rlog_file.unlink(missing_ok=True)
+        ctx.stage_dir(stage).mkdir(parents=True, exist_ok=True)
+        log(f"{stage}: running")
+        started = time.time()
+        _log_event(run_dir, {"stage": stage, "event": "started", "time": started})
+        info = STAGE_FUNCTIONS[stage](ctx)
+        finished = time.time()
+        done = {"stage": stage, "started": started, "finished": finished, "seconds": finished - started, **info}
+        checkpoint.atomic_write_text(marker, json.dumps(done, indent=2) + "\n")
+        _log_event(run_dir, {"stage": stage, "event": "finished", "time": finished, "seconds": finished - started})
+    table = ctx.stage_dir("evaluate") / "table.json"
+    return json.loads(table.read_text())["rows"] if table.is_file() else []

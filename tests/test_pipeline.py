@@ -1,0 +1,153 @@
+"""`rlcx pipeline`: a tiny recipe end to end, resumption after a kill, `--from`, and bad input."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import pytest
+
+from rlcx_jax.cli import main
+from rlcx_jax.workflows import pipeline
+
+TINY = """
+seeds = 2
+teacher_hidden = [32, 32]
+teacher_steps = 30000
+student_hidden = [8, 8]
+distill_steps = 8192
+prune_steps = 8192
+sparsity = 0.8
+eval_episodes = 16
+"""
+
+
+def _events(run_dir: pathlib.Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / pipeline.LOG_FILE).read_text().splitlines()]
+
+
+class _Killed(Exception):
+    pass
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A pipeline killed when its prune stage starts, then resumed through the CLI."""
+    root = tmp_path_factory.mktemp("pipeline")
+    recipe_file = root / "tiny.toml"
+    recipe_file.write_text(TINY)
+    run_dir = root / "run"
+
+    def kill_at_prune(message: str) -> None:
+        if message.startswith("prune: running"):
+            raise _Killed
+
+    with pytest.raises(_Killed):
+        pipeline.run_pipeline(pipeline.load_recipe(recipe_file), run_dir, log=kill_at_prune)
+    before = {
+        "teacher": (run_dir / "teacher" / pipeline.DONE_FILE).stat().st_mtime_ns,
+        "distill": (run_dir / "distill" / pipeline.STUDENT_FILE).stat().st_mtime_ns,
+    }
+    killed_events = len(_events(run_dir))
+    rc = main(["pipeline", "--recipe", str(recipe_file), "--out", str(run_dir)])
+    return run_dir, recipe_file, before, killed_events, rc
+
+
+class TestTinyPipeline:
+    def test_resumes_without_recomputing_finished_stages(self, tiny):
+        run_dir, _, before, killed_events, rc = tiny
+        assert rc == 0
+        assert (run_dir / "teacher" / pipeline.DONE_FILE).stat().st_mtime_ns == before["teacher"]
+        assert (run_dir / "distill" / pipeline.STUDENT_FILE).stat().st_mtime_ns == before["distill"]
+        resumed = _events(run_dir)[killed_events:]
+        skipped = [e["stage"] for e in resumed if e["event"] == "skipped"]
+        finished = [e["stage"] for e in resumed if e["event"] == "finished"]
+        assert skipped == ["teacher", "distill"]
+        assert finished == ["prune", "quantize", "export", "evaluate"]
+
+    def test_every_stage_left_its_artifacts(self, tiny):
+        run_dir = tiny[0]
+        for stage in pipeline.STAGES:
+            assert (run_dir / stage / pipeline.DONE_FILE).is_file()
+        assert (run_dir / "teacher" / "config.json").is_file()
+        assert sorted(p.name for p in (run_dir / "export").glob("*.rlcx")) == ["seed_0.rlcx", "seed_1.rlcx"]
+        for name in ("table.json", "report.md", "report.png"):
+            assert (run_dir / "evaluate" / name).stat().st_size > 0
+
+    def test_table_rows_measure_each_stage(self, tiny):
+        run_dir = tiny[0]
+        table = json.loads((run_dir / "evaluate" / "table.json").read_text())
+        rows = {r["stage"]: r for r in table["rows"]}
+        assert list(rows) == ["teacher", "distill", "prune", "quantize"]
+        teacher, student, pruned, shipped = rows.values()
+        assert teacher["agreement_with_teacher"] == 1.0 and teacher["kernel_sparsity"] == 0.0
+        assert student["params"] == 130 and teacher["params"] == 1282  # actors: 8x8 and 32x32 hidden
+        assert pruned["kernel_sparsity"] == pytest.approx(0.8, abs=0.02)
+        assert pruned["nonzeros"] < student["nonzeros"]
+        # (an 8x8 net is too small for int8 to beat sparse float32: per-tensor scales and headers dominate)
+        assert max(shipped["artifact_bytes"], pruned["artifact_bytes"]) < student["artifact_bytes"] < teacher["artifact_bytes"]
+        assert shipped["export_exact"] is True
+        exported = json.loads((run_dir / "export" / "export.json").read_text())
+        assert shipped["artifact_bytes"] == pytest.approx(sum(exported["bytes_per_seed"]) / 2)
+        for r in rows.values():
+            assert len(r["return_per_seed"]) == 2
+            lo, hi = r["return_ci95"]
+            assert lo <= r["return_iqm"] <= hi
+            assert 0.0 <= r["agreement_with_teacher"] <= 1.0
+        report = (run_dir / "evaluate" / "report.md").read_text()
+        assert "target >= 90%" in report and "target >= 50x" in report
+
+    def test_from_stage_reruns_that_stage_and_later_ones(self, tiny):
+        run_dir, recipe_file = tiny[0], tiny[1]
+        n = len(_events(run_dir))
+        assert main(["pipeline", "--recipe", str(recipe_file), "--out", str(run_dir), "--from", "export"]) == 0
+        events = _events(run_dir)[n:]
+        assert [e["stage"] for e in events if e["event"] == "skipped"] == ["teacher", "distill", "prune", "quantize"]
+        assert [e["stage"] for e in events if e["event"] == "finished"] == ["export", "evaluate"]
+
+    def test_another_recipe_in_the_same_directory_is_refused(self, tiny, capsys):
+        run_dir, recipe_file = tiny[0], tiny[1]
+        rc = main(["pipeline", "--recipe", str(recipe_file), "--out", str(run_dir), "--sparsity", "0.5"])
+        assert rc == 2
+        assert "another recipe" in capsys.readouterr().err
+
+    def test_teacher_for_another_environment_is_refused(self, tiny, capsys, tmp_path):
+        teacher = tiny[0] / "teacher"
+        argv = ["pipeline", "--teacher", str(teacher), "--stages", "distill", "--env", "Acrobot-v1", "--seeds", "2"]
+        assert main([*argv, "--out", str(tmp_path / "x")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "trained on CartPole-v1" in err and "\n" not in err
+        assert not (tmp_path / "x").exists()
+
+
+BAD = [
+    (["--stages", "teacher", "distil"], "Unknown stage 'distil'. Did you mean 'distill'?"),
+    (["--stages", "distill", "teacher"], "stages must be in pipeline order"),
+    (["--student-hidden"], "student_hidden needs at least one layer"),
+    (["--student-hidden", "0", "8"], "student_hidden needs at least one layer of width >= 1"),
+    (["--temperature", "0"], "temperature must be > 0"),
+    (["--temperature", "-2"], "temperature must be > 0"),
+    (["--loss", "kld"], "Unknown distillation loss 'kld'"),
+    (["--stages", "distill", "prune"], "Missing teacher artifact"),
+    (["--teacher", "/nonexistent/run", "--stages", "distill"], "is not a run directory"),
+    (["--from", "prune", "--stages", "teacher", "distill"], "--from 'prune': not one of this recipe's stages"),
+    (["--quant", "int99"], "bits"),
+]
+
+
+@pytest.mark.parametrize("argv,message", BAD)
+def test_bad_input_fails_in_one_line_before_training(argv, message, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["pipeline", *argv, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_recipe_file_errors(tmp_path, capsys):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("sparsityy = 0.5\n")
+    assert main(["pipeline", "--recipe", str(bad), "--out", str(tmp_path / "r")]) == 2
+    assert "Unknown recipe key 'sparsityy'. Did you mean 'sparsity'?" in capsys.readouterr().err
+    assert main(["pipeline", "--recipe", str(tmp_path / "missing.toml")]) == 2
+    assert "No recipe file" in capsys.readouterr().err
