@@ -28,6 +28,7 @@ import pathlib
 import shutil
 import time
 import tomllib
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -628,6 +629,7 @@ def plot_report(ctx: Context, rows: list[dict[str, Any]], path: pathlib.Path) ->
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, (ax_size, ax_curve, ax_agree) = plt.subplots(1, 3, figsize=(15, 4.2))
     for r in rows:
@@ -652,11 +654,16 @@ def plot_report(ctx: Context, rows: list[dict[str, Any]], path: pathlib.Path) ->
             continue
         steps, returns = rlog.curves_from_rows(stage_rows)
         label = "teacher" if stage == "teacher" else f"{stage} (behaviour policy)"
-        ax_curve.plot(offset + steps, np.nanmean(returns, axis=0), label=label)
+        with warnings.catch_warnings():  # rows before any episode finished are NaN
+            warnings.simplefilter("ignore", RuntimeWarning)
+            ax_curve.plot(offset + steps, np.nanmean(returns, axis=0), label=label)
         if stage != "teacher":
             agree = _row_curve(stage_rows, "aux/agreement")
             ax_agree.plot(offset + steps, agree, label=stage)
         offset += steps[-1]
+    thousands = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v / 1e3:.0f}k")
+    ax_curve.xaxis.set_major_formatter(thousands)
+    ax_agree.xaxis.set_major_formatter(thousands)
     ax_curve.set_xlabel("environment steps, stages one after another")
     ax_curve.set_ylabel("training episode return (mean over seeds)")
     ax_curve.set_title("learning curves")
