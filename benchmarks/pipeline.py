@@ -47,15 +47,15 @@ def run(extra: list[str]) -> dict:
     if proc.returncode != 0:
         sys.exit(f"rlcx pipeline failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     table = json.loads((run_dir / "evaluate" / "table.json").read_text())
-    stages = {
-        p.parent.name: json.loads(p.read_text())["seconds"] for p in sorted(run_dir.glob(f"*/{'done.json'}"))
-    }
+    from rlcx_jax.workflows.pipeline import DONE_FILE, STAGES
+
+    stages = {s: json.loads((run_dir / s / DONE_FILE).read_text())["seconds"] for s in STAGES if (run_dir / s).is_dir()}
     slug = tp.cpu_short_name(hw["cpu_model"])
     png = RESULTS / f"pipeline_{slug}.png"
     shutil.copyfile(run_dir / "evaluate" / "report.png", png)
     record = {
         "benchmark": "pipeline",
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "command": " ".join(["rlcx", "pipeline", *extra]),
         "hardware": hw,
         "versions": tp.local_versions(),
@@ -83,7 +83,8 @@ def markdown(record: dict) -> str:
         f"`{record['command']}` on {record['hardware']['cpu_model']} ({record['hardware']['usable_cores']} cores), "
         f"commit {str(record['versions'].get('rlcx_jax_git'))[:12]}: **{record['wall_seconds']:.0f} s** in all "
         f"({stages}). {recipe['seeds']} seeds, {recipe['eval_episodes']} evaluation episodes per seed; teacher "
-        f"{recipe['teacher_algorithm'].upper()} {tuple(recipe['teacher_hidden'])}, student {tuple(recipe['student_hidden'])}.",
+        f"{recipe['teacher_algorithm'].upper()} {tuple(recipe['teacher_hidden'])}, "
+        f"student {tuple(recipe['student_hidden'])}.",
         "",
         markdown_table(record["rows"]).rstrip(),
         "",

@@ -526,7 +526,7 @@ def stage_evaluate(ctx: Context) -> dict[str, Any]:
         per_seed = returns.mean(axis=1)
         forward = _greedy_forward(net, agent, head)
         actions = np.asarray(jax.jit(jax.vmap(forward))(params, x))
-        actor = _policy_tree(_seed(params, 0), head, net)
+        actor = jax.tree.map(jnp.asarray, _policy_tree(_seed(params, 0), head, net))  # on device: no copy per call
         actor_masks = None if masks is None else _policy_tree(_seed(masks, 0), head, net)
         counted = size.count(actor, qspec.bits if qspec else 32)
         iqm, lo, hi = rlog.bootstrap_ci(per_seed, "iqm")
