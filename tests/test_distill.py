@@ -209,3 +209,41 @@ def test_bad_distill_config_fails_in_one_line(changes, message):
 def test_temperature_must_be_positive(temperature):
     with pytest.raises(ValueError, match="temperature must be positive"):
         pd.DistillHParams(temperature=temperature).validate()
+
+
+# ----------------------------------------------------------------------------------------------
+# Kickstarting: the algorithm's own loss plus a distillation term (the loss seam)
+# ----------------------------------------------------------------------------------------------
+class TestKickstart:
+    def test_distillation_term_pulls_a_ppo_student_towards_its_teacher(self, runs):
+        from rlcx_jax.distill import kickstart
+        from rlcx_jax.rl import ppo
+        from rlcx_jax.rl.common import broadcast_tree
+
+        teacher_run = runs.get("ppo-cartpole")
+        ext = kickstart.DistillTerm(teacher_net=teacher_run.config.net)
+        config = ppo.PPOConfig(
+            num_envs=4, num_steps=128, total_timesteps=4 * 128 * 16, log_every=4, net=STUDENT, extensions=(ext,)
+        )
+        trainer = ppo.make(config)
+        hparams = f32(ppo.PPOHParams(lr=1e-3)).with_ext("distill", f32(kickstart.DistillTermHParams()))
+        sweep = broadcast_tree(hparams, 2)
+        sweep = sweep.with_ext("distill", sweep.ext["distill"].replace(coef=jnp.asarray([0.0, 10.0], jnp.float32)))
+        state = jax.vmap(trainer.init)(jnp.stack([jax.random.PRNGKey(5)] * 2), sweep)
+        learn = jax.vmap(lambda s: trainer.learn(s, trainer.num_updates))
+        with pytest.raises(ValueError, match="no teacher in state.ext"):
+            jax.eval_shape(learn, state)
+        teacher = jax.tree.map(lambda x: jnp.stack([x, x]), teacher_run.out.state.params)
+        _, metrics = jax.jit(learn)(kickstart.with_teacher(state, teacher))
+        value, kl = np.asarray(metrics.ext["distill"]["value"]), np.asarray(metrics.ext["distill"]["aux"]["loss"])
+        assert np.all(value[0] == 0.0)  # coef 0: the term adds nothing (its KL is still measured)
+        np.testing.assert_allclose(value[1], 10.0 * kl[1], rtol=1e-5)
+        assert kl[1, -1] < 0.5 * kl[0, -1], kl  # the teacher's pull: half the KL of plain PPO at the end
+
+    def test_bad_term_settings(self):
+        from rlcx_jax.distill import kickstart
+
+        with pytest.raises(ValueError, match="Unknown distillation loss"):
+            kickstart.DistillTerm(loss="l2").validate()
+        with pytest.raises(ValueError, match="distill temperature must be > 0"):
+            kickstart.DistillTerm().validate_hparams(kickstart.DistillTermHParams(temperature=0.0))
