@@ -535,7 +535,7 @@ def _print_pipeline_table(rows: list[dict[str, Any]], recipe: pipeline.Recipe) -
             r["name"],
             f"{r['return_iqm']:.1f} [{lo:.1f}, {hi:.1f}]",
             f"{100 * r['return_retained']:.0f}%",
-            f"{100 * r['agreement_with_teacher']:.1f}%",
+            pipeline.percent(r["agreement_with_teacher"]),
             f"{r['params']:,}",
             f"{r['nonzeros']:,}",
             f"{r['artifact_bytes']:,.0f}",

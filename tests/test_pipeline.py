@@ -94,16 +94,24 @@ class TestTinyPipeline:
             lo, hi = r["return_ci95"]
             assert lo <= r["return_iqm"] <= hi
             assert 0.0 <= r["agreement_with_teacher"] <= 1.0
+        assert table["random_policy_return_iqm"] < 40  # CartPole: about 22 for uniformly random actions
+        assert all(r["retained_measure"] == "ratio" for r in rows.values())
         report = (run_dir / "evaluate" / "report.md").read_text()
         assert "target >= 90%" in report and "target >= 50x" in report
 
-    def test_from_stage_reruns_that_stage_and_later_ones(self, tiny):
+    def test_from_stage_reruns_that_stage_and_later_ones_with_qat(self, tiny):
         run_dir, recipe_file = tiny[0], tiny[1]
         n = len(_events(run_dir))
-        assert main(["pipeline", "--recipe", str(recipe_file), "--out", str(run_dir), "--from", "export"]) == 0
+        argv = ["pipeline", "--recipe", str(recipe_file), "--out", str(run_dir), "--from", "quantize"]
+        assert main([*argv, "--qat-steps", "2048"]) == 0  # a changed recipe is accepted with --from
         events = _events(run_dir)[n:]
-        assert [e["stage"] for e in events if e["event"] == "skipped"] == ["teacher", "distill", "prune", "quantize"]
-        assert [e["stage"] for e in events if e["event"] == "finished"] == ["export", "evaluate"]
+        assert [e["stage"] for e in events if e["event"] == "skipped"] == ["teacher", "distill", "prune"]
+        assert [e["stage"] for e in events if e["event"] == "finished"] == ["quantize", "export", "evaluate"]
+        qat_rows = pipeline.rlog.read_rows(run_dir / "quantize")  # quantization-aware distillation ran
+        assert len(qat_rows) > 0 and all("aux/agreement" in r for r in qat_rows)
+        table = json.loads((run_dir / "evaluate" / "table.json").read_text())
+        assert table["recipe"]["qat_steps"] == 2048 and table["rows"][-1]["export_exact"] is True
+        assert table["rows"][-1]["kernel_sparsity"] == pytest.approx(0.8, abs=0.02)  # the masks held under QAT
 
     def test_another_recipe_in_the_same_directory_is_refused(self, tiny, capsys):
         run_dir, recipe_file = tiny[0], tiny[1]
@@ -118,6 +126,15 @@ class TestTinyPipeline:
         err = capsys.readouterr().err.strip()
         assert "trained on CartPole-v1" in err and "\n" not in err
         assert not (tmp_path / "x").exists()
+
+
+def test_retained_is_a_ratio_for_positive_returns_and_measured_from_random_otherwise():
+    assert pipeline.retained(450.0, 500.0, 22.0) == (0.9, "ratio")
+    # Acrobot-like: teacher -80, random -500, student -122: (378) / (420) = 0.9 of the way up from random
+    kept, how = pipeline.retained(-122.0, -80.0, -500.0)
+    assert how == "over random" and kept == pytest.approx(0.9)
+    # a student worse than the teacher on a negative-return task keeps less than 100%, never more
+    assert pipeline.retained(-200.0, -100.0, -500.0)[0] < 1.0
 
 
 BAD = [

@@ -508,6 +508,7 @@ def _file_bytes(
 
 
 def stage_evaluate(ctx: Context) -> dict[str, Any]:
+    nan = float("nan")
     recipe = ctx.recipe
     spec, teacher_trainer, state = load_teacher(ctx)
     agent, head, n = teacher_trainer.agent, spec.config.HEAD, recipe.seeds
@@ -536,7 +537,8 @@ def stage_evaluate(ctx: Context) -> dict[str, Any]:
             "return_per_seed": per_seed.tolist(),
             "return_iqm": iqm,
             "return_ci95": [lo, hi],
-            "agreement_with_teacher": float(np.mean(actions == teacher_actions)),
+            # continuous actions never match exactly: no agreement figure for them (NaN)
+            "agreement_with_teacher": float(np.mean(actions == teacher_actions)) if agent.spec.discrete else nan,
             "params": counted.params,
             "nonzeros": counted.nonzeros,
             "kernel_sparsity": _kernel_sparsity(actor),
@@ -559,14 +561,18 @@ def stage_evaluate(ctx: Context) -> dict[str, Any]:
         shipped = json.loads(export_info.read_text())
         rows[-1]["artifact_bytes"] = float(np.mean(shipped["bytes_per_seed"]))
         rows[-1]["export_exact"] = shipped["exact"]
+    random_per_seed = random_policy_returns(teacher_trainer.config, recipe.eval_episodes, keys)
+    random_iqm = rlog.iqm(random_per_seed)
     teacher = rows[0]
     for r in rows:
-        r["return_retained"] = r["return_iqm"] / teacher["return_iqm"] if teacher["return_iqm"] else float("nan")
+        r["return_retained"], r["retained_measure"] = retained(r["return_iqm"], teacher["return_iqm"], random_iqm)
         r["smaller_than_teacher"] = teacher["artifact_bytes"] / r["artifact_bytes"]
     out = ctx.stage_dir("evaluate")
     out.mkdir(parents=True, exist_ok=True)
     result = {
         "recipe": checkpoint.to_jsonable(recipe),
+        "random_policy_return_iqm": random_iqm,
+        "random_policy_return_per_seed": random_per_seed.tolist(),
         "rows": rows,
         "device": jax.devices()[0].device_kind,
         "latency_note": "one jitted forward of the actor, batch 1, float32 dense kernels on this host (masks "
@@ -577,17 +583,51 @@ def stage_evaluate(ctx: Context) -> dict[str, Any]:
     return {"rows": len(rows)}
 
 
+@dataclasses.dataclass(frozen=True)
+class RandomPolicy:
+    """Uniformly random actions, in the shape `make_evaluator` expects of a trainer."""
+
+    config: Any
+
+    def act(self, params: Params, obs_stats: Any, obs: jax.Array, key: jax.Array, greedy: bool) -> jax.Array:
+        env, env_params = envs.make_training_env(self.config.env, self.config.env_kwargs)
+        space = env.action_space(env_params)
+        return jax.vmap(space.sample)(jax.random.split(key, obs.shape[0]))
+
+
+def random_policy_returns(config: Any, episodes: int, keys: jax.Array) -> np.ndarray:
+    """Per-seed mean return of uniformly random actions (the floor of the "kept" measure)."""
+    evaluator = make_evaluator(RandomPolicy(config), episodes, greedy=False)  # type: ignore[arg-type]
+    returns = jax.jit(jax.vmap(lambda k: evaluator(None, None, k)))(keys)
+    return np.asarray(returns).mean(axis=1)
+
+
+def retained(value: float, teacher: float, random: float) -> tuple[float, str]:
+    """The fraction of the teacher's return a row keeps: value / teacher where returns are positive
+    (teacher and random policy above 0), else (value - random) / (teacher - random), so that a
+    negative-return task is measured from the random policy's floor. Returns (fraction, which)."""
+    if teacher > 0 and random >= 0:
+        return value / teacher, "ratio"
+    span = teacher - random
+    return ((value - random) / span if span else float("nan")), "over random"
+
+
 def verdicts(rows: list[dict[str, Any]]) -> list[str]:
     """The two targets of the pipeline, each decided by the figure printed beside it."""
     final, teacher = rows[-1], rows[0]
     keep = final["return_retained"]
     ratio = final["smaller_than_teacher"]
     return [
-        f"final student keeps {100 * keep:.1f}% of the teacher's return (IQM {final['return_iqm']:.1f} vs "
-        f"{teacher['return_iqm']:.1f}); target >= 90%: {'yes' if keep >= 0.9 else 'no'}",
+        f"final student keeps {100 * keep:.1f}% of the teacher's return ({final['retained_measure']}; IQM "
+        f"{final['return_iqm']:.1f} vs {teacher['return_iqm']:.1f}); target >= 90%: {'yes' if keep >= 0.9 else 'no'}",
         f"its file is {ratio:.1f}x smaller than the teacher's float32 actor file ({final['artifact_bytes']:,.0f} B vs "
         f"{teacher['artifact_bytes']:,.0f} B); target >= 50x: {'yes' if ratio >= 50 else 'no'}",
     ]
+
+
+def percent(x: float) -> str:
+    """A fraction as a percentage; n/a where it was not measured (NaN)."""
+    return "n/a" if np.isnan(x) else f"{100 * x:.1f}%"
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
@@ -597,7 +637,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     )
     body = "".join(
         f"| {r['name']} | {r['return_iqm']:.1f} [{r['return_ci95'][0]:.1f}, {r['return_ci95'][1]:.1f}] "
-        f"| {100 * r['return_retained']:.0f}% | {100 * r['agreement_with_teacher']:.1f}% | {r['params']:,} "
+        f"| {100 * r['return_retained']:.0f}% | {percent(r['agreement_with_teacher'])} | {r['params']:,} "
         f"| {r['nonzeros']:,} | {100 * r['kernel_sparsity']:.1f}% | {r['artifact_bytes']:,.0f} "
         f"| {r['smaller_than_teacher']:.1f}x | {r['flops']:,} | {r['latency_us']:.1f} |\n"
         for r in rows
@@ -613,8 +653,10 @@ def write_report(ctx: Context, rows: list[dict[str, Any]]) -> None:
         "",
         markdown_table(rows),
         *[f"- {v}" for v in verdicts(rows)],
-        f"- return: mean over {recipe.eval_episodes} episodes per seed, IQM over seeds; agreement: greedy actions "
-        "equal to the teacher's on states the teacher visits; params / non-zeros / FLOPs: the actor; file bytes: "
+        f"- return: mean over {recipe.eval_episodes} episodes per seed, IQM over seeds; kept: return / teacher's "
+        "return, or (return - random) / (teacher's - random) where returns are negative (random: uniformly random "
+        "actions); agreement: greedy actions equal to the teacher's on states the teacher visits (n/a for "
+        "continuous actions); params / non-zeros / FLOPs: the actor; file bytes: "
         "the actor as shipped (float32 dense, float32 sparse, or quantized sparse); latency: see table.json.",
         "",
         "![return against file size and learning curves](report.png)",
