@@ -161,3 +161,14 @@ def test_compress_prunes_quantizes_exports_and_reports(full_run: pathlib.Path, c
     assert compressed["artifact_bytes"] * 5 < original["artifact_bytes"]
     assert all(0.0 <= a <= 1.0 for a in compressed["greedy_agreement_per_seed"])
     assert sorted(p.name for p in out.glob("*.rlcx")) == ["seed_0.rlcx", "seed_1.rlcx"]
+
+
+def test_compressed_file_holds_exactly_the_evaluated_weights(full_run, tmp_path) -> None:
+    """The artifact is encoded once from the float weights: quantizing the already fake-quantized
+    weights a second time moved k-means centroids and uniform ranges (export_exact compares every
+    loaded weight with the evaluated one, bit for bit)."""
+    out = tmp_path / "kmeans4"
+    argv = ["compress", str(full_run), "--prune", "0.5", "--quant", "kmeans4", "--episodes", "2", "--out", str(out)]
+    assert main(argv) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rows"][1]["export_exact"] is True

@@ -216,9 +216,10 @@ def compress_run(
 
     # -- 3. weight quantization (fake-quantized floats = what the artifact holds) ----------------
     qspec = parse_quant(options.quant, options.activations, options.per_channel) if options.quant else None
-    compressed = []
+    compressed, floats = [], []
     for i in range(n_seeds):
         p, m = _seed(params, i), (None if masks is None else _seed(masks, i))
+        floats.append(p)  # what export encodes: quantizing once, from the float weights
         if qspec is not None:
             p = quant.quantize_tree(p, qspec, include=QUANT_INCLUDE, masks=m)
         elif m is not None:
@@ -247,8 +248,8 @@ def compress_run(
         agreement.append(float(np.mean(a_orig == a_new)))
         path = out_dir / f"seed_{i}.rlcx"
         sizes.append(
-            export_lib.export(
-                p,
+            export_lib.export(  # the float weights: quantizing the fake-quantized `p` again can move values
+                floats[i],
                 path,
                 masks=None if masks is None else _seed(masks, i),
                 qspec=qspec,
@@ -260,8 +261,12 @@ def compress_run(
                 meta={"algorithm": algorithm, "env": config.env, "seed": i, "options": dataclasses.asdict(options)},
             )
         )
-        if not options.activations:  # the artifact holds weights only; activations need the hooks
-            loaded = export_lib.load(path)
+        loaded = export_lib.load(path)  # the file holds exactly the evaluated weights
+        exact &= all(
+            np.array_equal(np.asarray(u), np.asarray(v))
+            for u, v in zip(jax.tree.leaves(loaded.params), jax.tree.leaves(p))
+        )
+        if not options.activations:  # with activation quantization the policy also needs the hooks
             exact &= bool(np.array_equal(np.asarray(loaded.policy(x)), a_new))
 
     # -- 5. the table rows -------------------------------------------------------------------------
