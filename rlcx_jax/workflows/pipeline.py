@@ -521,12 +521,20 @@ def stage_evaluate(ctx: Context) -> dict[str, Any]:
     teacher_actions = np.asarray(teacher_forward(state.params, x))
     batch1 = x[0][:1]
 
+    compiled: dict[Any, tuple[Any, Any, Any]] = {}  # one evaluator and forward per network (students share one)
+
+    def programs(trainer: Any, net: nets.NetConfig) -> tuple[Any, Any, Any]:
+        if net not in compiled:
+            forward = _greedy_forward(net, agent, head)
+            evaluator = jax.jit(jax.vmap(make_evaluator(trainer, recipe.eval_episodes, greedy)))
+            compiled[net] = (evaluator, forward, jax.jit(jax.vmap(forward)))
+        return compiled[net]
+
     def row(stage: str, trainer: Any, params: Params, masks: Params | None, net: nets.NetConfig, qspec: Any) -> dict:
-        evaluator = jax.jit(jax.vmap(make_evaluator(trainer, recipe.eval_episodes, greedy)))
+        evaluator, forward, batched_forward = programs(trainer, net)
         returns = np.asarray(evaluator(params, state.obs_stats, keys))
         per_seed = returns.mean(axis=1)
-        forward = _greedy_forward(net, agent, head)
-        actions = np.asarray(jax.jit(jax.vmap(forward))(params, x))
+        actions = np.asarray(batched_forward(params, x))
         actor = jax.tree.map(jnp.asarray, _policy_tree(_seed(params, 0), head, net))  # on device: no copy per call
         actor_masks = None if masks is None else _policy_tree(_seed(masks, 0), head, net)
         counted = size.count(actor, qspec.bits if qspec else 32)
@@ -548,12 +556,17 @@ def stage_evaluate(ctx: Context) -> dict[str, Any]:
         }
 
     rows = [row("teacher", teacher_trainer, state.params, None, spec.config.net, None)]
+    student_trainer = pd.make(recipe.distill_config(spec, recipe.distill_steps))
     for stage in STUDENT_STAGES:
         if stage not in recipe.stages:
             continue
         params, masks, info = load_student(ctx.stage_dir(stage))
         net = checkpoint.from_jsonable(nets.NetConfig, info["net"])
-        trainer = pd.make(recipe.distill_config(spec, recipe.distill_steps))
+        trainer = (
+            student_trainer
+            if net == student_trainer.config.net
+            else pd.make(dataclasses.replace(student_trainer.config, net=net))
+        )
         qspec = parse_quant(info["quant"]) if "quant" in info else None
         rows.append(row(stage, trainer, params, masks, net, qspec))
     export_info = ctx.stage_dir("export") / "export.json"
