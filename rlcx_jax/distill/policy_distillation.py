@@ -266,12 +266,10 @@ def _update(agent: Agent, teacher_apply: Any, state: DistillState) -> tuple[Dist
         grads, aux = grad_fn(params, mb, state.ext, hp.ext, hp, agent.apply, config, discrete)
         return agent.gradient_step(params, opt_state, hp, grads), aux
 
-    def epoch(carry: tuple[Any, Any], perm: jax.Array) -> tuple[tuple[Any, Any], Any]:
-        minibatches = jax.tree.map(lambda x: jnp.reshape(x[perm], (config.num_minibatches, -1) + x.shape[1:]), batch)
-        return jax.lax.scan(minibatch_step, carry, minibatches)
-
     perms = prng.permutations(key_epochs, config.steps_per_update, config.update_epochs)
-    (params, opt_state), (aux, ext_aux) = jax.lax.scan(epoch, (state.params, state.opt_state), perms)
+    (params, opt_state), (aux, ext_aux) = common.minibatch_epochs(
+        minibatch_step, (state.params, state.opt_state), batch, perms, config.num_minibatches
+    )
     aux, ext_aux = jax.tree.map(jnp.mean, aux), common.mean_ext_aux(ext_aux)
     loss = aux.policy_loss + hp.value_coef * aux.value_loss
     loss = loss + sum((term["value"] for term in ext_aux.values()), jnp.zeros(()))

@@ -466,6 +466,20 @@ def scan_updates(update_fn: Callable[[S], tuple[S, M]], state: S, num_updates: i
     return jax.lax.scan(block, state, None, length=num_updates // log_every)
 
 
+def minibatch_epochs(
+    step: Callable[[Any, Any], tuple[Any, Any]], carry: Any, batch: Any, perms: jax.Array, num_minibatches: int
+) -> tuple[Any, Any]:
+    """One pass over a flat batch per row of `perms` (a permutation each), in `num_minibatches`
+    minibatches: `step(carry, minibatch) -> (carry, aux)` scanned over minibatches, then over epochs.
+    Every leaf of `batch` (extras included) is shuffled and split along its leading axis."""
+
+    def epoch(c: Any, perm: jax.Array) -> tuple[Any, Any]:
+        minibatches = jax.tree.map(lambda x: jnp.reshape(x[perm], (num_minibatches, -1) + x.shape[1:]), batch)
+        return jax.lax.scan(step, c, minibatches)
+
+    return jax.lax.scan(epoch, carry, perms)
+
+
 def tree_stack(trees: list[Any]) -> Any:
     return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
 

@@ -17,7 +17,7 @@ from flax import struct
 
 from rlcx_jax import prng
 from rlcx_jax.rl import onpolicy
-from rlcx_jax.rl.common import Hooks, Trainer, TrainState, mean_ext_aux, next_keys
+from rlcx_jax.rl.common import Hooks, Trainer, TrainState, mean_ext_aux, minibatch_epochs, next_keys
 from rlcx_jax.rl.losses import PolicyBatch, ppo_loss
 from rlcx_jax.rl.onpolicy import OnPolicyMetrics
 
@@ -87,12 +87,9 @@ def _update(agent: onpolicy.Agent, state: PPOState) -> tuple[PPOState, OnPolicyM
         grads, aux = grad_fn(params, mb, state.ext, hp.ext, hp, agent.apply, agent.spec, config.clip_value_loss)
         return agent.gradient_step(params, opt_state, hp, grads), aux
 
-    def epoch(carry: tuple[Any, Any], perm: jax.Array) -> tuple[tuple[Any, Any], Any]:
-        minibatches = jax.tree.map(lambda x: jnp.reshape(x[perm], (config.num_minibatches, -1) + x.shape[1:]), batch)
-        return jax.lax.scan(minibatch_step, carry, minibatches)
-
-    (params, opt_state), (aux, ext_aux) = jax.lax.scan(
-        epoch, (state.params, state.opt_state), _epoch_permutations(key_epochs, config)
+    perms = _epoch_permutations(key_epochs, config)
+    (params, opt_state), (aux, ext_aux) = minibatch_epochs(
+        minibatch_step, (state.params, state.opt_state), batch, perms, config.num_minibatches
     )
     aux, ext_aux = jax.tree.map(jnp.mean, aux), mean_ext_aux(ext_aux)
     loss = aux.policy_loss + hp.vf_coef * aux.value_loss - hp.ent_coef * aux.entropy
