@@ -493,7 +493,7 @@ def _recipe_path(argv: list[str]) -> str:
 
 
 def run_pipeline_command(argv: Sequence[str]) -> list[dict[str, Any]]:
-    argv = ["--from-stage" if a == "--from" else a for a in argv]
+    argv = ["--from-stage" if a == "--from" else a.replace("--from=", "--from-stage=", 1) for a in argv]
     path = _recipe_path(argv)
     base = pipeline.load_recipe(pathlib.Path(path) if path else None)
     default = PipelineArgs(**{f.name: getattr(base, f.name) for f in dataclasses.fields(pipeline.Recipe)})

@@ -173,7 +173,9 @@ class TestDistillationLoop:
         for a, b in zip(jax.tree.leaves(lane0), jax.tree.leaves(out.state.params)):
             np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
         single = train(keys[1], hparams.replace(temperature=jnp.float32(3.0)), teacher)
-        for a, b in zip(jax.tree.leaves(jax.tree.map(lambda x: x[1], swept.state.params)), jax.tree.leaves(single.state.params)):
+        for a, b in zip(
+            jax.tree.leaves(jax.tree.map(lambda x: x[1], swept.state.params)), jax.tree.leaves(single.state.params)
+        ):
             np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
 
     def test_determinism(self, distilled):
@@ -187,6 +189,52 @@ class TestDistillationLoop:
         other = pd.Teacher(jax.tree.map(lambda x: x[..., :1], teacher.params), teacher.obs_stats)
         with pytest.raises(ValueError, match="do not fit teacher_net"):
             jax.eval_shape(trainer.init, jax.random.PRNGKey(0), hparams, other)
+
+
+def test_q_value_teacher_distils_with_rusus_kl(runs):
+    """A DQN teacher, Rusu's KL with tau = 0.01, a 16x16 student: greedy returns close to the teacher's."""
+    teacher_run = runs.get("dqn-cartpole")
+    config = pd.DistillConfig(
+        teacher_algorithm="dqn",
+        teacher_net=teacher_run.config.net,
+        net=nets.NetConfig(hidden=(16, 16)),
+        total_timesteps=20_480,
+        log_every=5,
+    )
+    trainer = pd.make(config)
+    assert trainer.agent.network.layout(config.net).groups("q_head") == ("q_head",)  # the teacher's head
+    teacher = pd.Teacher(teacher_run.out.state.params, teacher_run.out.state.obs_stats)
+    out = jax.jit(trainer.train)(jax.random.PRNGKey(2), f32(pd.DistillHParams(temperature=0.01)), teacher)
+    key = jax.random.PRNGKey(11)
+    teacher_return = float(
+        jax.jit(make_evaluator(teacher_run.trainer, 32, greedy=True))(teacher.params, teacher.obs_stats, key).mean()
+    )
+    student_return = float(
+        jax.jit(make_evaluator(trainer, 32, greedy=True))(out.state.params, teacher.obs_stats, key).mean()
+    )
+    assert teacher_return > 100 and student_return >= 0.8 * teacher_return, (student_return, teacher_return)
+    assert float(out.metrics.aux.agreement[-1]) > 0.8
+
+
+def test_gaussian_teacher_distils_without_nan(runs):
+    """Continuous actions: Gaussian KL and the value term train; agreement is not defined (NaN)."""
+    teacher_run = runs.get("ppo-pendulum")
+    config = pd.DistillConfig(
+        env="Pendulum-v1",
+        teacher_net=teacher_run.config.net,
+        net=nets.NetConfig(hidden=(8, 8)),
+        num_envs=4,
+        num_steps=32,
+        total_timesteps=256,
+        log_every=1,
+    )
+    trainer = pd.make(config)
+    teacher = pd.Teacher(teacher_run.out.state.params, teacher_run.out.state.obs_stats)
+    out = jax.jit(trainer.train)(jax.random.PRNGKey(0), f32(pd.DistillHParams()), teacher)
+    loss = np.asarray(out.metrics.loss)
+    assert np.all(np.isfinite(loss)) and loss[-1] < loss[0]
+    assert np.all(np.isnan(np.asarray(out.metrics.aux.agreement)))
+    assert out.state.params["log_std"].shape == (1,)
 
 
 BAD_DISTILL = [

@@ -85,7 +85,11 @@ class TestTinyPipeline:
         assert pruned["kernel_sparsity"] == pytest.approx(0.8, abs=0.02)
         assert pruned["nonzeros"] < student["nonzeros"]
         # (an 8x8 net is too small for int8 to beat sparse float32: per-tensor scales and headers dominate)
-        assert max(shipped["artifact_bytes"], pruned["artifact_bytes"]) < student["artifact_bytes"] < teacher["artifact_bytes"]
+        assert (
+            max(shipped["artifact_bytes"], pruned["artifact_bytes"])
+            < student["artifact_bytes"]
+            < teacher["artifact_bytes"]
+        )
         assert shipped["export_exact"] is True
         exported = json.loads((run_dir / "export" / "export.json").read_text())
         assert shipped["artifact_bytes"] == pytest.approx(sum(exported["bytes_per_seed"]) / 2)
@@ -113,11 +117,28 @@ class TestTinyPipeline:
         assert table["recipe"]["qat_steps"] == 2048 and table["rows"][-1]["export_exact"] is True
         assert table["rows"][-1]["kernel_sparsity"] == pytest.approx(0.8, abs=0.02)  # the masks held under QAT
 
-    def test_another_recipe_in_the_same_directory_is_refused(self, tiny, capsys):
+    def test_changed_settings_of_a_finished_stage_are_refused(self, tiny, capsys):
         run_dir, recipe_file = tiny[0], tiny[1]
         rc = main(["pipeline", "--recipe", str(recipe_file), "--out", str(run_dir), "--sparsity", "0.5"])
         assert rc == 2
-        assert "another recipe" in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert "Stage prune" in err and "other settings (sparsity" in err and "--from prune" in err
+
+    def test_zz_a_stage_that_starts_again_invalidates_every_later_one(self, tiny):
+        """(Runs last in the class: it leaves the run unfinished.) Killed as a re-run of distill starts:
+        no later stage may count as done, so the next run cannot reuse artifacts made from the old student."""
+        run_dir, recipe_file = tiny[0], tiny[1]
+
+        def kill_at_distill(message: str) -> None:
+            if message.startswith("distill: running"):
+                raise _Killed
+
+        recipe = pipeline.load_recipe(recipe_file, {"qat_steps": 2048})
+        with pytest.raises(_Killed):
+            pipeline.run_pipeline(recipe, run_dir, from_stage="distill", log=kill_at_distill)
+        done = [s for s in pipeline.STAGES if (run_dir / s / pipeline.DONE_FILE).is_file()]
+        assert done == ["teacher"]
+        assert pipeline.plan(pipeline.Context(recipe, run_dir, print), None)[0] == "distill"
 
     def test_teacher_for_another_environment_is_refused(self, tiny, capsys, tmp_path):
         teacher = tiny[0] / "teacher"
@@ -137,6 +158,32 @@ def test_retained_is_a_ratio_for_positive_returns_and_measured_from_random_other
     assert pipeline.retained(-200.0, -100.0, -500.0)[0] < 1.0
 
 
+def _fake_run(run_dir: pathlib.Path, recipe: pipeline.Recipe) -> pipeline.Context:
+    """Done markers of every stage with `recipe`'s settings (no artifacts)."""
+    for stage in recipe.stages:
+        (run_dir / stage).mkdir(parents=True)
+        settings = pipeline.stage_settings(recipe, stage)
+        (run_dir / stage / pipeline.DONE_FILE).write_text(json.dumps({"settings": settings}))
+    return pipeline.Context(recipe, run_dir, print)
+
+
+def test_plan_reruns_from_the_first_unfinished_or_changed_stage(tmp_path):
+    recipe = pipeline.Recipe()
+    ctx = _fake_run(tmp_path, recipe)
+    assert pipeline.plan(ctx, None) == []
+    assert pipeline.plan(ctx, "quantize") == ["quantize", "export", "evaluate"]
+    (tmp_path / "prune" / pipeline.DONE_FILE).unlink()  # killed inside prune: prune and every later stage
+    assert pipeline.plan(ctx, None) == ["prune", "quantize", "export", "evaluate"]
+    hotter = pipeline.Context(pipeline.Recipe(temperature=2.0), tmp_path, print)
+    with pytest.raises(pipeline.PipelineError, match=r"Stage distill .* \(temperature\); pass --from distill"):
+        pipeline.plan(hotter, None)
+    with pytest.raises(pipeline.PipelineError, match=r"--from distill \(not --from export\)"):
+        pipeline.plan(hotter, "export")
+    assert pipeline.plan(hotter, "distill") == ["distill", "prune", "quantize", "export", "evaluate"]
+    # evaluation settings concern the evaluate stage only
+    assert pipeline.plan(pipeline.Context(pipeline.Recipe(eval_episodes=8), tmp_path, print), "prune")[0] == "prune"
+
+
 BAD = [
     (["--stages", "teacher", "distil"], "Unknown stage 'distil'. Did you mean 'distill'?"),
     (["--stages", "distill", "teacher"], "stages must be in pipeline order"),
@@ -149,6 +196,8 @@ BAD = [
     (["--teacher", "/nonexistent/run", "--stages", "distill"], "is not a run directory"),
     (["--from", "prune", "--stages", "teacher", "distill"], "--from 'prune': not one of this recipe's stages"),
     (["--quant", "int99"], "bits"),
+    (["--distill-steps", "100"], "Stage distill: total_timesteps (100) is smaller than one update"),
+    (["--env", "Pendulum-v1", "--teacher-algorithm", "dqn"], "A Q-network needs a discrete action space"),
 ]
 
 
@@ -162,6 +211,10 @@ def test_bad_input_fails_in_one_line_before_training(argv, message, tmp_path, ca
 
 
 def test_recipe_file_errors(tmp_path, capsys):
+    typed = tmp_path / "typed.toml"
+    typed.write_text('seeds = "two"\n')
+    assert main(["pipeline", "--recipe", str(typed), "--out", str(tmp_path / "r")]) == 2
+    assert "recipe field seeds must look like 4, got 'two'" in capsys.readouterr().err
     bad = tmp_path / "bad.toml"
     bad.write_text("sparsityy = 0.5\n")
     assert main(["pipeline", "--recipe", str(bad), "--out", str(tmp_path / "r")]) == 2

@@ -446,6 +446,14 @@ def export(
     return _write_atomic(os.fspath(path), data)
 
 
+def same_parameters(a: Any, b: Any) -> bool:
+    """Two parameter trees with the same paths and bit-identical arrays at every path."""
+    flat_a, flat_b = flatten_with_paths(a), flatten_with_paths(b)
+    return flat_a.keys() == flat_b.keys() and all(
+        np.array_equal(np.asarray(flat_a[k]), np.asarray(flat_b[k])) for k in flat_a
+    )
+
+
 def dense_float32_bytes(params: Any, **metadata: Any) -> int:
     """Bytes of the uncompressed baseline: the same file format, every leaf dense float32.
 

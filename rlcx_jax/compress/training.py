@@ -101,6 +101,8 @@ class CompressConfig(Extension):
     """Quantizer: uniform, log or kmeans."""
     qat_per_channel: bool = True
     """One quantization range per output channel instead of per tensor."""
+    qat_symmetric: bool = True
+    """Symmetric integer grid (int<b>); False: asymmetric with a zero point (uint<b>)."""
     qat_activations: bool = True
     """Also fake-quantize layer inputs."""
     qat_activation_range: str = "sample"
@@ -132,7 +134,9 @@ class CompressConfig(Extension):
             )
 
     def qat_spec(self) -> quant.QuantSpec:
-        return quant.QuantSpec(scheme=self.qat_scheme, bits=self.qat_bits, per_channel=self.qat_per_channel)
+        return quant.QuantSpec(
+            scheme=self.qat_scheme, bits=self.qat_bits, symmetric=self.qat_symmetric, per_channel=self.qat_per_channel
+        )
 
     def default_hparams(self) -> CompressHParams:
         return CompressHParams()

@@ -110,8 +110,11 @@ class DistillTerm(Extension):
             per_sample = losses.policy_distillation_loss(
                 loss, q_teacher, discrete, student, teacher, jnp.asarray(hparams.temperature)
             )
-            agree = jnp.argmax(student, axis=-1) == jnp.argmax(teacher, axis=-1)
-            aux = {"loss": jnp.mean(per_sample), "agreement": jnp.mean(agree.astype(jnp.float32))}
+            if discrete:
+                agreement = jnp.mean((jnp.argmax(student, axis=-1) == jnp.argmax(teacher, axis=-1)).astype(jnp.float32))
+            else:  # no greedy-action agreement for continuous actions
+                agreement = jnp.full((), jnp.nan)
+            aux = {"loss": jnp.mean(per_sample), "agreement": agreement}
             return hparams.coef * aux["loss"], aux
 
         return term

@@ -17,7 +17,9 @@ mixture). The teacher's outputs on the collected observations are computed once;
 with `loss` one of `distill.losses.LOSSES` (the value term for actor-critic networks only). The
 student has the teacher's head (actor-critic or Q) with its own `NetConfig`, sees the observations
 exactly as the teacher does (the teacher's frozen normalisation statistics), and is therefore a
-drop-in parameter tree for the teacher's algorithm, evaluator, compression and export. Extensions
+drop-in parameter tree for the teacher's evaluator, compression and export, and for its algorithm's
+fine-tuning (except a Q-value teacher's student trained with kl or nll: its outputs are the logits
+of the teacher's sharpened policy, not Q-values). Extensions
 (`config.extensions`: gradual pruning, QAT) work here as in any algorithm, so pruning or
 quantization can be learned under distillation. Everything runs in one `lax.scan`; `jit` and
 `vmap` over seeds, hyperparameters (temperature, learning rate, mixture) and teachers.
@@ -209,7 +211,7 @@ def distillation_loss(
 
 def teacher_fraction(config: DistillConfig, hparams: DistillHParams, update_step: jax.Array) -> jax.Array:
     """beta at this update: linear from start (first update) to end (last update)."""
-    frac = update_step.astype(jnp.float32) / max(config.num_updates - 1, 1)
+    frac = jnp.clip(update_step.astype(jnp.float32) / max(config.num_updates - 1, 1), 0.0, 1.0)
     return hparams.teacher_fraction_start + (hparams.teacher_fraction_end - hparams.teacher_fraction_start) * frac
 
 

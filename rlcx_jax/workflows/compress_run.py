@@ -262,10 +262,7 @@ def compress_run(
             )
         )
         loaded = export_lib.load(path)  # the file holds exactly the evaluated weights
-        exact &= all(
-            np.array_equal(np.asarray(u), np.asarray(v))
-            for u, v in zip(jax.tree.leaves(loaded.params), jax.tree.leaves(p))
-        )
+        exact &= export_lib.same_parameters(loaded.params, p)
         if not options.activations:  # with activation quantization the policy also needs the hooks
             exact &= bool(np.array_equal(np.asarray(loaded.policy(x)), a_new))
 

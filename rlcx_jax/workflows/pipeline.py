@@ -30,7 +30,7 @@ import time
 import tomllib
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -114,6 +114,7 @@ class Recipe:
 
     # -- validation (plain Python: runs before anything is traced) ------------------------------
     def validate(self) -> None:
+        check_types(self)
         check_stages(self.stages)
         envs.check_env_name(self.env)
         rl.get(self.teacher_algorithm)
@@ -181,6 +182,23 @@ class Recipe:
         )
 
 
+def check_types(recipe: Recipe) -> None:
+    """Each field has its default's type (a TOML file can hold anything): one-line error otherwise."""
+    for f in dataclasses.fields(recipe):
+        value, default = getattr(recipe, f.name), cast(Any, f.default)
+        if isinstance(default, bool) or isinstance(default, str):
+            ok = isinstance(value, type(default))
+        elif isinstance(default, int):
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif isinstance(default, float):
+            ok = isinstance(value, int | float) and not isinstance(value, bool)
+        else:  # a tuple of ints or of strings
+            kind = type(default[0]) if default else int
+            ok = isinstance(value, tuple) and all(isinstance(v, kind) and not isinstance(v, bool) for v in value)
+        if not ok:
+            raise PipelineError(f"recipe field {f.name} must look like {default!r}, got {value!r}")
+
+
 def check_stages(stages: tuple[str, ...]) -> None:
     """Known stage names, each once, in pipeline order."""
     if not stages:
@@ -213,9 +231,11 @@ def load_recipe(path: pathlib.Path | None, overrides: dict[str, Any] | None = No
             hint = f" Did you mean {close[0]!r}?" if close else ""
             raise PipelineError(f"Unknown recipe key {key!r}.{hint}")
     try:
-        return checkpoint.from_jsonable(Recipe, data)
+        recipe = checkpoint.from_jsonable(Recipe, data)
     except (TypeError, ValueError) as e:
         raise PipelineError(f"Bad recipe value: {e}") from None
+    check_types(recipe)
+    return recipe
 
 
 # ----------------------------------------------------------------------------------------------
@@ -396,6 +416,7 @@ def stage_quantize(ctx: Context) -> dict[str, Any]:
             qat_bits=qspec.bits,
             qat_scheme=qspec.scheme,
             qat_per_channel=qspec.per_channel,
+            qat_symmetric=qspec.symmetric,
             qat_activations=False,  # the artifact holds weights; activations stay float
         )
         config = recipe.distill_config(spec, recipe.qat_steps, (compress,))
@@ -442,10 +463,7 @@ def stage_export(ctx: Context) -> dict[str, Any]:
         )
         loaded = export_lib.load(path)
         x = _prep(agent, _seed(state.obs_stats, i), obs[i])
-        same_params = all(
-            np.array_equal(np.asarray(a), np.asarray(b))
-            for a, b in zip(jax.tree.leaves(loaded.params), jax.tree.leaves(jax.tree.map(np.asarray, actor)))
-        )
+        same_params = export_lib.same_parameters(loaded.params, actor)
         exact &= same_params and bool(np.array_equal(np.asarray(loaded.policy(x)), np.asarray(forward(actor, x))))
     teacher_actor = _policy_tree(_seed(state.params, 0), head, spec.config.net)
     teacher_bytes = export_lib.dense_float32_bytes(
@@ -570,8 +588,8 @@ def stage_evaluate(ctx: Context) -> dict[str, Any]:
         qspec = parse_quant(info["quant"]) if "quant" in info else None
         rows.append(row(stage, trainer, params, masks, net, qspec))
     export_info = ctx.stage_dir("export") / "export.json"
-    if export_info.is_file():  # the shipped files themselves, not a re-export
-        shipped = json.loads(export_info.read_text())
+    shipped = json.loads(export_info.read_text()) if "export" in recipe.stages and export_info.is_file() else None
+    if shipped is not None and shipped["source_stage"] == rows[-1]["stage"]:  # the shipped files themselves
         rows[-1]["artifact_bytes"] = float(np.mean(shipped["bytes_per_seed"]))
         rows[-1]["export_exact"] = shipped["exact"]
     random_per_seed = random_policy_returns(teacher_trainer.config, recipe.eval_episodes, keys)
@@ -703,7 +721,7 @@ def plot_report(ctx: Context, rows: list[dict[str, Any]], path: pathlib.Path) ->
     ax_size.set_title("return against size")
     ax_size.legend(fontsize=7, loc="lower left")
     offset = 0.0
-    for stage in ("teacher", *STUDENT_STAGES):
+    for stage in ("teacher", *[s for s in STUDENT_STAGES if s in ctx.recipe.stages]):
         stage_rows = rlog.read_rows(ctx.teacher_dir() if stage == "teacher" else ctx.stage_dir(stage))
         if not stage_rows:
             continue
@@ -761,11 +779,77 @@ def _check_inputs(ctx: Context, will_run: list[str]) -> None:
             _check_teacher(ctx, checkpoint.read_run_spec(teacher_dir))
         except checkpoint.CheckpointError as e:
             raise PipelineError(f"Bad teacher artifact: {e}") from None
+    # every configuration a stage will build, built now (a bad one fails here, not after hours)
+    teacher_spec = recipe.teacher_run_spec() if "teacher" in will_run else checkpoint.read_run_spec(ctx.teacher_dir())
+    steps = {"distill": recipe.distill_steps, "prune": recipe.prune_steps, "quantize": recipe.qat_steps}
+    for stage, n in steps.items():
+        if stage in will_run and n > 0:
+            try:
+                recipe.distill_config(teacher_spec, n).validate()
+            except ValueError as e:
+                raise PipelineError(f"Stage {stage}: {e}") from None
     for stage in will_run:
         if stage in ("prune", "quantize", "export"):
             source = latest_student_stage(ctx, stage)
             if source not in will_run and not (ctx.stage_dir(source) / STUDENT_FILE).is_file():
                 raise PipelineError(f"Stage {stage} needs {ctx.stage_dir(source) / STUDENT_FILE}: run {source} first")
+
+
+# The recipe fields each stage's artifacts depend on (cumulative: a stage depends on every earlier one).
+STAGE_FIELDS: dict[str, tuple[str, ...]] = {
+    "teacher": ("env", "seeds", "seed", "teacher", "teacher_algorithm", "teacher_hidden", "teacher_steps"),
+    "distill": (
+        "student_hidden",
+        "distill_steps",
+        "loss",
+        "temperature",
+        "teacher_fraction_start",
+        "teacher_fraction_end",
+    ),
+    "prune": ("sparsity", "prune_steps"),
+    "quantize": ("quant", "qat_steps"),
+    "export": (),
+    "evaluate": ("eval_episodes", "stages"),
+}
+
+
+def stage_settings(recipe: Recipe, stage: str) -> dict[str, Any]:
+    """The recipe's values of every field `stage`'s artifacts depend on (its own and earlier stages')."""
+    names = [n for s in STAGES[: STAGES.index(stage) + 1] for n in STAGE_FIELDS[s]]
+    if stage in ("prune", "quantize", "export", "evaluate"):  # which student stages came before matters too
+        names.append("stages")
+    return {n: checkpoint.to_jsonable(getattr(recipe, n)) for n in dict.fromkeys(names)}
+
+
+def stage_status(ctx: Context, stage: str) -> tuple[str, list[str]]:
+    """("done" | "missing" | "changed", the changed field names) of a stage in the run directory."""
+    marker = ctx.stage_dir(stage) / DONE_FILE
+    if not marker.is_file():
+        return "missing", []
+    stored = json.loads(marker.read_text()).get("settings", {})
+    current = stage_settings(ctx.recipe, stage)
+    changed = [k for k in current if stored.get(k) != current[k]]
+    return ("changed", changed) if changed else ("done", [])
+
+
+def plan(ctx: Context, from_stage: str | None) -> list[str]:
+    """The stages to run: from `from_stage` (or the first stage not done) to the end. A finished
+    stage whose settings differ from the recipe's is an error unless `--from` re-runs it."""
+    stages = ctx.recipe.stages
+    start = stages.index(from_stage) if from_stage else len(stages)
+    for i, stage in enumerate(stages[:start]):
+        status, changed = stage_status(ctx, stage)
+        if status == "changed":
+            fields = ", ".join(changed)
+            hint = f"--from {stage}" if from_stage is None else f"--from {stage} (not --from {from_stage})"
+            raise PipelineError(
+                f"Stage {stage} in {ctx.run_dir} ran with other settings ({fields}); pass {hint} to re-run it and "
+                "every later stage, or choose another --out"
+            )
+        if status == "missing":
+            start = i
+            break
+    return list(stages[start:])
 
 
 def run_pipeline(
@@ -774,33 +858,30 @@ def run_pipeline(
     from_stage: str | None = None,
     log: Callable[[str], None] = print,
 ) -> list[dict[str, Any]]:
-    """Run (or resume) the recipe's stages in `run_dir`; returns the evaluation table's rows."""
+    """Run (or resume) the recipe's stages in `run_dir`; returns the evaluation table's rows.
+
+    Stages before the first unfinished one (or before `from_stage`) are reused when their settings
+    match the recipe's; that stage and every later one run again."""
     recipe.validate()
     run_dir = pathlib.Path(run_dir)
     if from_stage is not None and from_stage not in recipe.stages:
         raise PipelineError(f"--from {from_stage!r}: not one of this recipe's stages {list(recipe.stages)}")
     if run_dir.exists() and not run_dir.is_dir():
         raise PipelineError(f"{run_dir} exists and is not a directory")
-    recipe_json = checkpoint.to_jsonable(recipe)
     stored = run_dir / RECIPE_FILE
-    if stored.is_file() and json.loads(stored.read_text()) != recipe_json and from_stage is None:
-        raise PipelineError(
-            f"{run_dir} holds a pipeline with another recipe; pass --from STAGE to re-run from a stage with this one, "
-            "or choose another --out"
-        )
     ctx = Context(recipe, run_dir, log)
-    forced = recipe.stages[recipe.stages.index(from_stage) :] if from_stage else ()
-    will_run = [s for s in recipe.stages if s in forced or not ctx.done(s)]
+    will_run = plan(ctx, from_stage)
     _check_inputs(ctx, will_run)
     run_dir.mkdir(parents=True, exist_ok=True)
-    checkpoint.atomic_write_text(stored, json.dumps(recipe_json, indent=2) + "\n")
+    checkpoint.atomic_write_text(stored, json.dumps(checkpoint.to_jsonable(recipe), indent=2) + "\n")
+    for stage in will_run:  # later stages are stale from now on, even if this run is killed
+        (ctx.stage_dir(stage) / DONE_FILE).unlink(missing_ok=True)
     for stage in recipe.stages:
         if stage not in will_run:
             log(f"{stage}: done earlier, skipped")
             _log_event(run_dir, {"stage": stage, "event": "skipped", "time": time.time()})
             continue
         marker = ctx.stage_dir(stage) / DONE_FILE
-        marker.unlink(missing_ok=True)
         if stage != "teacher":
             rlog_file = ctx.stage_dir(stage) / rlog.METRICS_FILE
             rlog_file.unlink(missing_ok=True)
@@ -810,7 +891,14 @@ def run_pipeline(
         _log_event(run_dir, {"stage": stage, "event": "started", "time": started})
         info = STAGE_FUNCTIONS[stage](ctx)
         finished = time.time()
-        done = {"stage": stage, "started": started, "finished": finished, "seconds": finished - started, **info}
+        done = {
+            "stage": stage,
+            "started": started,
+            "finished": finished,
+            "seconds": finished - started,
+            "settings": stage_settings(recipe, stage),
+            **info,
+        }
         checkpoint.atomic_write_text(marker, json.dumps(done, indent=2) + "\n")
         _log_event(run_dir, {"stage": stage, "event": "finished", "time": finished, "seconds": finished - started})
     table = ctx.stage_dir("evaluate") / "table.json"
