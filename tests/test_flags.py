@@ -34,7 +34,7 @@ PRUNE_A = ["--prune-schedule", "gradual", "--prune-distribution", "erk", "--prun
            "--prune-exclude", ".*Conv_0/.*", "--sparsity", "0.5"]
 PRUNE_B = ["--prune-schedule", "oneshot", "--prune-distribution", "global", "--sparsity", "0.3"]
 QAT_A = ["--qat-bits", "6", "--qat-scheme", "log", "--no-qat-per-channel", "--no-qat-activations"]
-QAT_B = ["--qat-bits", "8", "--qat-activation-range", "tensor"]
+QAT_B = ["--qat-bits", "8", "--qat-activation-range", "tensor", "--no-qat-symmetric"]
 NET_A = ["--net-hidden", "16", "--net-activation", "gelu", "--no-net-separate-critic"]
 NET_B = ["--net-hidden", "8", "8", "--net-activation", "elu"]
 ON_POLICY_A = ["--num-envs", "2", "--num-steps", "4", "--log-every", "3", "--prng-impl", "unsafe_rbg",
