@@ -13,11 +13,12 @@ from rlcx_jax.workflows import pipeline
 TINY = """
 seeds = 2
 teacher_hidden = [32, 32]
-teacher_steps = 30000
+teacher_steps = 15000
 student_hidden = [8, 8]
 distill_steps = 8192
 prune_steps = 8192
 sparsity = 0.8
+qat_steps = 2048
 eval_episodes = 16
 """
 
@@ -103,19 +104,23 @@ class TestTinyPipeline:
         report = (run_dir / "evaluate" / "report.md").read_text()
         assert "target >= 90%" in report and "target >= 50x" in report
 
-    def test_from_stage_reruns_that_stage_and_later_ones_with_qat(self, tiny):
-        run_dir, recipe_file = tiny[0], tiny[1]
-        n = len(_events(run_dir))
-        argv = ["pipeline", "--recipe", str(recipe_file), "--out", str(run_dir), "--from", "quantize"]
-        assert main([*argv, "--qat-steps", "2048"]) == 0  # a changed recipe is accepted with --from
-        events = _events(run_dir)[n:]
-        assert [e["stage"] for e in events if e["event"] == "skipped"] == ["teacher", "distill", "prune"]
-        assert [e["stage"] for e in events if e["event"] == "finished"] == ["quantize", "export", "evaluate"]
+    def test_quantization_aware_distillation_kept_the_masks(self, tiny):
+        run_dir = tiny[0]
         qat_rows = pipeline.rlog.read_rows(run_dir / "quantize")  # quantization-aware distillation ran
         assert len(qat_rows) > 0 and all("aux/agreement" in r for r in qat_rows)
         table = json.loads((run_dir / "evaluate" / "table.json").read_text())
         assert table["recipe"]["qat_steps"] == 2048 and table["rows"][-1]["export_exact"] is True
         assert table["rows"][-1]["kernel_sparsity"] == pytest.approx(0.8, abs=0.02)  # the masks held under QAT
+
+    def test_from_stage_reruns_that_stage_and_later_ones(self, tiny):
+        run_dir, recipe_file = tiny[0], tiny[1]
+        n = len(_events(run_dir))
+        argv = ["pipeline", "--recipe", str(recipe_file), "--out", str(run_dir), "--from", "export"]
+        assert main([*argv, "--eval-episodes", "8"]) == 0  # a changed setting of a re-run stage is accepted
+        events = _events(run_dir)[n:]
+        assert [e["stage"] for e in events if e["event"] == "skipped"] == ["teacher", "distill", "prune", "quantize"]
+        assert [e["stage"] for e in events if e["event"] == "finished"] == ["export", "evaluate"]
+        assert json.loads((run_dir / "evaluate" / "table.json").read_text())["recipe"]["eval_episodes"] == 8
 
     def test_changed_settings_of_a_finished_stage_are_refused(self, tiny, capsys):
         run_dir, recipe_file = tiny[0], tiny[1]
@@ -133,7 +138,7 @@ class TestTinyPipeline:
             if message.startswith("distill: running"):
                 raise _Killed
 
-        recipe = pipeline.load_recipe(recipe_file, {"qat_steps": 2048})
+        recipe = pipeline.load_recipe(recipe_file, {"temperature": 2.0})
         with pytest.raises(_Killed):
             pipeline.run_pipeline(recipe, run_dir, from_stage="distill", log=kill_at_distill)
         done = [s for s in pipeline.STAGES if (run_dir / s / pipeline.DONE_FILE).is_file()]
