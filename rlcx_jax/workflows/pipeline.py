@@ -108,7 +108,8 @@ class Recipe:
     quant: str = "int8"
     """Weight quantization of the shipped student: int<b>, uint<b>, log<b> or kmeans<b>."""
     qat_steps: int = 0
-    """Environment steps of quantization-aware distillation before quantizing (0: post-training only)."""
+    """Steps of quantization-aware distillation before quantizing (0: post-training only); kernels train on
+    the shipped grid, biases are quantized after training."""
     eval_episodes: int = 32
     """Evaluation episodes per seed."""
 
