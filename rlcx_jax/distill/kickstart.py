@@ -60,8 +60,7 @@ class DistillTerm(Extension):
     def teacher_head(self) -> str:
         from rlcx_jax import rl
 
-        config_cls: Any = rl.get(self.teacher_algorithm).config_cls
-        return str(config_cls.HEAD)
+        return rl.head(self.teacher_algorithm)
 
     def validate(self) -> None:
         self.teacher_head()  # unknown algorithm: one-line error
@@ -110,11 +109,7 @@ class DistillTerm(Extension):
             per_sample = losses.policy_distillation_loss(
                 loss, q_teacher, discrete, student, teacher, jnp.asarray(hparams.temperature)
             )
-            if discrete:
-                agreement = jnp.mean((jnp.argmax(student, axis=-1) == jnp.argmax(teacher, axis=-1)).astype(jnp.float32))
-            else:  # no greedy-action agreement for continuous actions
-                agreement = jnp.full((), jnp.nan)
-            aux = {"loss": jnp.mean(per_sample), "agreement": agreement}
+            aux = {"loss": jnp.mean(per_sample), "agreement": losses.greedy_agreement(student, teacher, discrete)}
             return hparams.coef * aux["loss"], aux
 
         return term

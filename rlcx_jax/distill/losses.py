@@ -33,6 +33,7 @@ __all__ = [
     "gaussian_kl",
     "gaussian_nll",
     "value_mse",
+    "greedy_agreement",
     "policy_distillation_loss",
 ]
 
@@ -112,6 +113,14 @@ def value_mse(student_value: jax.Array, teacher_value: jax.Array) -> jax.Array:
     chex.assert_rank([student_value, teacher_value], 1, custom_message="value_mse: values must be [B]")
     chex.assert_equal_shape([student_value, teacher_value], custom_message="value_mse: values must have one shape")
     return 0.5 * jnp.square(student_value - teacher_value)
+
+
+def greedy_agreement(student_out: jax.Array, teacher_out: jax.Array, discrete: bool) -> jax.Array:
+    """Fraction of the batch where the student's greedy action (argmax) is the teacher's; NaN for
+    continuous actions, where greedy actions never match exactly."""
+    if not discrete:
+        return jnp.full((), jnp.nan)
+    return jnp.mean((jnp.argmax(student_out, axis=-1) == jnp.argmax(teacher_out, axis=-1)).astype(jnp.float32))
 
 
 def policy_distillation_loss(

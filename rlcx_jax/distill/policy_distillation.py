@@ -39,7 +39,7 @@ from rlcx_jax.distill import losses
 from rlcx_jax.envs.normalize import RunningStats
 from rlcx_jax.nets.paths import flatten_with_paths
 from rlcx_jax.nets.policy import distribution, greedy_action
-from rlcx_jax.rl import common, rollout
+from rlcx_jax.rl import common, onpolicy, rollout
 from rlcx_jax.rl.common import Agent, Hooks, HParams, Params, TrainConfig, Trainer, TrainOutput, TrainState
 from rlcx_jax.rl.evaluate import default_greedy
 
@@ -75,8 +75,7 @@ class DistillConfig(TrainConfig):
     def HEAD(self) -> str:  # type: ignore[override]  # the teacher's head, not a class constant
         from rlcx_jax import rl
 
-        config_cls: Any = rl.get(self.teacher_algorithm).config_cls
-        return str(config_cls.HEAD)
+        return rl.head(self.teacher_algorithm)
 
     @property
     def steps_per_update(self) -> int:
@@ -200,11 +199,7 @@ def distillation_loss(
     value_loss = jnp.zeros(())
     if student_value is not None and batch.teacher_value is not None:
         value_loss = jnp.mean(losses.value_mse(student_value, batch.teacher_value))
-    if discrete:
-        agree = jnp.argmax(student_out, axis=-1) == jnp.argmax(batch.teacher_out, axis=-1)
-        agreement = jnp.mean(agree.astype(jnp.float32))
-    else:
-        agreement = jnp.full((), jnp.nan)
+    agreement = losses.greedy_agreement(student_out, batch.teacher_out, discrete)
     total = policy_loss + hparams.value_coef * value_loss
     return total, DistillAux(policy_loss=policy_loss, value_loss=value_loss, agreement=agreement)
 
@@ -213,14 +208,6 @@ def teacher_fraction(config: DistillConfig, hparams: DistillHParams, update_step
     """beta at this update: linear from start (first update) to end (last update)."""
     frac = jnp.clip(update_step.astype(jnp.float32) / max(config.num_updates - 1, 1), 0.0, 1.0)
     return hparams.teacher_fraction_start + (hparams.teacher_fraction_end - hparams.teacher_fraction_start) * frac
-
-
-def _act(agent: Agent, params: Params, obs_stats: RunningStats, obs: jax.Array, key: jax.Array, greedy: bool):
-    """The student's policy: the greedy action, or a sample of the distribution over its outputs."""
-    out = agent.apply(params, agent.prep_obs(obs_stats, obs), method="policy")
-    if greedy:
-        return greedy_action(out, agent.spec)
-    return distribution(out, agent.spec).sample(seed=key)
 
 
 def _update(agent: Agent, teacher_apply: Any, state: DistillState) -> tuple[DistillState, DistillMetrics]:
@@ -335,7 +322,7 @@ def make(config: DistillConfig = DistillConfig(), hooks: Hooks = Hooks()) -> Tra
         return TrainOutput(state=state, metrics=metrics)
 
     def act(params: Params, obs_stats: RunningStats, obs: jax.Array, key: jax.Array, greedy: bool = False):
-        return _act(agent, params, obs_stats, obs, key, greedy)
+        return onpolicy.act(agent, params, obs_stats, obs, key, greedy)
 
     return Trainer(config, init, learn, train, act, config.num_updates, rows, agent)
 

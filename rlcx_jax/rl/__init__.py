@@ -36,6 +36,11 @@ def get(name: str) -> AlgorithmSpec:
     return ALGORITHMS[name]
 
 
+def head(name: str) -> str:
+    """The network head algorithm `name` trains ("actor_critic" or "q")."""
+    return str(get(name).config_cls.HEAD)  # type: ignore[attr-defined]
+
+
 def make(name: str, config: Any = None, hooks: Any = None) -> Any:
     """Build the Trainer of algorithm `name` (default config when None)."""
     spec = get(name)

@@ -32,7 +32,7 @@ from rlcx_jax.workflows import recipes
 
 Params = Any
 
-__all__ = ["CompressOptions", "parse_quant", "Variant", "compress_run"]
+__all__ = ["CompressOptions", "parse_quant", "Variant", "compress_run", "policy_forward", "seed_slice"]
 
 QUANT_FORMAT = re.compile(r"(int|uint|log|kmeans)(\d+)")
 QUANT_INCLUDE = (r".*kernel", r".*bias")
@@ -124,8 +124,9 @@ class Variant(NamedTuple):
     export_exact: bool
 
 
-def _seed(tree: Any, i: int) -> Any:
-    return jax.tree.map(lambda x: x[i], tree)
+def seed_slice(tree: Any, i: int) -> Any:
+    """Seed `i` of a seed-batched tree (every leaf's leading axis); None stays None."""
+    return None if tree is None else jax.tree.map(lambda x: x[i], tree)
 
 
 def policy_observations(
@@ -149,7 +150,7 @@ def policy_observations(
     return jax.jit(jax.vmap(one))(state.params, state.obs_stats, jax.random.split(key, n))
 
 
-def _policy_forward(network: Any, hooks: Hooks, spec: Any):
+def policy_forward(network: Any, hooks: Hooks, spec: Any):
     """Greedy actions of `network` through `hooks` (every registered head has a `policy` method)."""
     apply = make_apply(network, hooks)
 
@@ -183,13 +184,13 @@ def compress_run(
     normalize = bool(getattr(config, "normalize_obs", False))
 
     def prep(i: int, x: jax.Array) -> jax.Array:
-        return normalize_observation(_seed(state.obs_stats, i), x) if normalize else x
+        return normalize_observation(seed_slice(state.obs_stats, i), x) if normalize else x
 
     # -- 1. structured shrinking (a smaller network) ---------------------------------------------
     net_config = config.net
     if options.structured:
         shrunk = [
-            structured.shrink(_seed(params, i), config.net, options.structured, head=head) for i in range(n_seeds)
+            structured.shrink(seed_slice(params, i), config.net, options.structured, head=head) for i in range(n_seeds)
         ]
         net_config = shrunk[0][1]
         params = jax.tree.map(lambda *xs: jnp.stack(xs), *[p for p, _ in shrunk])
@@ -218,7 +219,7 @@ def compress_run(
     qspec = parse_quant(options.quant, options.activations, options.per_channel) if options.quant else None
     compressed, floats = [], []
     for i in range(n_seeds):
-        p, m = _seed(params, i), (None if masks is None else _seed(masks, i))
+        p, m = seed_slice(params, i), (None if masks is None else seed_slice(masks, i))
         floats.append(p)  # what export encodes: quantizing once, from the float weights
         if qspec is not None:
             p = quant.quantize_tree(p, qspec, include=QUANT_INCLUDE, masks=m)
@@ -230,7 +231,7 @@ def compress_run(
     network = nets.make(net_config, obs_shape, spec, head=head)
     evaluator_greedy = default_greedy(algorithm)
     returns, agreement, sizes, exact = [], [], [], True
-    original_forward = jax.jit(_policy_forward(agent.network, Hooks(), spec))
+    original_forward = jax.jit(policy_forward(agent.network, Hooks(), spec))
     for i, p in enumerate(compressed):
         hooks = Hooks()
         if options.activations and qspec is not None:
@@ -240,10 +241,10 @@ def compress_run(
         trainer_c = rl.make(algorithm, small_config, hooks)
         evaluator = jax.jit(make_evaluator(trainer_c, num_episodes, evaluator_greedy))
         eval_key = jax.random.fold_in(jax.random.PRNGKey(seed + 10_000), i)
-        returns.append(np.asarray(evaluator(p, _seed(state.obs_stats, i), eval_key)))
-        forward = jax.jit(_policy_forward(network, hooks, spec))
+        returns.append(np.asarray(evaluator(p, seed_slice(state.obs_stats, i), eval_key)))
+        forward = jax.jit(policy_forward(network, hooks, spec))
         x = prep(i, obs[i])
-        a_orig = np.asarray(original_forward(_seed(state.params, i), x))
+        a_orig = np.asarray(original_forward(seed_slice(state.params, i), x))
         a_new = np.asarray(forward(p, x))
         agreement.append(float(np.mean(a_orig == a_new)))
         path = out_dir / f"seed_{i}.rlcx"
@@ -251,7 +252,7 @@ def compress_run(
             export_lib.export(  # the float weights: quantizing the fake-quantized `p` again can move values
                 floats[i],
                 path,
-                masks=None if masks is None else _seed(masks, i),
+                masks=None if masks is None else seed_slice(masks, i),
                 qspec=qspec,
                 include=QUANT_INCLUDE,
                 net_config=net_config,
@@ -270,9 +271,9 @@ def compress_run(
     paths = layout.prefixes("policy")
     batch1 = obs[0][:1]
     dense_bytes = export_lib.dense_float32_bytes(
-        _seed(state.params, 0), net_config=config.net, obs_shape=obs_shape, action_spec=spec, head=head
+        seed_slice(state.params, 0), net_config=config.net, obs_shape=obs_shape, action_spec=spec, head=head
     )
-    dense_count = size.count(_seed(state.params, 0), 32, paths)
+    dense_count = size.count(seed_slice(state.params, 0), 32, paths)
     original = Variant(
         name="original (float32)",
         returns=np.asarray(_eval_original(algorithm, config, state, num_episodes, seed)),
@@ -280,8 +281,8 @@ def compress_run(
         params=dense_count.params,
         nonzeros=dense_count.nonzeros,
         artifact_bytes=float(dense_bytes),
-        flops=size.flops_per_forward(_seed(state.params, 0), obs_shape, paths),
-        latency_s=size.measure_latency(original_forward, _seed(state.params, 0), batch1),
+        flops=size.flops_per_forward(seed_slice(state.params, 0), obs_shape, paths),
+        latency_s=size.measure_latency(original_forward, seed_slice(state.params, 0), batch1),
         export_exact=True,
     )
     c0 = compressed[0]
@@ -295,7 +296,7 @@ def compress_run(
         nonzeros=c_count.nonzeros,
         artifact_bytes=float(np.mean(sizes)),
         flops=size.flops_per_forward(c0, obs_shape, small_paths),
-        latency_s=size.measure_latency(jax.jit(_policy_forward(network, Hooks(), spec)), c0, batch1),
+        latency_s=size.measure_latency(jax.jit(policy_forward(network, Hooks(), spec)), c0, batch1),
         export_exact=exact,
     )
     return [original, new]
@@ -323,8 +324,8 @@ def _eval_original(algorithm: str, config: Any, state: Any, num_episodes: int, s
         [
             np.asarray(
                 evaluator(
-                    _seed(state.params, i),
-                    _seed(state.obs_stats, i),
+                    seed_slice(state.params, i),
+                    seed_slice(state.obs_stats, i),
                     jax.random.fold_in(jax.random.PRNGKey(seed + 10_000), i),
                 )
             )

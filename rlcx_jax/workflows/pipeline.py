@@ -30,7 +30,7 @@ import time
 import tomllib
 import warnings
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
@@ -45,12 +45,11 @@ from rlcx_jax.compress import quant, size
 from rlcx_jax.compress.training import CompressConfig, CompressHParams, find_masks
 from rlcx_jax.distill import losses
 from rlcx_jax.distill import policy_distillation as pd
-from rlcx_jax.nets.policy import greedy_action
 from rlcx_jax.rl.common import batched_learner
 from rlcx_jax.rl.evaluate import default_greedy, make_evaluator
-from rlcx_jax.seams import make_apply
+from rlcx_jax.seams import Hooks
 from rlcx_jax.workflows import recipes
-from rlcx_jax.workflows.compress_run import QUANT_INCLUDE, parse_quant, policy_observations
+from rlcx_jax.workflows.compress_run import QUANT_INCLUDE, parse_quant, policy_forward, policy_observations, seed_slice
 
 Params = Any
 
@@ -283,16 +282,23 @@ def save_student(
     checkpoint.atomic_write_text(stage_dir / "stage.json", json.dumps(info, indent=2) + "\n")
 
 
-def load_student(stage_dir: pathlib.Path, float_params: bool = False) -> tuple[Params, Params | None, dict[str, Any]]:
-    """(params, masks or None, info) of a student stage; `float_params`: the parameters a quantized
-    student was quantized from instead of its fake-quantized ones."""
+class Student(NamedTuple):
+    """A student stage's artifact: seed-batched parameters, masks (None when unpruned), the stage's
+    info, and the float parameters a quantized student was quantized from (else `params`)."""
+
+    params: Params
+    masks: Params | None
+    info: dict[str, Any]
+    float_params: Params
+
+
+def load_student(stage_dir: pathlib.Path) -> Student:
     path = stage_dir / STUDENT_FILE
     if not path.is_file():
         raise PipelineError(f"Missing artifact {path}: run its stage first")
     tree = serialization.msgpack_restore(path.read_bytes())
     info = json.loads((stage_dir / "stage.json").read_text())
-    params = tree.get("float_params", tree["params"]) if float_params else tree["params"]
-    return params, tree.get("masks"), info
+    return Student(tree["params"], tree.get("masks"), info, tree.get("float_params", tree["params"]))
 
 
 def load_teacher(ctx: Context) -> tuple[checkpoint.RunSpec, Any, Any]:
@@ -325,10 +331,6 @@ def _policy_tree(params: Params, head: str, net_config: nets.NetConfig) -> Param
     """The actor's parameter groups only (what a deployed policy needs)."""
     groups = nets.layout(net_config, head).groups("policy")
     return {k: v for k, v in params.items() if k in groups}
-
-
-def _seed(tree: Any, i: int) -> Any:
-    return None if tree is None else jax.tree.map(lambda x: x[i], tree)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -395,7 +397,7 @@ def stage_distill(ctx: Context) -> dict[str, Any]:
 
 def stage_prune(ctx: Context) -> dict[str, Any]:
     spec, _, state = load_teacher(ctx)
-    params, _, _ = load_student(ctx.stage_dir(latest_student_stage(ctx, "prune")))
+    params = load_student(ctx.stage_dir(latest_student_stage(ctx, "prune"))).params
     compress = CompressConfig(prune_schedule="gradual", prune_roles=PRUNE_ROLES, prune_end=0.75)
     config = ctx.recipe.distill_config(spec, ctx.recipe.prune_steps, (compress,))
     hparams = ctx.recipe.distill_hparams().with_ext(compress.name, CompressHParams(sparsity=ctx.recipe.sparsity))
@@ -408,7 +410,7 @@ def stage_prune(ctx: Context) -> dict[str, Any]:
 def stage_quantize(ctx: Context) -> dict[str, Any]:
     recipe = ctx.recipe
     qspec = parse_quant(recipe.quant)
-    params, masks, info = load_student(ctx.stage_dir(latest_student_stage(ctx, "quantize")))
+    params, masks, info, _ = load_student(ctx.stage_dir(latest_student_stage(ctx, "quantize")))
     if recipe.qat_steps:
         spec, _, state = load_teacher(ctx)
         compress = CompressConfig(
@@ -424,7 +426,7 @@ def stage_quantize(ctx: Context) -> dict[str, Any]:
         student = _train_student(ctx, spec, state, config, recipe.distill_hparams(), params, masks, 3, "quantize")
         params = student.params
     quantize = jax.jit(lambda p, m: quant.quantize_tree(p, qspec, include=QUANT_INCLUDE, masks=m))
-    per_seed = [quantize(_seed(params, i), _seed(masks, i)) for i in range(recipe.seeds)]
+    per_seed = [quantize(seed_slice(params, i), seed_slice(masks, i)) for i in range(recipe.seeds)]
     params_q = jax.tree.map(lambda *xs: jnp.stack(xs), *per_seed)
     info = {**info, "quant": recipe.quant, "qat_steps": recipe.qat_steps}
     save_student(ctx.stage_dir("quantize"), params_q, masks, info, float_params=params)
@@ -434,8 +436,7 @@ def stage_quantize(ctx: Context) -> dict[str, Any]:
 def stage_export(ctx: Context) -> dict[str, Any]:
     spec, teacher_trainer, state = load_teacher(ctx)
     source = latest_student_stage(ctx, "export")
-    params, masks, info = load_student(ctx.stage_dir(source))
-    float_params, _, _ = load_student(ctx.stage_dir(source), float_params=True)
+    params, masks, info, float_params = load_student(ctx.stage_dir(source))
     student_net = checkpoint.from_jsonable(nets.NetConfig, info["net"])
     qspec = parse_quant(info["quant"]) if "quant" in info else None
     agent = teacher_trainer.agent
@@ -447,12 +448,12 @@ def stage_export(ctx: Context) -> dict[str, Any]:
     forward = jax.jit(_greedy_forward(student_net, agent, head))
     sizes, exact = [], True
     for i in range(ctx.recipe.seeds):
-        actor = _policy_tree(_seed(params, i), head, student_net)
-        actor_masks = None if masks is None else _policy_tree(_seed(masks, i), head, student_net)
+        actor = _policy_tree(seed_slice(params, i), head, student_net)
+        actor_masks = None if masks is None else _policy_tree(seed_slice(masks, i), head, student_net)
         path = out / f"seed_{i}.rlcx"
         sizes.append(
             export_lib.export(  # quantized once, from the float parameters (a second pass could move values)
-                _policy_tree(_seed(float_params, i), head, student_net),
+                _policy_tree(seed_slice(float_params, i), head, student_net),
                 path,
                 masks=actor_masks,
                 qspec=qspec,
@@ -463,10 +464,10 @@ def stage_export(ctx: Context) -> dict[str, Any]:
             )
         )
         loaded = export_lib.load(path)
-        x = _prep(agent, _seed(state.obs_stats, i), obs[i])
+        x = agent.prep_obs(seed_slice(state.obs_stats, i), obs[i])
         same_params = export_lib.same_parameters(loaded.params, actor)
         exact &= same_params and bool(np.array_equal(np.asarray(loaded.policy(x)), np.asarray(forward(actor, x))))
-    teacher_actor = _policy_tree(_seed(state.params, 0), head, spec.config.net)
+    teacher_actor = _policy_tree(seed_slice(state.params, 0), head, spec.config.net)
     teacher_bytes = export_lib.dense_float32_bytes(
         jax.tree.map(np.asarray, teacher_actor), net_config=spec.config.net, **meta
     )
@@ -477,18 +478,9 @@ def stage_export(ctx: Context) -> dict[str, Any]:
     return result
 
 
-def _prep(agent: Any, obs_stats: Any, obs: jax.Array) -> jax.Array:
-    return agent.prep_obs(obs_stats, obs)
-
-
 def _greedy_forward(net_config: nets.NetConfig, agent: Any, head: str) -> Callable[[Params, jax.Array], jax.Array]:
-    network = nets.make(net_config, agent.obs_shape, agent.spec, head=head)
-    apply = make_apply(network)
-
-    def forward(params: Params, obs: jax.Array) -> jax.Array:
-        return greedy_action(apply(params, obs, method="policy"), agent.spec)
-
-    return forward
+    """Greedy actions of the network `net_config` (with this env's observations and actions)."""
+    return policy_forward(nets.make(net_config, agent.obs_shape, agent.spec, head=head), Hooks(), agent.spec)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -554,8 +546,8 @@ def stage_evaluate(ctx: Context) -> dict[str, Any]:
         returns = np.asarray(evaluator(params, state.obs_stats, keys))
         per_seed = returns.mean(axis=1)
         actions = np.asarray(batched_forward(params, x))
-        actor = jax.tree.map(jnp.asarray, _policy_tree(_seed(params, 0), head, net))  # on device: no copy per call
-        actor_masks = None if masks is None else _policy_tree(_seed(masks, 0), head, net)
+        actor = jax.tree.map(jnp.asarray, _policy_tree(seed_slice(params, 0), head, net))  # on device: no copy per call
+        actor_masks = None if masks is None else _policy_tree(seed_slice(masks, 0), head, net)
         counted = size.count(actor, qspec.bits if qspec else 32)
         iqm, lo, hi = rlog.bootstrap_ci(per_seed, "iqm")
         return {
@@ -579,7 +571,7 @@ def stage_evaluate(ctx: Context) -> dict[str, Any]:
     for stage in STUDENT_STAGES:
         if stage not in recipe.stages:
             continue
-        params, masks, info = load_student(ctx.stage_dir(stage))
+        params, masks, info, _ = load_student(ctx.stage_dir(stage))
         net = checkpoint.from_jsonable(nets.NetConfig, info["net"])
         trainer = (
             student_trainer
@@ -772,16 +764,18 @@ STAGE_FUNCTIONS: dict[str, Callable[[Context], dict[str, Any]]] = {
 def _check_inputs(ctx: Context, will_run: list[str]) -> None:
     """Every input a stage needs exists or is produced earlier in this run (checked before training)."""
     recipe = ctx.recipe
-    if "teacher" not in recipe.stages or "teacher" not in will_run:
+    if "teacher" in will_run:
+        teacher_spec = recipe.teacher_run_spec()
+    else:
         teacher_dir = ctx.teacher_dir()
         if not (teacher_dir / checkpoint.CONFIG_FILE).is_file():
             raise PipelineError(f"Missing teacher artifact: {teacher_dir} is not a run directory (run stage teacher)")
         try:
-            _check_teacher(ctx, checkpoint.read_run_spec(teacher_dir))
+            teacher_spec = checkpoint.read_run_spec(teacher_dir)
         except checkpoint.CheckpointError as e:
             raise PipelineError(f"Bad teacher artifact: {e}") from None
+        _check_teacher(ctx, teacher_spec)
     # every configuration a stage will build, built now (a bad one fails here, not after hours)
-    teacher_spec = recipe.teacher_run_spec() if "teacher" in will_run else checkpoint.read_run_spec(ctx.teacher_dir())
     steps = {"distill": recipe.distill_steps, "prune": recipe.prune_steps, "quantize": recipe.qat_steps}
     for stage, n in steps.items():
         if stage in will_run and n > 0:
