@@ -35,6 +35,7 @@ import tyro
 from rlcx_jax import checkpoint, envs, nets, rl
 from rlcx_jax import logging as rlog
 from rlcx_jax.compress.training import CompressConfig
+from rlcx_jax.nets.policy import AGREEMENT_TOLERANCE, agreement_label
 from rlcx_jax.rl.common import vmap_learn
 from rlcx_jax.rl.evaluate import default_greedy, make_evaluator
 from rlcx_jax.seams import Extension
@@ -401,16 +402,20 @@ def run_compress(argv: Sequence[str]) -> dict[str, Any]:
     run_spec, _, step, state = checkpoint.restore_run(run_dir)
     out_dir = pathlib.Path(args.out) if args.out else run_dir / "compressed"
     rows = compress_run(run_spec.algorithm, run_spec.config, state, options, out_dir, args.episodes, args.seed)
-    _print_compress_table(run_spec, step, options, rows)
+    env, env_params = envs.make_training_env(run_spec.config.env, run_spec.config.env_kwargs)
+    spec = nets.action_spec(env.action_space(env_params))
+    _print_compress_table(run_spec, step, options, rows, spec)
     summary = {
         "options": dataclasses.asdict(options),
         "checkpoint_step": step,
+        "agreement_measure": agreement_label(spec),
         "rows": [
             {
                 "name": r.name,
                 "return_per_seed": r.returns.mean(axis=1).tolist(),
                 "return_iqm": rlog.iqm(r.returns.mean(axis=1)),
-                "greedy_agreement_per_seed": r.agreement.tolist(),
+                "agreement_per_seed": r.agreement.tolist(),
+                "action_gap_per_seed": r.gap.tolist(),
                 "params": r.params,
                 "nonzeros": r.nonzeros,
                 "artifact_bytes": r.artifact_bytes,
@@ -425,7 +430,9 @@ def run_compress(argv: Sequence[str]) -> dict[str, Any]:
     return summary
 
 
-def _print_compress_table(run_spec: checkpoint.RunSpec, step: int, options: CompressOptions, rows: list[Any]) -> None:
+def _print_compress_table(
+    run_spec: checkpoint.RunSpec, step: int, options: CompressOptions, rows: list[Any], spec: nets.ActionSpec
+) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -437,7 +444,8 @@ def _print_compress_table(run_spec: checkpoint.RunSpec, step: int, options: Comp
         "policy",
         "return (mean)",
         "return (IQM)",
-        "greedy agreement",
+        agreement_label(spec),
+        *(() if spec.discrete else ("mean action gap (% of range)",)),
         "policy params",
         "non-zeros",
         "file bytes",
@@ -453,6 +461,7 @@ def _print_compress_table(run_spec: checkpoint.RunSpec, step: int, options: Comp
             f"{per_seed.mean():.1f}",
             f"{rlog.iqm(per_seed):.1f}",
             f"{100 * r.agreement.mean():.2f}%",
+            *(() if spec.discrete else (f"{100 * r.gap.mean():.3f}%",)),
             f"{r.params:,}",
             f"{r.nonzeros:,}",
             f"{r.artifact_bytes:,.0f} ({base.artifact_bytes / r.artifact_bytes:.1f}x smaller)"
@@ -464,10 +473,16 @@ def _print_compress_table(run_spec: checkpoint.RunSpec, step: int, options: Comp
     console = Console(width=max(Console().width, 150))
     console.print(table)
     if not rows[-1].export_exact:
-        console.print("[red]warning: the loaded artifact's greedy actions differ from the evaluated policy's[/red]")
+        console.print("[red]warning: the loaded artifact's weights or actions differ from the evaluated policy's[/red]")
     console.print(
         "file bytes: one exported artifact (mean over seeds); latency: one jitted forward, batch 1, float compute"
     )
+    if not spec.discrete:
+        console.print(
+            "action agreement: states (visited by the original policy) where every dimension of the compressed "
+            f"policy's mean action, clipped to the action bounds, lies within {100 * AGREEMENT_TOLERANCE:g}% of the "
+            "action range of the original's; mean action gap: mean |difference| of the clipped mean actions / range"
+        )
 
 
 # ----------------------------------------------------------------------------------------------

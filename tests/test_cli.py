@@ -159,8 +159,30 @@ def test_compress_prunes_quantizes_exports_and_reports(full_run: pathlib.Path, c
     assert compressed["export_exact"] is True
     assert compressed["nonzeros"] < original["nonzeros"] and compressed["flops"] < original["flops"]
     assert compressed["artifact_bytes"] * 5 < original["artifact_bytes"]
-    assert all(0.0 <= a <= 1.0 for a in compressed["greedy_agreement_per_seed"])
+    assert summary["agreement_measure"] == "greedy agreement"
+    assert all(0.0 <= a <= 1.0 for a in compressed["agreement_per_seed"])
     assert sorted(p.name for p in out.glob("*.rlcx")) == ["seed_0.rlcx", "seed_1.rlcx"]
+
+
+def test_compress_of_a_continuous_policy_reports_action_agreement(tmp_path, capsys) -> None:
+    """Pendulum (Gaussian policy): the table names the continuous measure and its figure is not the
+    0% that exact float equality gave; the int8 artifact of the shrunk policy reloads exactly."""
+    run = tmp_path / "pendulum"
+    train = ["train", "ppo", "--env", "Pendulum-v1", "--seeds", "1", "--total-steps", "2048", "--num-steps", "32",
+             "--chunks", "1", "--eval-episodes", "1", "--out", str(run)]
+    assert main(train) == 0
+    capsys.readouterr()
+    out = tmp_path / "int8"
+    argv = ["compress", str(run), "--structured", "0.25", "--quant", "int8", "--episodes", "1", "--out", str(out)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "within 1% of the action range" in " ".join(printed.split())  # the footnote that defines it
+    assert "warning" not in printed
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["agreement_measure"] == "action agreement (within 1% of range)"
+    compressed = summary["rows"][1]
+    assert compressed["export_exact"] is True
+    assert 0.0 < compressed["agreement_per_seed"][0] <= 1.0 and 0.0 < compressed["action_gap_per_seed"][0] < 0.5
 
 
 def test_compressed_file_holds_exactly_the_evaluated_weights(full_run, tmp_path) -> None:

@@ -109,7 +109,8 @@ class DistillTerm(Extension):
             per_sample = losses.policy_distillation_loss(
                 loss, q_teacher, discrete, student, teacher, jnp.asarray(hparams.temperature)
             )
-            aux = {"loss": jnp.mean(per_sample), "agreement": losses.greedy_agreement(student, teacher, discrete)}
+            agreement = losses.greedy_agreement(student, teacher, ctx.action_spec)
+            aux = {"loss": jnp.mean(per_sample), "agreement": agreement}
             return hparams.coef * aux["loss"], aux
 
         return term

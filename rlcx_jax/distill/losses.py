@@ -24,6 +24,9 @@ import chex
 import jax
 import jax.numpy as jnp
 
+from rlcx_jax.nets import ActionSpec
+from rlcx_jax.nets.policy import action_agreement, greedy_action
+
 __all__ = [
     "LOSSES",
     "softened_kl",
@@ -115,12 +118,11 @@ def value_mse(student_value: jax.Array, teacher_value: jax.Array) -> jax.Array:
     return 0.5 * jnp.square(student_value - teacher_value)
 
 
-def greedy_agreement(student_out: jax.Array, teacher_out: jax.Array, discrete: bool) -> jax.Array:
-    """Fraction of the batch where the student's greedy action (argmax) is the teacher's; NaN for
-    continuous actions, where greedy actions never match exactly."""
-    if not discrete:
-        return jnp.full((), jnp.nan)
-    return jnp.mean((jnp.argmax(student_out, axis=-1) == jnp.argmax(teacher_out, axis=-1)).astype(jnp.float32))
+def greedy_agreement(student_out: jax.Array, teacher_out: jax.Array, spec: ActionSpec) -> jax.Array:
+    """`nets.policy.action_agreement` of the two greedy actions: the fraction of the batch where the
+    student's argmax is the teacher's, or (continuous actions) where its clipped mean lies within
+    `AGREEMENT_TOLERANCE` of the action range of the teacher's."""
+    return action_agreement(greedy_action(student_out, spec), greedy_action(teacher_out, spec), spec)
 
 
 def policy_distillation_loss(

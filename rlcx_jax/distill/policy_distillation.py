@@ -160,7 +160,7 @@ class DistillAux:
     policy_loss: jax.Array
     value_loss: jax.Array
     agreement: jax.Array
-    """Fraction of the batch where the student's greedy action is the teacher's (discrete actions)."""
+    """`nets.policy.action_agreement` of the student's and the teacher's greedy actions on the batch."""
 
 
 @struct.dataclass
@@ -187,19 +187,24 @@ def _outputs(apply: Any, params: Params, obs: jax.Array, actor_critic: bool) -> 
 
 
 def distillation_loss(
-    params: Params, batch: DistillBatch, hparams: DistillHParams, apply: Any, config: DistillConfig, discrete: bool
+    params: Params,
+    batch: DistillBatch,
+    hparams: DistillHParams,
+    apply: Any,
+    config: DistillConfig,
+    spec: nets.ActionSpec,
 ) -> tuple[jax.Array, DistillAux]:
     """The student's loss on a minibatch (see the module docstring)."""
     actor_critic = batch.teacher_value is not None
     student_out, student_value = _outputs(apply, params, batch.obs, actor_critic)
     per_sample = losses.policy_distillation_loss(
-        config.loss, config.HEAD == "q", discrete, student_out, batch.teacher_out, jnp.asarray(hparams.temperature)
+        config.loss, config.HEAD == "q", spec.discrete, student_out, batch.teacher_out, jnp.asarray(hparams.temperature)
     )
     policy_loss = jnp.mean(per_sample)
     value_loss = jnp.zeros(())
     if student_value is not None and batch.teacher_value is not None:
         value_loss = jnp.mean(losses.value_mse(student_value, batch.teacher_value))
-    agreement = losses.greedy_agreement(student_out, batch.teacher_out, discrete)
+    agreement = losses.greedy_agreement(student_out, batch.teacher_out, spec)
     total = policy_loss + hparams.value_coef * value_loss
     return total, DistillAux(policy_loss=policy_loss, value_loss=value_loss, agreement=agreement)
 
@@ -214,7 +219,6 @@ def _update(agent: Agent, teacher_apply: Any, state: DistillState) -> tuple[Dist
     config: DistillConfig = agent.config
     hp: DistillHParams = state.hparams
     actor_critic = config.HEAD != "q"
-    discrete = agent.spec.discrete
     teacher_greedy = default_greedy(config.teacher_algorithm)
     key, (key_collect, key_epochs) = common.next_keys(state.key, config.prng_impl, 2)
     beta = teacher_fraction(config, hp, state.update_step)
@@ -252,7 +256,7 @@ def _update(agent: Agent, teacher_apply: Any, state: DistillState) -> tuple[Dist
 
     def minibatch_step(carry: tuple[Any, Any], mb: DistillBatch) -> tuple[tuple[Any, Any], Any]:
         params, opt_state = carry
-        grads, aux = grad_fn(params, mb, state.ext, hp.ext, hp, agent.apply, config, discrete)
+        grads, aux = grad_fn(params, mb, state.ext, hp.ext, hp, agent.apply, config, agent.spec)
         return agent.gradient_step(params, opt_state, hp, grads), aux
 
     perms = prng.permutations(key_epochs, config.steps_per_update, config.update_epochs)

@@ -2,8 +2,10 @@
 
 prune (unstructured magnitude, N:M) and/or shrink (structured, physically smaller network), then
 quantize weights (and optionally activations, calibrated on observations from the original policy's
-rollouts), evaluate the return, measure greedy-action agreement with the original policy, export one
-artifact file per seed and check that the loaded artifact acts exactly like the evaluated policy.
+rollouts), evaluate the return, measure action agreement with the original policy
+(`nets.policy.action_agreement`: greedy-action equality for discrete actions, executed mean actions
+within 1% of the action range for continuous ones, beside the mean action gap), export one artifact
+file per seed and check that the loaded artifact acts exactly like the evaluated policy.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from rlcx_jax.compress import masks as masks_lib
 from rlcx_jax.compress import quant, size, structured
 from rlcx_jax.compress.training import DEFAULT_PRUNE_INCLUDE, DEFAULT_PRUNE_ROLES
 from rlcx_jax.envs.normalize import normalize_observation
-from rlcx_jax.nets.policy import greedy_action
+from rlcx_jax.nets.policy import action_agreement, action_gap, greedy_action
 from rlcx_jax.rl import rollout
 from rlcx_jax.rl.common import batched_learner
 from rlcx_jax.rl.evaluate import default_greedy, make_evaluator
@@ -115,7 +117,8 @@ class Variant(NamedTuple):
 
     name: str
     returns: np.ndarray  # (seeds, episodes)
-    agreement: np.ndarray  # (seeds,) greedy-action agreement with the original policy
+    agreement: np.ndarray  # (seeds,) action agreement with the original policy (`action_agreement`)
+    gap: np.ndarray  # (seeds,) mean action gap to the original policy (`action_gap`, a fraction of the range)
     params: int
     nonzeros: int
     artifact_bytes: float  # mean over seeds
@@ -230,7 +233,7 @@ def compress_run(
     # -- 4. activation calibration, evaluation, agreement, export -------------------------------
     network = nets.make(net_config, obs_shape, spec, head=head)
     evaluator_greedy = default_greedy(algorithm)
-    returns, agreement, sizes, exact = [], [], [], True
+    returns, agreement, gap, sizes, exact = [], [], [], [], True
     original_forward = jax.jit(policy_forward(agent.network, Hooks(), spec))
     for i, p in enumerate(compressed):
         hooks = Hooks()
@@ -246,7 +249,8 @@ def compress_run(
         x = prep(i, obs[i])
         a_orig = np.asarray(original_forward(seed_slice(state.params, i), x))
         a_new = np.asarray(forward(p, x))
-        agreement.append(float(np.mean(a_orig == a_new)))
+        agreement.append(float(action_agreement(a_new, a_orig, spec)))
+        gap.append(float(action_gap(a_new, a_orig, spec)))
         path = out_dir / f"seed_{i}.rlcx"
         sizes.append(
             export_lib.export(  # the float weights: quantizing the fake-quantized `p` again can move values
@@ -278,6 +282,7 @@ def compress_run(
         name="original (float32)",
         returns=np.asarray(_eval_original(algorithm, config, state, num_episodes, seed)),
         agreement=np.ones(n_seeds),
+        gap=np.zeros(n_seeds),
         params=dense_count.params,
         nonzeros=dense_count.nonzeros,
         artifact_bytes=float(dense_bytes),
@@ -292,6 +297,7 @@ def compress_run(
         name="compressed",
         returns=np.stack(returns),
         agreement=np.asarray(agreement),
+        gap=np.asarray(gap),
         params=c_count.params,
         nonzeros=c_count.nonzeros,
         artifact_bytes=float(np.mean(sizes)),

@@ -45,6 +45,7 @@ from rlcx_jax.compress import quant, size
 from rlcx_jax.compress.training import CompressConfig, CompressHParams, find_masks
 from rlcx_jax.distill import losses
 from rlcx_jax.distill import policy_distillation as pd
+from rlcx_jax.nets.policy import AGREEMENT_TOLERANCE, action_agreement, action_gap
 from rlcx_jax.rl.common import batched_learner
 from rlcx_jax.rl.evaluate import default_greedy, make_evaluator
 from rlcx_jax.seams import Hooks
@@ -519,7 +520,6 @@ def _file_bytes(
 
 
 def stage_evaluate(ctx: Context) -> dict[str, Any]:
-    nan = float("nan")
     recipe = ctx.recipe
     spec, teacher_trainer, state = load_teacher(ctx)
     agent, head, n = teacher_trainer.agent, spec.config.HEAD, recipe.seeds
@@ -556,8 +556,8 @@ def stage_evaluate(ctx: Context) -> dict[str, Any]:
             "return_per_seed": per_seed.tolist(),
             "return_iqm": iqm,
             "return_ci95": [lo, hi],
-            # continuous actions never match exactly: no agreement figure for them (NaN)
-            "agreement_with_teacher": float(np.mean(actions == teacher_actions)) if agent.spec.discrete else nan,
+            "agreement_with_teacher": float(action_agreement(actions, teacher_actions, agent.spec)),
+            "action_gap_to_teacher": float(action_gap(actions, teacher_actions, agent.spec)),
             "params": counted.params,
             "nonzeros": counted.nonzeros,
             "kernel_sparsity": _kernel_sparsity(actor),
@@ -679,8 +679,9 @@ def write_report(ctx: Context, rows: list[dict[str, Any]]) -> None:
         *[f"- {v}" for v in verdicts(rows)],
         f"- return: mean over {recipe.eval_episodes} episodes per seed, IQM over seeds; kept: return / teacher's "
         "return, or (return - random) / (teacher's - random) where returns are negative (random: uniformly random "
-        "actions); agreement: greedy actions equal to the teacher's on states the teacher visits (n/a for "
-        "continuous actions); params / non-zeros / FLOPs: the actor; file bytes: "
+        "actions); agreement, on states the teacher visits: greedy actions equal to the teacher's (discrete "
+        f"actions) or clipped mean actions within {100 * AGREEMENT_TOLERANCE:g}% of the action range of the "
+        "teacher's (continuous); params / non-zeros / FLOPs: the actor; file bytes: "
         "the actor as shipped (float32 dense, float32 sparse, or quantized sparse); latency: see table.json.",
         "",
         "![return against file size and learning curves](report.png)",
@@ -735,7 +736,7 @@ def plot_report(ctx: Context, rows: list[dict[str, Any]], path: pathlib.Path) ->
     ax_curve.set_title("learning curves")
     ax_curve.legend(fontsize=7)
     ax_agree.set_xlabel("environment steps")
-    ax_agree.set_ylabel("greedy agreement with the teacher (training batch)")
+    ax_agree.set_ylabel("action agreement with the teacher (training batch)")
     ax_agree.set_title("distillation")
     ax_agree.legend(fontsize=7)
     fig.tight_layout()
