@@ -69,7 +69,7 @@ from rlcx_jax.compress.quant import (
     quantize_codes,
     select_paths,
 )
-from rlcx_jax.nets.policy import greedy_action
+from rlcx_jax.nets.policy import distribution, executed_action, greedy_action
 
 __all__ = [
     "MAGIC",
@@ -500,19 +500,36 @@ class Artifact:
         return nets.make(self.net_config, self.obs_shape, self.action_spec, head=self.head)
 
     @functools.cached_property
-    def _greedy(self) -> Callable[[Any, jax.Array], jax.Array]:
+    def _programs(self) -> tuple[Callable[..., jax.Array], Callable[..., jax.Array]]:
+        """(greedy, sample): the jitted mode and the jitted executed action of the policy."""
         network, spec = self.network(), self.action_spec
         assert spec is not None  # network() checked it
 
-        def act(params: Any, obs: jax.Array) -> jax.Array:
+        def policy_out(params: Any, obs: jax.Array) -> jax.Array:
             out: jax.Array = network.apply({"params": params}, obs, method="policy")  # type: ignore[assignment]
-            return greedy_action(out, spec)
+            return out
 
-        return jax.jit(act)
+        def greedy(params: Any, obs: jax.Array) -> jax.Array:
+            return greedy_action(policy_out(params, obs), spec)
+
+        def sample(params: Any, obs: jax.Array, key: jax.Array) -> jax.Array:
+            return executed_action(distribution(policy_out(params, obs), spec).sample(seed=key), spec)
+
+        return jax.jit(greedy), jax.jit(sample)
 
     def policy(self, obs: jax.Array) -> jax.Array:
         """Greedy actions for (batched) observations: argmax of logits / Q-values, or the mean."""
-        return self._greedy(self.params, jnp.asarray(obs))
+        return self._programs[0](self.params, jnp.asarray(obs))
+
+    def act(self, obs: jax.Array, key: jax.Array | None = None) -> jax.Array:
+        """The action the environment executes: the greedy action (key None) or a sample of the policy
+        (the same distribution and sampler as training, so a key gives the evaluated policy's sample),
+        continuous actions clipped to the stored action bounds (`nets.policy.executed_action`)."""
+        if key is not None:
+            return self._programs[1](self.params, jnp.asarray(obs), key)
+        greedy = self.policy(obs)  # raises clearly for an artifact exported without an action spec
+        assert self.action_spec is not None
+        return executed_action(greedy, self.action_spec)
 
 
 def _read(path: str) -> tuple[dict[str, Any], memoryview, int]:
