@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
@@ -161,7 +162,8 @@ def plot_learning_curves(rows: list[dict[str, Any]], path: pathlib.Path, title: 
     fig, ax = plt.subplots(figsize=(7, 4))
     for seed_curve in returns:
         ax.plot(steps, seed_curve, lw=0.6, alpha=0.4)
-    with np.errstate(all="ignore"):
+    with warnings.catch_warnings():  # a log point before any episode ended is all-NaN: left blank
+        warnings.simplefilter("ignore", RuntimeWarning)
         mean = np.nanmean(returns, axis=0)
         q25, q75 = np.nanpercentile(returns, [25, 75], axis=0)
     ax.plot(steps, mean, lw=2.0, color="k", label=f"mean over {returns.shape[0]} seeds")
