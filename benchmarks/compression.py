@@ -132,7 +132,9 @@ ENV_SETTINGS: dict[str, dict[str, Any]] = {
                     net=dict(torso="mlp", hidden=(64, 64), activation="tanh")),
         hparams=dict(lr=1e-3, gamma=0.95, gae_lambda=0.9, clip_eps=0.2, ent_coef=0.0, vf_coef=0.5, max_grad_norm=0.5),
         total=1_000_000, finetune=200_000, experiments=("dense", "gradual", "oneshot", "ptq", "qat"),
-        sparsities=(0.0, 0.5, 0.8, 0.9, 0.95), bits=(8, 6, 4, 3), schemes=("uniform", "log", "kmeans")),
+        sparsities=(0.0, 0.5, 0.8, 0.9, 0.95), bits=(8, 6, 4, 3), schemes=("uniform", "log", "kmeans"),
+        # k-means QAT re-fits its codebook in every forward pass: over 10 minutes at 8 bits here
+        qat_schemes=("uniform", "log")),
     "Breakout-MinAtar": dict(
         config=dict(num_envs=64, num_steps=128, update_epochs=4, num_minibatches=8, anneal_lr=True,
                     net=dict(torso="mlp", hidden=(64, 64), activation="relu")),
@@ -203,6 +205,7 @@ class Ctx:
     sparsities: tuple
     bits: tuple
     schemes: tuple
+    qat_schemes: tuple
     config: Any
     hparams: Any
     seed: int
@@ -582,7 +585,7 @@ def exp_qat(ctx: Ctx) -> dict:
     out["control_finetune_dense"] = evaluate(ctx, ctx.config, control.params, control.obs_stats)
     out["control_ptq"] = {}
     log(f"qat control: dense fine-tune {fmt(out['control_finetune_dense'])}")
-    for scheme in ctx.schemes:
+    for scheme in ctx.qat_schemes:
         for bits in ctx.bits:
             cc = CompressConfig(qat_bits=bits, qat_scheme=scheme, qat_per_channel=scheme != "kmeans", qat_activations=False)
             state, config, compile_s, run_s = finetune_from_dense(ctx, cc)
@@ -1017,6 +1020,17 @@ def paper_table(result: dict) -> str:
                      if "wide_sparse_actor_only" in w else "")
             return (f"{w['wide_sparse']['iqm']:.1f} vs {w['small_dense']['iqm']:.1f} (256-wide dense {w['wide_dense']['iqm']:.1f}"
                     f"{extra}): {yes(w['wide_sparse']['iqm'] >= w['small_dense']['iqm'])}")
+        if kind == "agree_curve":
+            levels = get(r, "oneshot", "levels") or {}
+            pts = [(float(k), v["no_finetune"]) for k, v in levels.items() if "agreement" in (v.get("no_finetune") or {})]
+            if levels and not pts:
+                return "not measured (an older run)"
+            return ", ".join(f"{100 * k:.0f}%: {100 * v['agreement']:.1f}%" for k, v in sorted(pts, key=lambda kv: kv[0])) or "not run"
+        if kind == "bits_curve":
+            ptq = get(r, "ptq", "results") or {}
+            keys = sorted((k for k in ptq if k.startswith("uniform/")), key=lambda k: -int(k.split("/")[1]))
+            return ", ".join(f"{k.split('/')[1]}: {ptq[k]['weights']['iqm']:.0f} ({100 * ptq[k]['weights']['agreement']:.1f}%)"
+                             for k in keys) or "not run"
         if kind == "train_cost":
             c = r.get("train_cost")
             if not c:
@@ -1064,6 +1078,9 @@ def paper_table(result: dict) -> str:
         ("Graesser et al. 2022: 90% sparsity keeps >= 95% of dense return (gradual, IQM; Acrobot measured above -500, "
          f"Pendulum above {PENDULUM_FLOOR:.0f})", "gradual90"),
         ("return vs gradual sparsity (IQM)", "curve"),
+        ("agreement vs one-shot magnitude sparsity (no fine-tune; mean agreement over seeds)",
+         "agree_curve"),
+        ("return (agreement) vs bits, uniform per-channel PTQ of the kernels", "bits_curve"),
         ("Sparse training costs <= 1.25x dense wall time (gradual to 90%, all seeds vmapped, median of 3; return IQM)",
          "train_cost"),
         ("Obando-Ceron et al. 2024: wide sparse >= small dense at equal non-zeros", "wide"),
@@ -1092,7 +1109,8 @@ def summary_markdown(result: dict) -> str:
         lines += [f"## {env}", "",
                   f"PPO {st.get('config_summary', '')}; budget {st.get('total_timesteps')} env steps per run, "
                   f"fine-tune {st.get('finetune_steps')} steps. Measured by: "
-                  + "; ".join(f"`{x['command']}` ({x['started_utc']})" for x in r.get("runs", [])) + ". Wall time per experiment: "
+                  + "; ".join(f"`{x['command']}` ({x['started_utc']}{', ' + x['interrupted'] if 'interrupted' in x else ''})"
+                              for x in r.get("runs", [])) + ". Wall time per experiment: "
                   + ", ".join(f"{k} {v:.0f}s" for k, v in (r.get("wall_s") or {}).items()), ""]
         if r.get("errors"):
             lines += [f"Failed experiments: {', '.join(r['errors'])} (see JSON).", ""]
@@ -1198,6 +1216,7 @@ def parse_args(argv=None):
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--summary-only", action="store_true",
                    help="run nothing: rewrite the summary, checks and plots from the existing JSON")
+    p.add_argument("--markdown", action="store_true", help="print README's table from the JSON and exit (runs nothing)")
     p.add_argument("--summary", type=Path, default=None, help="markdown summary (default results/compression_summary.md; not written with --quick)")
     return p.parse_args(argv)
 
@@ -1209,6 +1228,9 @@ def main(argv=None) -> dict:
     out_path = args.out or RESULTS / f"compression_{slug}{'_quick' if args.quick else ''}.json"
     out_path.parent.mkdir(parents=True, exist_ok=True)
     previous = json.loads(out_path.read_text()) if out_path.exists() else {}
+    if args.markdown:
+        print(paper_table(previous), end="")
+        return previous
     started = dt.datetime.now(dt.timezone.utc)
     result = {
         "benchmark": "compression",
@@ -1256,10 +1278,11 @@ def main(argv=None) -> dict:
                   sparsities=QUICK["sparsities"] if args.quick else st["sparsities"],
                   bits=QUICK["bits"] if args.quick else st["bits"],
                   schemes=QUICK["schemes"] if args.quick else st["schemes"],
+                  qat_schemes=QUICK["schemes"] if args.quick else st.get("qat_schemes", st["schemes"]),
                   config=config, hparams=hparams, seed=args.seed, save=save, results=r)
         r["settings"] = {"config": dataclasses.asdict(config), "hparams": st["hparams"], "total_timesteps": total,
                          "finetune_steps": finetune, "sparsities": ctx.sparsities, "bits": ctx.bits,
-                         "schemes": ctx.schemes,
+                         "schemes": ctx.schemes, "qat_schemes": ctx.qat_schemes,
                          "config_summary": f"{config.num_envs} envs x {config.num_steps} steps, {config.update_epochs} epochs, "
                                            f"{config.num_minibatches} minibatches, {config.net.torso} {config.net.hidden} "
                                            f"{config.net.activation}, lr {st['hparams']['lr']}"}
