@@ -93,6 +93,36 @@ def np_lloyd(x: np.ndarray, k: int, iters: int) -> np.ndarray:
     return c
 
 
+def np_optimal_kmeans_sse(x: np.ndarray, k: int) -> float:
+    """The least squared error of any k-level codebook for the values x: 1-D k-means solved
+    exactly by dynamic programming over the sorted values in float64 (Wang & Song 2011), brute force
+    over every split point of every layer (O(k n^2)), sharing nothing with the implementation."""
+    s = np.sort(np.asarray(x, np.float64).reshape(-1))
+    n = s.size
+    c1, c2 = np.concatenate([[0.0], np.cumsum(s)]), np.concatenate([[0.0], np.cumsum(s * s)])
+    ends = np.arange(n + 1)
+
+    def sse(i, j):  # values s[i:j]
+        cnt = j - i
+        return np.where(cnt > 0, (c2[j] - c2[i]) - (c1[j] - c1[i]) ** 2 / np.maximum(cnt, 1), 0.0)
+
+    best = sse(0, ends)  # one level for s[:j]
+    for _ in range(min(k, n) - 1):
+        nxt = np.empty(n + 1)
+        for lo in range(0, n + 1, 256):
+            j = ends[lo:lo + 256][None, :]
+            i = ends[:, None]
+            nxt[lo:lo + 256] = np.where(i <= j, best[:, None] + sse(i, j), np.inf).min(axis=0)
+        best = nxt
+    return max(float(best[n]), 0.0)
+
+
+def kmeans_sse(x: np.ndarray, spec: QuantSpec, mask=None) -> float:
+    y = np.asarray(fake_quant(jnp.asarray(x), spec, mask=mask), np.float64)
+    kept = np.ones(x.shape, bool) if mask is None else np.asarray(mask)
+    return float(np.sum((y[kept] - x[kept]) ** 2))
+
+
 def grad_sum(spec: QuantSpec, lo, hi):
     return jax.grad(lambda v: jnp.sum(fake_quant(v, spec, lo, hi)))
 
@@ -111,6 +141,7 @@ def grad_sum(spec: QuantSpec, lo, hi):
         (dict(percentile=0.0), "percentile"),
         (dict(kmeans_iters=0), "kmeans_iters"),
         (dict(scheme="kmeans", per_channel=True), "one codebook per tensor"),
+        (dict(scheme="kmeans", kmeans_init="random"), "Unknown kmeans_init 'random'"),
     ],
 )
 def test_validate_rejects_bad_specs(kwargs, message) -> None:
@@ -233,7 +264,7 @@ def test_log_gives_signed_powers_of_two_in_the_window(bits: int) -> None:
 def test_kmeans_matches_numpy_lloyd() -> None:
     x = _x(shape=(40, 10), seed=10)
     for bits in (2, 4):
-        spec = QuantSpec("kmeans", bits, kmeans_iters=12)
+        spec = QuantSpec("kmeans", bits, kmeans_iters=12, kmeans_init="linear")
         q = quantize_codes(x, spec)
         y = np.asarray(dequantize(q))
         centroids = np_lloyd(x.reshape(-1), 2**bits, 12)
@@ -248,7 +279,7 @@ def test_kmeans_matches_numpy_lloyd() -> None:
 def test_kmeans_with_mask_fits_kept_weights_and_reserves_zero() -> None:
     x = _x(shape=(30, 10), seed=3)
     mask = np.random.default_rng(4).random(x.shape) < 0.3
-    spec = QuantSpec("kmeans", 3, kmeans_iters=10)
+    spec = QuantSpec("kmeans", 3, kmeans_iters=10, kmeans_init="linear")
     q = quantize_codes(x, spec, mask=mask)
     y = np.asarray(fake_quant(x, spec, mask=mask))
     np.testing.assert_array_equal(y[~mask], 0.0)
@@ -257,6 +288,46 @@ def test_kmeans_with_mask_fits_kept_weights_and_reserves_zero() -> None:
     assert len(np.unique(y[mask])) <= 2**3 - 1
     g = jax.grad(lambda v: jnp.sum(fake_quant(v, spec, mask=mask)))(x)
     np.testing.assert_array_equal(g, mask.astype(F32))
+
+
+def test_optimal_kmeans_reaches_the_exact_optimum_where_linear_init_does_not() -> None:
+    """Tensors of up to 512 values are clustered exactly (the default init is the dynamic program's
+    optimum); on heavy-tailed weights Lloyd from the linear init stops far from it. With a mask,
+    the kept weights alone are clustered (2^b - 1 levels, code 0 for the pruned)."""
+    rng = np.random.default_rng(5)
+    heavy = (rng.standard_t(2, size=(4, 64)) * 0.1).astype(F32)
+    worst_linear = 1.0
+    for bits in (2, 3, 4):
+        best = np_optimal_kmeans_sse(heavy, 2**bits)
+        assert kmeans_sse(heavy, QuantSpec("kmeans", bits)) <= best * (1 + 1e-4) + 1e-9
+        worst_linear = max(worst_linear, kmeans_sse(heavy, QuantSpec("kmeans", bits, kmeans_init="linear")) / best)
+    assert worst_linear > 1.2  # what the optimal init fixes (the linear init of Han et al.)
+    mask = rng.random(heavy.shape) < 0.4
+    got = kmeans_sse(heavy, QuantSpec("kmeans", 3), mask=mask)
+    assert got <= np_optimal_kmeans_sse(heavy[mask], 2**3 - 1) * (1 + 1e-4) + 1e-9
+
+
+def test_optimal_kmeans_is_the_same_under_jit_and_vmap() -> None:
+    xs = np.stack([_x(shape=(64, 16), seed=s, scale=0.3) for s in range(3)])
+    spec = QuantSpec("kmeans", 4)
+    one = np.stack([np.asarray(quantize_codes(jnp.asarray(x), spec).codebook) for x in xs])
+    batched = jax.jit(jax.vmap(lambda v: quantize_codes(v, spec).codebook))(jnp.asarray(xs))
+    np.testing.assert_array_equal(np.asarray(batched), one)
+    assert np.all(np.diff(one, axis=1) >= 0)  # ascending codebooks
+
+
+def test_kmeans_of_a_trained_policy_is_within_5_percent_of_the_optimum(runs) -> None:
+    """Every kernel of a trained CartPole PPO policy (64x64 tanh) at 2, 3 and 4 bits: the squared error
+    of k-means weight sharing is within 1.05x of the exact optimum (the issue's acceptance; measured
+    1.0002x at worst on the 64x64 kernels, which the program groups into 512 atoms)."""
+    params = runs.get("ppo-cartpole").out.state.params
+    kernels = {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(params)
+               if "kernel" in jax.tree_util.keystr(p)}
+    assert len(kernels) == 6 and any(v.size == 4096 for v in kernels.values())
+    for name, w in kernels.items():
+        for bits in (2, 3, 4):
+            ratio = kmeans_sse(w, QuantSpec("kmeans", bits)) / np_optimal_kmeans_sse(w, 2**bits)
+            assert ratio <= 1.05, (name, bits, ratio)
 
 
 @pytest.mark.parametrize("spec", SPECS + [QuantSpec("uniform", 16, symmetric=False, per_channel=True)],

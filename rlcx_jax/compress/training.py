@@ -134,8 +134,14 @@ class CompressConfig(Extension):
             )
 
     def qat_spec(self) -> quant.QuantSpec:
+        """QAT's quantizer. k-means re-fits its codebook in every forward pass, so it starts Lloyd from
+        the linear init (~20x cheaper) rather than from the optimal clustering that PTQ and export use."""
         return quant.QuantSpec(
-            scheme=self.qat_scheme, bits=self.qat_bits, symmetric=self.qat_symmetric, per_channel=self.qat_per_channel
+            scheme=self.qat_scheme,
+            bits=self.qat_bits,
+            symmetric=self.qat_symmetric,
+            per_channel=self.qat_per_channel,
+            kmeans_init="linear",
         )
 
     def default_hparams(self) -> CompressHParams:
