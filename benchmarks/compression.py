@@ -99,7 +99,7 @@ from rlcx_jax.compress import masks as masks_lib  # noqa: E402
 from rlcx_jax.compress import quant, size, structured  # noqa: E402
 from rlcx_jax.compress.training import CompressConfig, CompressHParams, prune_selection  # noqa: E402
 from rlcx_jax.logging import bootstrap_ci  # noqa: E402
-from rlcx_jax.nets.policy import action_agreement, action_gap, agreement_label, greedy_action  # noqa: E402
+from rlcx_jax.nets.policy import action_agreement, action_gap, agreement_label  # noqa: E402
 from rlcx_jax.rl import ppo  # noqa: E402
 from rlcx_jax.rl.evaluate import make_evaluator  # noqa: E402
 from rlcx_jax.rl.common import vmap_learn  # noqa: E402
@@ -489,8 +489,8 @@ def agreement_fn(ctx: Ctx, act_spec: quant.QuantSpec | None):
 
     def one(params_q, ranges, params, obs):
         hooks = Hooks() if act_spec is None else Hooks(interceptor=quant.activation_interceptor(act_spec, ranges))
-        a_q = greedy_action(make_apply(network, hooks)(params_q, obs, method="policy"), spec)
-        a = greedy_action(make_apply(network)(params, obs, method="policy"), spec)
+        a_q = compress_run.policy_forward(network, hooks, spec)(params_q, obs)
+        a = compress_run.policy_forward(network, Hooks(), spec)(params, obs)
         return action_agreement(a_q, a, spec), action_gap(a_q, a, spec)
 
     return jax.jit(jax.vmap(one))
