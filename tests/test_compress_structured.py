@@ -187,3 +187,107 @@ def test_cnn_config_mismatch() -> None:
         S.shrink(params, nets.NetConfig(torso="cnn", hidden=(32,), conv_features=8), 0.5)
     with pytest.raises(ValueError, match="does not match conv_kernel=5"):
         S.shrink(params, nets.NetConfig(torso="cnn", hidden=(32,), conv_kernel=5), 0.5)
+
+
+# ----------------------------------------------------------------------------------------------
+# fold_dead_units: units left dead by unstructured pruning
+# ----------------------------------------------------------------------------------------------
+def _np_mlp_policy(p: dict[str, Any], obs: np.ndarray) -> np.ndarray:
+    """Independent float64 NumPy forward of the 2-layer tanh actor (actor_torso -> policy_head)."""
+    h = np.asarray(obs, np.float64)
+    for name in ("Dense_0", "Dense_1"):
+        layer = p["actor_torso"][name]
+        h = np.tanh(h @ np.asarray(layer["kernel"], np.float64) + np.asarray(layer["bias"], np.float64))
+    head = p["policy_head"]
+    return h @ np.asarray(head["kernel"], np.float64) + np.asarray(head["bias"], np.float64)
+
+
+def _sparse_mlp(density: float, seed: int = 0) -> tuple[Any, dict[str, Any], nets.NetConfig, np.ndarray]:
+    """The mlp-ac-separate case with random biases and ~density of its torso kernels kept."""
+    net, params, cfg, _ = _case("mlp-ac-separate")
+    rng = np.random.default_rng(seed)
+
+    def prune(path: Any, x: jax.Array) -> jax.Array:
+        keep = rng.random(x.shape) < density if "torso" in jax.tree_util.keystr(path) and x.ndim == 2 else True
+        return jnp.where(keep, x, 0.0)
+
+    params = jax.tree_util.tree_map_with_path(prune, params)
+    obs = rng.normal(size=(64, 4)).astype(np.float32) * 2.0
+    return net, params, cfg, obs
+
+
+def test_fold_dead_units_keeps_the_function_and_clears_the_dead() -> None:
+    net, params, cfg, obs = _sparse_mlp(0.1)
+    folded = S.fold_dead_units(params, cfg)
+    # Same function as the unpruned-by-fold network: against an independent float64 forward.
+    np.testing.assert_allclose(_np_mlp_policy(folded, obs), _np_mlp_policy(params, obs), atol=1e-5)
+    np.testing.assert_allclose(net.apply({"params": folded}, obs, method="policy"), _np_mlp_policy(params, obs), atol=1e-5)
+    a0, a1 = params["actor_torso"]["Dense_0"], params["actor_torso"]["Dense_1"]
+    f0, f1 = folded["actor_torso"]["Dense_0"], folded["actor_torso"]["Dense_1"]
+    no_input = np.all(np.asarray(a0["kernel"]) == 0, axis=0)
+    assert no_input.sum() > 20  # 4 inputs at 10% density: most first-layer units have none
+    # Hand check of the fold for every constant unit j: b1' = b1 + sum_j tanh(b0_j) W1[j, :].
+    want_b1 = np.asarray(a1["bias"], np.float64) + np.tanh(np.asarray(a0["bias"], np.float64))[no_input] @ np.asarray(
+        a1["kernel"], np.float64
+    )[no_input]
+    dead1 = np.all(np.asarray(f1["kernel"]) == 0, axis=0)  # layer-2 units folded in turn get bias 0
+    np.testing.assert_allclose(np.asarray(f1["bias"])[~dead1], want_b1[~dead1], rtol=1e-5, atol=1e-6)
+    assert np.all(np.asarray(f1["kernel"])[no_input] == 0) and np.all(np.asarray(f0["bias"])[no_input] == 0)
+    # Kernels only lose entries: every kernel weight is unchanged or zero (biases absorb the folds).
+    for x, y in zip(jax.tree.leaves(params["actor_torso"]), jax.tree.leaves(folded["actor_torso"])):
+        x, y = np.asarray(x), np.asarray(y)
+        if x.ndim == 1:
+            continue
+        assert np.all((y == x) | (y == 0))
+    before = sum(int(np.count_nonzero(x)) for x in jax.tree.leaves(params))
+    after = sum(int(np.count_nonzero(x)) for x in jax.tree.leaves(folded))
+    assert after < 0.8 * before
+
+
+def test_fold_dead_units_chains_and_clears_unread_units_exactly() -> None:
+    net, params, cfg, obs = _case("mlp-ac-separate")
+    p = jax.tree.map(np.array, params)
+    d0, d1, head = p["actor_torso"]["Dense_0"], p["actor_torso"]["Dense_1"], p["policy_head"]
+    # Layer-2 unit 5 reads only layer-1 unit 3, which has no inputs: both are constant.
+    d0["kernel"][:, 3] = 0.0
+    d1["kernel"][:, 5] = 0.0
+    d1["kernel"][3, 5] = 0.7
+    # Layer-1 unit 9 is read by nobody: its inputs and bias go, exactly.
+    d1["kernel"][9, :] = 0.0
+    folded = jax.tree.map(np.asarray, S.fold_dead_units(p, cfg))
+    f0, f1, fh = folded["actor_torso"]["Dense_0"], folded["actor_torso"]["Dense_1"], folded["policy_head"]
+    assert np.all(f1["kernel"][:, 5] == 0) and f1["bias"][5] == 0 and np.all(fh["kernel"][5] == 0)
+    want_head_bias = head["bias"] + np.tanh(d1["bias"][5] + np.tanh(d0["bias"][3]) * 0.7) * head["kernel"][5]
+    np.testing.assert_allclose(fh["bias"], want_head_bias, rtol=1e-6)
+    assert np.all(f0["kernel"][:, 9] == 0) and f0["bias"][9] == 0
+    np.testing.assert_allclose(_np_mlp_policy(folded, np.asarray(obs)), _np_mlp_policy(p, np.asarray(obs)), atol=1e-5)
+
+
+def test_fold_dead_units_without_dead_units_is_bitwise_identity_under_jit_and_vmap() -> None:
+    net, params, cfg, obs = _case("mlp-q")
+    same = S.fold_dead_units(params, cfg, head="q")
+    for x, y in zip(jax.tree.leaves(params), jax.tree.leaves(same)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    _, sparse, cfg_ac, _ = _sparse_mlp(0.1, seed=2)
+    eager = S.fold_dead_units(sparse, cfg_ac)
+    jitted = jax.jit(lambda q: S.fold_dead_units(q, cfg_ac))(sparse)
+    stacked = jax.tree.map(lambda x: jnp.stack([x, x]), sparse)
+    batched = jax.vmap(lambda q: S.fold_dead_units(q, cfg_ac))(stacked)
+    for x, y, z in zip(jax.tree.leaves(eager), jax.tree.leaves(jitted), jax.tree.leaves(batched)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(z)[1])
+
+
+def test_fold_dead_units_cnn_filter_folds_into_every_position() -> None:
+    net, params, cfg, obs = _case("cnn-ac")
+    p = jax.tree.map(np.array, params)
+    p["actor_torso"]["Conv_0"]["kernel"][..., 2] = 0.0  # filter 2 outputs relu(b_2) everywhere
+    p["actor_torso"]["Conv_0"]["bias"][2] = 0.5
+    folded = jax.tree.map(np.asarray, S.fold_dead_units(p, cfg))
+    rows = folded["actor_torso"]["Dense_0"]["kernel"].reshape(-1, cfg.conv_features, 32)
+    assert np.all(rows[:, 2] == 0) and folded["actor_torso"]["Conv_0"]["bias"][2] == 0
+    np.testing.assert_allclose(
+        net.apply({"params": folded}, obs, method="policy"), net.apply({"params": p}, obs, method="policy"), atol=1e-5
+    )
+    with pytest.raises(ValueError, match="does not match"):
+        S.fold_dead_units(p, nets.NetConfig(torso="cnn", hidden=(16,), activation="relu"))

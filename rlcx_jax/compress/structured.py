@@ -14,6 +14,10 @@ Two views of the same pruning:
 * `shrink`: the physically smaller parameter tree plus the `NetConfig` with the new widths; its
   network computes the same function as the masked original (every activation maps 0 to 0).
 
+After unstructured pruning many units are dead without being removed: `fold_dead_units` finds them
+from the zeros themselves and clears what they store (Han et al. 2015: "neurons with zero input
+connections or zero output connections may be safely pruned").
+
 Unit counts change shapes, so sparsity must be a concrete Python number here (not traced); the
 params themselves may be traced. Separate actor and critic torsos rank their units independently but
 keep the same count per layer, so one NetConfig describes the shrunk network. Which torsos exist and
@@ -38,7 +42,7 @@ from rlcx_jax import nets
 from rlcx_jax.compress.masks import validate_sparsity
 from rlcx_jax.nets import NetConfig
 
-__all__ = ["NORMS", "unit_scores", "kept_units", "structured_masks", "shrink", "count_params"]
+__all__ = ["NORMS", "unit_scores", "kept_units", "structured_masks", "shrink", "fold_dead_units", "count_params"]
 
 Tree = Any
 Path = tuple[str, ...]
@@ -335,6 +339,60 @@ def _shrink_impl(inner: dict[str, Any], layers: tuple[_Layer, ...], sparsity: fl
             cnode = _node(small, consumer)
             cnode["kernel"] = _gather_rows(cnode["kernel"], idx, layer.width)
     return small
+
+
+# ----------------------------------------------------------------------------------------------
+# Dead units left by unstructured pruning
+# ----------------------------------------------------------------------------------------------
+def fold_dead_units(params: Tree, net_config: NetConfig, head: str = "actor_critic") -> Tree:
+    """Clear the hidden units that unstructured pruning left dead, keeping every shape.
+
+    For each hidden layer, in order (Han et al. 2015, "Learning both Weights and Connections"):
+
+    * a unit with no incoming weight (its kernel column, or Conv filter, all zero) outputs the
+      constant c_j = act(b_j). Its contribution to every consumer is folded into the consumer's
+      bias, b'_k = b_k + c_j * sum_{rows r reading j} W[r, k], and those rows and b_j become zero;
+    * a unit that no consumer reads (all its consumer rows zero) gets its incoming weights and bias
+      zeroed: nothing reads them.
+
+    The folded network computes the same function in exact arithmetic; in float32 the consumers'
+    sums are rounded in another order (a few ulp). A consumer unit whose every input was folded
+    becomes constant itself and is folded in turn, because layers are visited input to output.
+    Only zeros are created, so masks of the original stay valid; what it saves shows in a sparse
+    artifact (`export`: fewer stored weights and biases). mlp and cnn torsos, like `shrink`.
+    """
+    inner, wrap = _unwrap(params)
+    layers = tuple(_layout(inner, net_config, head))
+    return wrap(_fold_impl(inner, layers, net_config.activation))
+
+
+def _grouped(kernel: jax.Array, width: int) -> jax.Array:
+    """A consumer kernel's rows grouped by the unit they read: (positions, width, out)."""
+    rows, out = kernel.shape
+    return kernel.reshape(rows // width, width, out)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _fold_impl(inner: dict[str, Any], layers: tuple[_Layer, ...], activation: str) -> dict[str, Any]:
+    act = nets.ACTIVATIONS[activation]
+    out = _thaw(inner)
+    for layer in layers:  # input to output: constant units fold into their consumers' biases
+        node = _node(out, layer.path)
+        constant = jnp.all(node["kernel"] == 0, axis=tuple(range(node["kernel"].ndim - 1)))
+        value = jnp.where(constant, act(node["bias"]), 0.0)
+        for consumer in layer.consumers:
+            cnode = _node(out, consumer)
+            grouped = _grouped(cnode["kernel"], layer.width)
+            cnode["bias"] = cnode["bias"] + jnp.einsum("pjk,j->k", grouped, value).astype(cnode["bias"].dtype)
+            cnode["kernel"] = jnp.where(constant[None, :, None], 0.0, grouped).reshape(cnode["kernel"].shape)
+    for layer in reversed(layers):  # output to input: units nobody reads lose their weights
+        node = _node(out, layer.path)
+        read = jnp.zeros(layer.width, bool)
+        for consumer in layer.consumers:
+            read = read | jnp.any(_grouped(_node(out, consumer)["kernel"], layer.width) != 0, axis=(0, 2))
+        node["kernel"] = jnp.where(read, node["kernel"], 0.0).astype(node["kernel"].dtype)
+        node["bias"] = jnp.where(read, node["bias"], 0.0).astype(node["bias"].dtype)
+    return out
 
 
 def count_params(params: Tree) -> int:
