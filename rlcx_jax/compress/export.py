@@ -1,18 +1,26 @@
 """The shipped artifact: one binary file holding a (quantized, sparse) policy, and its loader.
 
-File layout (little-endian)::
+File layout (format 3; integers little-endian, "varint" = unsigned LEB128)::
 
-    8 bytes   magic b"RLCXQNT1"
-    4 bytes   uint32 length H of the header
-    H bytes   zlib-compressed UTF-8 JSON header (its per-leaf records are repetitive; compressed
-              they are ~4x smaller, which matters for small policies): format version, metadata
-              (net_config, obs_shape, action_spec, head, qspec, include/exclude, user meta) and one
-              record per parameter leaf: path, shape, storage, index encoding and the
-              [offset, length] of its blobs in the payload
-    payload   the blobs, back to back; with `payload_codec="lzma"` (header field "payload_codec")
-              the payload is one raw LZMA2 stream instead: a lossless entropy-coding stage over
-              codes, indices and floats, the role Huffman coding plays in Han et al. 2016's
-              Deep Compression (prune, quantize, entropy-code)
+    4 bytes   magic b"RLCX"
+    1 byte    format version (3)
+    varint    length M, then M bytes: the metadata, UTF-8 JSON compressed by zlib with a preset
+              dictionary (`_ZDICT`: the keys and the usual values of this format, so a header that
+              says what every header says costs a few bytes): net_config, obs_shape, action_spec,
+              head, qspec, include/exclude, user meta, payload codec, and the leaf table
+              [[path, shape], ...]
+    varint    length L, then L bytes: one binary record per leaf, in the table's order
+              (`_pack_record`): storage / index encoding / scheme flags in one byte, then bits,
+              stored count, gap width and stream length, and the shape of the scales, as needed
+    payload   the blobs of every leaf back to back (index, values, then scales / zero points /
+              exponents / codebook), each of a length that follows from its record; with
+              `payload_codec="lzma"` the payload is one raw LZMA2 stream instead: a lossless
+              entropy-coding stage over codes, indices and floats, the role Huffman coding plays in
+              Han et al. 2016's Deep Compression (prune, quantize, entropy-code)
+
+For the 64x64 CartPole actor this is 20-40 bytes of fixed cost where format 2 (an 8-byte magic and
+a zlib JSON header with per-leaf dicts and blob offsets, ~560 bytes) spent more than the int8 codes
+themselves. `load` still reads format 2.
 
 Per leaf, values are either float32 / float16 (unquantized) or integer codes (`quant.QTensor`)
 packed at exactly `bits` bits each (`pack_bits`: 4-bit codes two per byte, 2-bit four per byte,
@@ -77,16 +85,40 @@ __all__ = [
     "Artifact",
     "export",
     "load",
+    "breakdown",
     "dense_float32_bytes",
     "pack_bits",
     "unpack_bits",
 ]
 
-MAGIC = b"RLCXQNT1"
-FORMAT_VERSION = 2  # 2: networks named by registered torso (NetConfig.torso) and head
+MAGIC = b"RLCX"
+FORMAT_VERSION = 3  # 3: binary leaf records, dictionary-compressed metadata; 2: zlib JSON header
+_MAGIC_V2 = b"RLCXQNT1"
 FLOAT_DTYPES = {"float32": np.float32, "float16": np.float16}
 MAX_GAP_BITS = 16
-_HEADER_LEN = pystruct.Struct("<I")
+_HEADER_LEN = pystruct.Struct("<I")  # format 2
+# The preset zlib dictionary of format 3's metadata (fixed with the format: changing it breaks
+# reading). zlib finds matches in it as in earlier data, nearest (cheapest) at its end.
+_ZDICT = (
+    b'{"net_config":{"torso":"cnn","hidden":[256,256],"activation":"relu","separate_critic":false,'
+    b'"conv_features":16,"conv_kernel":3},"obs_shape":[10,10,4],"action_spec":{"discrete":false,'
+    b'"num_actions":0,"shape":[1],"low":-2.0,"high":2.0},"head":"q","qspec":{"scheme":"kmeans","bits":4,'
+    b'"symmetric":false,"per_channel":true,"range_method":"percentile","percentile":99.99,"kmeans_iters":16,'
+    b'"kmeans_init":"linear"},"include":[".*"],"exclude":[],"meta":{"env":"CartPole-v1"},'
+    b'"payload_codec":"lzma","leaves":[["torso/Conv_0/bias",[16]],["torso/Conv_0/kernel",[3,3,4,16]],'
+    b'["torso/Dense_0/bias",[256]],["torso/Dense_0/kernel",[1024,256]],["q_head/bias",[6]],'
+    b'["q_head/kernel",[256,6]],["value_head/bias",[1]],["value_head/kernel",[64,1]],'
+    b'["critic_torso/Dense_0/bias",[64]],["critic_torso/Dense_0/kernel",[4,64]],'
+    b'["critic_torso/Dense_1/bias",[64]],["critic_torso/Dense_1/kernel",[64,64]],["log_std",[1]]]}'
+    b'{"net_config":{"torso":"mlp","hidden":[64,64],"activation":"tanh","separate_critic":true,'
+    b'"conv_features":16,"conv_kernel":3},"obs_shape":[4],"action_spec":{"discrete":true,'
+    b'"num_actions":2,"shape":[],"low":null,"high":null},"head":"actor_critic","qspec":{"scheme":"uniform",'
+    b'"bits":8,"symmetric":true,"per_channel":false,"range_method":"minmax","percentile":99.99,'
+    b'"kmeans_iters":16,"kmeans_init":"optimal"},"include":[".*kernel"],"exclude":[],"meta":{},'
+    b'"payload_codec":"none","leaves":[["actor_torso/Dense_0/bias",[64]],'
+    b'["actor_torso/Dense_0/kernel",[4,64]],["actor_torso/Dense_1/bias",[64]],'
+    b'["actor_torso/Dense_1/kernel",[64,64]],["policy_head/bias",[2]],["policy_head/kernel",[64,2]]]}'
+)
 PAYLOAD_CODECS = ("none", "lzma")
 # Raw LZMA2 (no container header: small files stay small), strongest preset; the payloads are tiny.
 _LZMA_FILTERS = [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}]
@@ -186,6 +218,127 @@ def _decode_index(rec: Mapping[str, Any], n: int, blob: bytes) -> np.ndarray:
         stream = unpack_bits(blob, rec["r"], rec["m"]) if rec["m"] else np.zeros(0, np.uint32)
         return _gap_positions(stream, rec["r"])
     raise ValueError(f"Unknown index encoding {kind!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Format 3's binary leaf records
+# ----------------------------------------------------------------------------------------------
+_STORAGES = ("float32", "float16", "quant")
+_INDEXES = ("dense", "bitmap", "gaps")
+_SCHEMES = ("uniform", "log", "kmeans")
+
+
+def _varint(value: int) -> bytes:
+    """Unsigned LEB128: 7 bits per byte, high bit set on every byte but the last."""
+    if value < 0:
+        raise ValueError(f"varint of a negative number {value}")
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+class _Cursor:
+    """Reads bytes and varints off a buffer; running past its end is a clear ValueError."""
+
+    def __init__(self, data: bytes | memoryview, what: str) -> None:
+        self.data, self.pos, self.what = data, 0, what
+
+    def take(self, n: int) -> bytes:
+        if self.pos + n > len(self.data):
+            raise ValueError(f"Truncated artifact: {self.what} ends early")
+        out = bytes(self.data[self.pos : self.pos + n])
+        self.pos += n
+        return out
+
+    def byte(self) -> int:
+        return self.take(1)[0]
+
+    def varint(self) -> int:
+        value, shift = 0, 0
+        while True:
+            byte = self.byte()
+            value |= (byte & 0x7F) << shift
+            shift += 7
+            if not byte & 0x80:
+                return value
+
+
+def _pack_record(rec: Mapping[str, Any]) -> bytes:
+    """One leaf's encoding (everything but its path and shape, which the metadata's table holds)."""
+    quant = rec["storage"] == "quant"
+    flags = _STORAGES.index(rec["storage"]) | _INDEXES.index(rec["index"]) << 2
+    if quant:
+        flags |= _SCHEMES.index(rec["scheme"]) << 4 | int(rec["symmetric"]) << 6 | int(rec["zero_reserved"]) << 7
+    out = bytearray([flags])
+    if quant:
+        out.append(rec["bits"])
+    if rec["index"] != "dense":
+        out += _varint(rec["nnz"])
+    if rec["index"] == "gaps":
+        out.append(rec["r"])
+        out += _varint(rec["m"])
+    if quant and rec["scheme"] == "kmeans":
+        out += _varint(rec["codebook_size"])
+    elif quant:
+        out.append(len(rec["param_shape"]))
+        for dim in rec["param_shape"]:
+            out += _varint(dim)
+    return bytes(out)
+
+
+def _unpack_record(cur: _Cursor, path: str, shape: list[int]) -> dict[str, Any]:
+    flags = cur.byte()
+    try:
+        storage, index = _STORAGES[flags & 3], _INDEXES[flags >> 2 & 3]
+        scheme = _SCHEMES[flags >> 4 & 3] if storage == "quant" else None
+    except IndexError:
+        raise ValueError(f"Corrupt artifact: leaf {path!r} has an unknown encoding (flags {flags:#04x})") from None
+    rec: dict[str, Any] = {"path": path, "shape": shape, "storage": storage, "index": index}
+    if scheme is not None:
+        rec.update(scheme=scheme, symmetric=bool(flags >> 6 & 1), zero_reserved=bool(flags >> 7 & 1), bits=cur.byte())
+    rec["nnz"] = int(np.prod(shape)) if index == "dense" else cur.varint()
+    if index == "gaps":
+        rec["r"] = cur.byte()
+        rec["m"] = cur.varint()
+    if scheme == "kmeans":
+        rec["codebook_size"] = cur.varint()
+    elif scheme is not None:
+        rec["param_shape"] = [cur.varint() for _ in range(cur.byte())]
+    return rec
+
+
+def _blob_lengths(rec: Mapping[str, Any]) -> list[tuple[str, int]]:
+    """(name, bytes) of a leaf's blobs in payload order, from its record alone."""
+    n = int(np.prod(rec["shape"]))
+    index = {"dense": 0, "bitmap": _nbytes(n, 1), "gaps": _nbytes(rec.get("m", 0), rec.get("r", 1))}[rec["index"]]
+    if rec["storage"] != "quant":
+        return [("index", index), ("values", rec["nnz"] * np.dtype(FLOAT_DTYPES[rec["storage"]]).itemsize)]
+    out = [("index", index), ("values", _nbytes(rec["nnz"], rec["bits"]))]
+    if rec["scheme"] == "kmeans":
+        return out + [("codebook", 4 * rec["codebook_size"])]
+    count = int(np.prod(rec["param_shape"]))
+    if rec["scheme"] == "log":
+        return out + [("exponent", count)]
+    out.append(("scale", 4 * count))
+    if not rec["symmetric"]:
+        out.append(("zero_point", _nbytes(count, rec["bits"])))
+    return out
+
+
+def _locate_blobs(records: list[dict[str, Any]], payload_size: int) -> None:
+    """Give every record the [offset, length] of its blobs (they follow each other in order)."""
+    offset = 0
+    for rec in records:
+        rec["blobs"] = {}
+        for name, length in _blob_lengths(rec):
+            rec["blobs"][name] = [offset, length]
+            offset += length
+    if offset != payload_size:
+        problem = "Truncated artifact" if offset > payload_size else "Corrupt artifact (trailing bytes)"
+        raise ValueError(f"{problem}: the leaf records describe {offset} payload bytes, the file holds {payload_size}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -370,7 +523,6 @@ def _metadata(
     meta: Mapping[str, Any] | None,
 ) -> dict[str, Any]:
     return {
-        "format": FORMAT_VERSION,
         "net_config": None if net_config is None else to_jsonable(net_config),
         "obs_shape": None if obs_shape is None else [int(d) for d in obs_shape],
         "action_spec": None if action_spec is None else to_jsonable(action_spec),
@@ -436,13 +588,17 @@ def export(
             _encode_float(rec, writer, value, float_dtype, sparse)
         records.append(rec)
     header = _metadata(net_config, obs_shape, action_spec, head, qspec, include, exclude, meta)
-    header["leaves"] = records
+    header["payload_codec"] = payload_codec
+    header["leaves"] = [[rec["path"], rec["shape"]] for rec in records]
     payload = b"".join(writer.parts)
     if payload_codec == "lzma":
-        header["payload_codec"] = "lzma"
         payload = lzma.compress(payload, format=lzma.FORMAT_RAW, filters=_LZMA_FILTERS)
-    header_bytes = zlib.compress(json.dumps(header, separators=(",", ":")).encode("utf-8"), 9)
-    data = b"".join([MAGIC, _HEADER_LEN.pack(len(header_bytes)), header_bytes, payload])
+    squeeze = zlib.compressobj(9, zlib.DEFLATED, 15, 9, zlib.Z_DEFAULT_STRATEGY, _ZDICT)
+    meta_bytes = squeeze.compress(json.dumps(header, separators=(",", ":")).encode("utf-8")) + squeeze.flush()
+    table = b"".join(_pack_record(rec) for rec in records)
+    data = b"".join(
+        [MAGIC, bytes([FORMAT_VERSION]), _varint(len(meta_bytes)), meta_bytes, _varint(len(table)), table, payload]
+    )
     return _write_atomic(os.fspath(path), data)
 
 
@@ -532,23 +688,57 @@ class Artifact:
         return executed_action(greedy, self.action_spec)
 
 
-def _read(path: str) -> tuple[dict[str, Any], memoryview, int]:
-    with open(path, "rb") as f:
-        data = f.read()
-    if data[: len(MAGIC)] != MAGIC:
-        raise ValueError(f"{path} is not an rlcx artifact (bad magic {data[: len(MAGIC)]!r})")
-    start = len(MAGIC) + _HEADER_LEN.size
-    (length,) = _HEADER_LEN.unpack(data[len(MAGIC) : start])
+def _read_v2(path: str, data: bytes) -> tuple[dict[str, Any], memoryview]:
+    start = len(_MAGIC_V2) + _HEADER_LEN.size
+    (length,) = _HEADER_LEN.unpack(data[len(_MAGIC_V2) : start])
     try:
         header = json.loads(zlib.decompress(data[start : start + length]).decode("utf-8"))
     except (zlib.error, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ValueError(f"{path}: corrupt artifact header ({err})") from err
-    if header.get("format") != FORMAT_VERSION:
+    if header.get("format") != 2:
         raise ValueError(
-            f"{path}: artifact format {header.get('format')!r}, this version reads {FORMAT_VERSION}; "
-            "re-export it with this version of rlcx_jax"
+            f"{path}: artifact format {header.get('format')!r}; re-export it with this version of rlcx_jax"
         )
-    payload = memoryview(data)[start + length :]
+    return header, memoryview(data)[start + length :]
+
+
+def _read_v3(path: str, data: bytes) -> tuple[dict[str, Any], memoryview]:
+    cur = _Cursor(memoryview(data), path)
+    cur.take(len(MAGIC) + 1)
+    try:
+        expand = zlib.decompressobj(15, _ZDICT)
+        raw = cur.take(cur.varint())
+        header = json.loads((expand.decompress(raw) + expand.flush()).decode("utf-8"))
+        table = _Cursor(cur.take(cur.varint()), f"{path}: leaf records")
+        records = [_unpack_record(table, name, list(shape)) for name, shape in header["leaves"]]
+    except (zlib.error, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"{path}: corrupt artifact header ({err})") from err
+    header["leaves"] = records
+    header["sections"] = {
+        "fixed": cur.pos - len(raw) - len(table.data),
+        "metadata": len(raw),
+        "leaf_records": len(table.data),
+        "payload": len(data) - cur.pos,
+    }
+    return header, memoryview(data)[cur.pos :]
+
+
+def _read(path: str) -> tuple[dict[str, Any], memoryview, int]:
+    """(header with one record per leaf, the decoded payload, file size); format 3 or 2."""
+    with open(path, "rb") as f:
+        data = f.read()
+    v3 = not data.startswith(_MAGIC_V2)
+    if not v3:
+        header, payload = _read_v2(path, data)
+    elif data.startswith(MAGIC) and len(data) > len(MAGIC):
+        if data[len(MAGIC)] != FORMAT_VERSION:
+            raise ValueError(
+                f"{path}: artifact format {data[len(MAGIC)]}, this version reads {FORMAT_VERSION} and 2; "
+                "re-export it with this version of rlcx_jax"
+            )
+        header, payload = _read_v3(path, data)
+    else:
+        raise ValueError(f"{path} is not an rlcx artifact (bad magic {data[: len(_MAGIC_V2)]!r})")
     codec = header.get("payload_codec", "none")
     if codec == "lzma":
         try:
@@ -557,7 +747,24 @@ def _read(path: str) -> tuple[dict[str, Any], memoryview, int]:
             raise ValueError(f"{path}: corrupt artifact payload ({err})") from err
     elif codec != "none":
         raise ValueError(f"{path}: unknown payload codec {codec!r}")
+    if v3:
+        _locate_blobs(header["leaves"], len(payload))
     return header, payload, len(data)
+
+
+def breakdown(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Where an artifact's bytes go: total; for format 3 the fixed fields (magic, version, lengths),
+    the compressed metadata, the leaf records and the payload as stored; per leaf its (decoded)
+    payload bytes and its encoding."""
+    header, _, size = _read(os.fspath(path))
+    leaves = {
+        rec["path"]: {
+            "bytes": int(sum(length for _, length in rec["blobs"].values())),
+            "encoding": {k: v for k, v in rec.items() if k not in ("path", "shape", "blobs")},
+        }
+        for rec in header["leaves"]
+    }
+    return {"total": size, **header.get("sections", {}), "leaves": leaves}
 
 
 def load(path: str | os.PathLike[str]) -> Artifact:
