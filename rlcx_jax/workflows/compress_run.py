@@ -66,6 +66,9 @@ class CompressOptions:
     """Regexes (by path, e.g. .*kernel) of the parameters pruned within those roles."""
     exclude: tuple[str, ...] = ()
     """Regexes of parameters never pruned."""
+    fold_dead_units: bool = True
+    """After pruning (mlp / cnn torsos): fold units left without inputs into the next layer's biases and
+    clear units nothing reads (Han et al. 2015); same function, fewer stored weights."""
 
     def validate(self) -> None:
         if self.prune:
@@ -221,8 +224,11 @@ def compress_run(
     # -- 3. weight quantization (fake-quantized floats = what the artifact holds) ----------------
     qspec = parse_quant(options.quant, options.activations, options.per_channel) if options.quant else None
     compressed, floats = [], []
+    fold = masks is not None and options.fold_dead_units and net_config.torso in structured.SHRINKABLE_TORSOS
     for i in range(n_seeds):
         p, m = seed_slice(params, i), (None if masks is None else seed_slice(masks, i))
+        if fold:  # only creates zeros, so the masks stay valid
+            p = structured.fold_dead_units(masks_lib.apply_masks(p, m), net_config, head=head)
         floats.append(p)  # what export encodes: quantizing once, from the float weights
         if qspec is not None:
             p = quant.quantize_tree(p, qspec, include=QUANT_INCLUDE, masks=m)
