@@ -142,6 +142,23 @@ def cpu_short_name(model: str) -> str:
     return name or "cpu"
 
 
+def git_state(paths: tuple[str, ...] = (), max_paths: int | None = None) -> dict | None:
+    """The repository's HEAD and whether the tree differs from it (`git status --porcelain`, untracked
+    files included), over `paths` (default: the whole tree); `dirty_paths` lists at most `max_paths`
+    of them (all if None), `dirty_count` how many there are. None where git or the repository is missing."""
+    try:
+        def git(*args: str) -> str:
+            return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True,
+                                  check=True).stdout
+
+        head = git("rev-parse", "HEAD").strip()
+        dirty = [ln[3:] for ln in git("status", "--porcelain", "--", *paths).splitlines() if ln.strip()]
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return {"commit": head, "dirty": bool(dirty), "dirty_count": len(dirty),
+            "dirty_paths": dirty if max_paths is None else dirty[:max_paths]}
+
+
 def local_versions() -> dict:
     out = {"python": platform.python_version()}
     for name in VERSION_PACKAGES + ("rlcx_jax",):
@@ -149,14 +166,8 @@ def local_versions() -> dict:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             out[name] = None
-    try:
-        head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True,
-                              text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--", "rlcx_jax"],
-                               capture_output=True, text=True, check=True).stdout.strip()
-        out["rlcx_jax_git"] = head + ("+dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        out["rlcx_jax_git"] = None
+    git = git_state(("rlcx_jax",), max_paths=0)
+    out["rlcx_jax_git"] = None if git is None else git["commit"] + ("+dirty" if git["dirty"] else "")
     return out
 
 

@@ -164,6 +164,22 @@ def test_compress_prunes_quantizes_exports_and_reports(full_run: pathlib.Path, c
     assert sorted(p.name for p in out.glob("*.rlcx")) == ["seed_0.rlcx", "seed_1.rlcx"]
 
 
+def test_compress_folds_dead_units_by_default_into_a_smaller_exact_artifact(full_run, tmp_path) -> None:
+    """At 95% sparsity some hidden units keep no incoming weight; folding them (the default) ships a
+    smaller file of the policy it evaluated, and `--no-fold-dead-units` keeps the plain pruned one."""
+    rows = {}
+    for flag in ("--fold-dead-units", "--no-fold-dead-units"):
+        out = tmp_path / flag.strip("-")
+        argv = ["compress", str(full_run), "--prune", "0.95", "--quant", "int8", "--episodes", "1", flag,
+                "--out", str(out)]
+        assert main(argv) == 0
+        rows[flag] = json.loads((out / "summary.json").read_text())["rows"][1]
+    folded, plain = rows["--fold-dead-units"], rows["--no-fold-dead-units"]
+    assert folded["export_exact"] is True and plain["export_exact"] is True
+    assert folded["artifact_bytes"] < plain["artifact_bytes"]
+    assert folded["nonzeros"] < plain["nonzeros"]
+
+
 def test_compress_of_a_continuous_policy_reports_action_agreement(tmp_path, capsys) -> None:
     """Pendulum (Gaussian policy): the table names the continuous measure and its figure is not the
     0% that exact float equality gave; the int8 artifact of the shrunk policy reloads exactly."""
