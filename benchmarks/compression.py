@@ -770,14 +770,13 @@ def export_sizes(ctx: Ctx, st: Any, config: ppo.PPOConfig) -> dict:
         params_q = jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
         out["shipped"][name] = with_agreement(evaluate(ctx, config, params_q, st.obs_stats),
                                               agree(params_q, {}, st.params, held))
-    out["shipped_policy_return"] = out["shipped"][EXPORT_HEADLINE]
     out["agreement_measure"] = (f"{agreement_label(spec)} of the policy read back from the artifact with the float "
                                 "90%-pruned policy, on its own states (16 envs x 256 steps per seed)")
     a = out["actor"]
     log(f"export {config.net.hidden}: actor {a['dense_float32_bytes']} B dense f32 -> "
         + ", ".join(f"{k} {a[k]['median_bytes']:.0f} B (x{a[k]['median_ratio']:.1f}, "
                     f"{100 * out['shipped'][k]['agreement']:.2f}% agree)" for k in EXPORT_VARIANTS)
-        + f"; actor+critic x{out['actor_critic']['median_ratio']:.1f}; shipped policy {fmt(out['shipped_policy_return'])}")
+        + f"; actor+critic x{out['actor_critic']['median_ratio']:.1f}; shipped policy {fmt(out['shipped'][EXPORT_HEADLINE])}")
     return out
 
 

@@ -18,9 +18,9 @@ File layout (format 3; integers little-endian, "varint" = unsigned LEB128)::
               entropy-coding stage over codes, indices and floats, the role Huffman coding plays in
               Han et al. 2016's Deep Compression (prune, quantize, entropy-code)
 
-For the 64x64 CartPole actor this is 20-40 bytes of fixed cost where format 2 (an 8-byte magic and
-a zlib JSON header with per-leaf dicts and blob offsets, ~560 bytes) spent more than the int8 codes
-themselves. `load` still reads format 2.
+For the 64x64 CartPole actor everything but the payload (magic, lengths, metadata, leaf records)
+takes about 65 bytes, where format 2 (an 8-byte magic and a zlib JSON header with per-leaf dicts
+and blob offsets, ~560 bytes) spent more than the int8 codes themselves. `load` still reads format 2.
 
 Per leaf, values are either float32 / float16 (unquantized) or integer codes (`quant.QTensor`)
 packed at exactly `bits` bits each (`pack_bits`: 4-bit codes two per byte, 2-bit four per byte,

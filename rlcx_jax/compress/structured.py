@@ -297,11 +297,15 @@ def _masks_impl(inner: dict[str, Any], layers: tuple[_Layer, ...], sparsity: flo
 # ----------------------------------------------------------------------------------------------
 # Physical shrinking
 # ----------------------------------------------------------------------------------------------
+def _grouped(kernel: jax.Array, width: int) -> jax.Array:
+    """A consumer kernel's rows grouped by the unit they read: (positions, width, out)."""
+    rows, out = kernel.shape
+    return kernel.reshape(rows // width, width, out)
+
+
 def _gather_rows(kernel: jax.Array, idx: jax.Array, width: int) -> jax.Array:
     """Keep the rows reading units `idx`: view rows as (P, width), take along width, flatten back."""
-    rows, out = kernel.shape
-    grouped = kernel.reshape(rows // width, width, out)
-    return jnp.take(grouped, idx, axis=1).reshape(-1, out)
+    return jnp.take(_grouped(kernel, width), idx, axis=1).reshape(-1, kernel.shape[-1])
 
 
 def _shrunk_config(cfg: NetConfig, sparsity: float) -> NetConfig:
@@ -364,12 +368,6 @@ def fold_dead_units(params: Tree, net_config: NetConfig, head: str = "actor_crit
     inner, wrap = _unwrap(params)
     layers = tuple(_layout(inner, net_config, head))
     return wrap(_fold_impl(inner, layers, net_config.activation))
-
-
-def _grouped(kernel: jax.Array, width: int) -> jax.Array:
-    """A consumer kernel's rows grouped by the unit they read: (positions, width, out)."""
-    rows, out = kernel.shape
-    return kernel.reshape(rows // width, width, out)
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2))
