@@ -29,6 +29,9 @@ running; re-running with --experiments merges into the existing JSON):
             started from the dense policies for --finetune-steps (QuaRL's quantization delay: the
             dense run is the delay). Compared with PTQ of the same dense policies and with PTQ of
             an equally long fine-tune without quantization (the control).
+  qat_cost  wall time of k-means QAT (trained weight sharing: frozen clusters re-assigned every 16 optimizer
+            steps, centroids trained) against uniform QAT, same fine-tune, every bit width (compiled apart,
+            alternating, median of 3), each beside its return.
   qat_act   QAT of weights and activations (dynamic activation ranges, one per sample: each observation's
             Dense inputs quantized with their own min/max, as QAT trains) vs PTQ with the same quantizer,
             of the dense policies and of the control fine-tune.
@@ -108,8 +111,8 @@ from rlcx_jax.rl.common import vmap_learn  # noqa: E402
 from rlcx_jax.seams import Hooks, make_apply  # noqa: E402
 from rlcx_jax.workflows import compress_run, recipes  # noqa: E402
 
-ALL_EXPERIMENTS = ("dense", "gradual", "train_cost", "oneshot", "lottery", "ptq", "qat", "qat_act", "wide", "export",
-                   "cost")
+ALL_EXPERIMENTS = ("dense", "gradual", "train_cost", "oneshot", "lottery", "ptq", "qat", "qat_cost", "qat_act", "wide",
+                   "export", "cost")
 REDUCED_EXPERIMENTS = ("dense", "gradual", "train_cost", "lottery", "ptq", "qat", "qat_act")
 
 # PureJaxRL's CartPole PPO settings (also used for Acrobot). Breakout-MinAtar: PureJaxRL's MinAtar
@@ -134,9 +137,7 @@ ENV_SETTINGS: dict[str, dict[str, Any]] = {
                     net=dict(torso="mlp", hidden=(64, 64), activation="tanh")),
         hparams=dict(lr=1e-3, gamma=0.95, gae_lambda=0.9, clip_eps=0.2, ent_coef=0.0, vf_coef=0.5, max_grad_norm=0.5),
         total=1_000_000, finetune=200_000, experiments=("dense", "gradual", "oneshot", "ptq", "qat"),
-        sparsities=(0.0, 0.5, 0.8, 0.9, 0.95), bits=(8, 6, 4, 3), schemes=("uniform", "log", "kmeans"),
-        # k-means QAT re-fits its codebook in every forward pass: over 10 minutes at 8 bits here
-        qat_schemes=("uniform", "log")),
+        sparsities=(0.0, 0.5, 0.8, 0.9, 0.95), bits=(8, 6, 4, 3), schemes=("uniform", "log", "kmeans")),
     "Breakout-MinAtar": dict(
         config=dict(num_envs=64, num_steps=128, update_epochs=4, num_minibatches=8, anneal_lr=True,
                     net=dict(torso="mlp", hidden=(64, 64), activation="relu")),
@@ -156,6 +157,7 @@ TARGETS = {  # docs/architecture.md "Reference targets"
     "export_ratio": 20.0,
 }
 TRAIN_COST_TARGET = 1.25  # this benchmark's own bar for pruning during training (not in docs/architecture.md)
+QAT_COST_TARGET = 3.0  # k-means QAT against uniform QAT, wall time (the compression review's bar)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -557,19 +559,30 @@ def exp_ptq(ctx: Ctx) -> dict:
     return out
 
 
-def finetune_from_dense(ctx: Ctx, cc: CompressConfig) -> tuple[Any, ppo.PPOConfig, float, float]:
-    """Continue every dense policy for --finetune-steps with compression config `cc` (fixed keys)."""
+def compile_finetune(ctx: Ctx, cc: CompressConfig) -> tuple[Callable, Any, ppo.PPOConfig, float]:
+    """(compiled learn, initial state, config, compile seconds) of continuing every dense policy for
+    --finetune-steps with compression config `cc` (fixed keys)."""
     config = base_config(ctx, total_timesteps=ctx.finetune, compress=cc)
     trainer = ppo.make(config)
     t = Timer()
     init = jax.jit(jax.vmap(trainer.init, in_axes=(0, None)))
     state = init(ctx.fresh_keys(6), ctx.hparams).with_params(dense_state(ctx).params)
     compiled = jax.jit(vmap_learn(trainer, trainer.num_updates, state)).lower(state).compile()
-    compile_s = t()
-    t2 = Timer()
+    return compiled, state, config, t()
+
+
+def run_compiled(compiled: Callable, state: Any) -> tuple[Any, float]:
+    t = Timer()
     state, _ = compiled(state)
     jax.block_until_ready(state.params)
-    return state, config, compile_s, t2()
+    return state, t()
+
+
+def finetune_from_dense(ctx: Ctx, cc: CompressConfig) -> tuple[Any, ppo.PPOConfig, float, float]:
+    """Continue every dense policy for --finetune-steps with compression config `cc` (fixed keys)."""
+    compiled, state, config, compile_s = compile_finetune(ctx, cc)
+    state, run_s = run_compiled(compiled, state)
+    return state, config, compile_s, run_s
 
 
 def control_finetune(ctx: Ctx) -> Any:
@@ -605,6 +618,40 @@ def exp_qat(ctx: Ctx) -> dict:
             out["control_ptq"][f"{scheme}/{bits}"] = ctl
             log(f"qat {scheme:>7} {bits}b: {fmt(res)} | PTQ of the same fine-tune without QAT {fmt(ctl)} "
                 f"(compile {compile_s:.1f}s, run {run_s:.1f}s)")
+    return out
+
+
+def exp_qat_cost(ctx: Ctx, repeats: int = 3) -> dict:
+    """Wall time of k-means QAT against uniform QAT: the same fine-tune from the dense policies (keys,
+    steps, seeds vmapped through `vmap_learn`), weights only, at every bit width; both programs
+    compiled ahead of time, run alternately (order flipped every repeat), median of `repeats`; each
+    with its greedy return (IQM)."""
+    out: dict[str, Any] = {"finetune_steps": ctx.finetune, "repeats": repeats,
+                           "note": f"{ctx.n_seeds} seeds vmapped (vmap_learn), median of {repeats} alternating "
+                                   "runs, compile apart; k-means: clusters re-assigned every "
+                                   f"{CompressConfig().qat_recluster_every} optimizer steps", "bits": {}}
+    for bits in ctx.bits:
+        built = {}
+        for scheme in ("uniform", "kmeans"):
+            cc = CompressConfig(qat_bits=bits, qat_scheme=scheme, qat_per_channel=scheme != "kmeans",
+                                qat_activations=False)
+            built[scheme] = compile_finetune(ctx, cc)
+        times: dict[str, list[float]] = {name: [] for name in built}
+        finals: dict[str, Any] = {}
+        for r in range(repeats):
+            for name in (list(built) if r % 2 == 0 else list(built)[::-1]):
+                finals[name], seconds = run_compiled(built[name][0], built[name][1])
+                times[name].append(seconds)
+        row: dict[str, Any] = {}
+        for name, (_, _, config, compile_s) in built.items():
+            res = evaluate(ctx, config, finals[name].params, finals[name].obs_stats)
+            res.update(run_seconds=times[name], median_run_seconds=float(np.median(times[name])),
+                       compile_seconds=compile_s)
+            row[name] = res
+        row["kmeans_vs_uniform"] = row["kmeans"]["median_run_seconds"] / row["uniform"]["median_run_seconds"]
+        out["bits"][str(bits)] = row
+        log(f"qat cost {bits}b: uniform {row['uniform']['median_run_seconds']:.2f}s {fmt(row['uniform'])} | "
+            f"kmeans {row['kmeans']['median_run_seconds']:.2f}s {fmt(row['kmeans'])} | x{row['kmeans_vs_uniform']:.2f}")
     return out
 
 
@@ -918,7 +965,7 @@ def latency_text(v: dict | float | None) -> str:
 
 EXPERIMENTS: dict[str, Callable[[Ctx], dict]] = {
     "dense": exp_dense, "gradual": exp_gradual, "train_cost": exp_train_cost, "oneshot": exp_oneshot, "lottery": exp_lottery,
-    "ptq": exp_ptq, "qat": exp_qat, "qat_act": exp_qat_act, "wide": exp_wide, "export": exp_export, "cost": exp_cost,
+    "ptq": exp_ptq, "qat": exp_qat, "qat_cost": exp_qat_cost, "qat_act": exp_qat_act, "wide": exp_wide, "export": exp_export, "cost": exp_cost,
 }
 
 
@@ -1020,6 +1067,15 @@ def checks(r: dict, env: str = "") -> dict:
             "target": f"gradual pruning to 90% costs <= {TRAIN_COST_TARGET}x the dense run's wall time",
             "ours": tc["cost_vs_dense"], "seconds": {k: v[k]["median_run_seconds"] for k in v},
             "iqm": {k: v[k]["iqm"] for k in v}, **verdict_of(tc["cost_vs_dense"] <= TRAIN_COST_TARGET)}
+    qc = get(r, "qat_cost", "bits")
+    if qc:
+        ratios = {b: v["kmeans_vs_uniform"] for b, v in qc.items()}
+        out["kmeans_qat_cost_le_3"] = {
+            "target": f"k-means QAT costs <= {QAT_COST_TARGET}x uniform QAT's wall time at every bit width",
+            "ours": max(ratios.values()), "per_bits": ratios,
+            "seconds": {b: {s: v[s]["median_run_seconds"] for s in ("uniform", "kmeans")} for b, v in qc.items()},
+            "iqm": {b: {s: v[s]["iqm"] for s in ("uniform", "kmeans")} for b, v in qc.items()},
+            **verdict_of(max(ratios.values()) <= QAT_COST_TARGET)}
     for method in ("weights", "weights_act_minmax", "weights_act_percentile"):
         p8 = get(r, "ptq", "results", "uniform/8", method)
         if dense and p8:
@@ -1260,6 +1316,15 @@ def paper_table(result: dict) -> str:
             s, q = c["seconds"], c["iqm"]
             return (f"x{c['ours']:.2f} ({s['gradual90']:.1f}s vs {s['dense']:.1f}s); return {q['gradual90']:.1f} vs "
                     f"dense {q['dense']:.1f}: {verdict_text(c)}")
+        if kind == "qat_cost":
+            c = ck.get("kmeans_qat_cost_le_3")
+            if not c:
+                return "not run"
+            worst = max(c["per_bits"], key=lambda b: c["per_bits"][b])
+            s, q = c["seconds"][worst], c["iqm"][worst]
+            return (f"worst x{c['ours']:.2f} at {worst} bits ({s['kmeans']:.1f}s vs {s['uniform']:.1f}s; return "
+                    f"{q['kmeans']:.1f} vs {q['uniform']:.1f}); all: "
+                    + ", ".join(f"{b}b x{v:.2f}" for b, v in c["per_bits"].items()) + f": {verdict_text(c)}")
         if kind == "int8":
             cw, ca = ck.get("int8_ptq_weights"), ck.get("int8_ptq_weights_act_minmax")
             if not cw:
@@ -1309,6 +1374,8 @@ def paper_table(result: dict) -> str:
         ("QuaRL: QAT >= PTQ (weights; PTQ of an equally long fine-tune)", "qat_w"),
         ("QuaRL: QAT >= PTQ (weights + activations)", "qat_wa"),
         ("QuaRL: 4-bit log >= 4-bit uniform (PTQ weights)", "log4"),
+        (f"k-means QAT (trained weight sharing) costs <= {QAT_COST_TARGET:g}x uniform QAT's wall time, every bit "
+         "width (median of 3; return IQM)", "qat_cost"),
         ("90% pruned + int8 export >= 20x smaller than dense float32 (actor file)", "export"),
     ]
     lines = ["| claim (paper, docs/architecture.md \"Reference targets\") | " + " | ".join(envs_) + " |",

@@ -28,6 +28,8 @@ PyTree = Any
 # apply(params, *inputs, method=None, task=None) -> network output
 ApplyFn = Callable[..., Any]
 ParamTransform = Callable[[Params], Params]
+# project(params after an optimizer step, optimizer state) -> params
+Projection = Callable[[Params, Any], Params]
 Interceptor = Callable[..., Any]
 # loss(params, batch, hparams, ...) -> (scalar loss, aux pytree)
 LossFn = Callable[..., tuple[jax.Array, Any]]
@@ -69,12 +71,18 @@ class Hooks:
         (with the parameters), built from traced hyperparameters (e.g. keep pruned weights at
         exactly zero, with the target sparsity a hyperparameter). An extension's post_update
         receives that extension's own hyperparameters (`hparams.ext[name]`).
+    project_params: `(params, opt_state) -> params`, applied to the parameters after every
+        optimizer step (`params + updates`), reading what the post_update keeps in the optimizer
+        state: projected gradient descent onto a constraint set, e.g. k-means weight sharing puts
+        the weights back onto its codebook exactly, which an additive update cannot do in floating
+        point.
     """
 
     param_transform: ParamTransform | None = None
     interceptor: Interceptor | None = None
     extra_grad_transforms: tuple[optax.GradientTransformation, ...] = ()
     post_update: Callable[[Any], optax.GradientTransformation] | None = None
+    project_params: Projection | None = None
 
     def merge(self, other: Hooks) -> Hooks:
         """Both sets of hooks: `self`'s parameter transform and interceptor run first (outermost)."""
@@ -83,6 +91,7 @@ class Hooks:
             interceptor=_nest_interceptors(self.interceptor, other.interceptor),
             extra_grad_transforms=self.extra_grad_transforms + other.extra_grad_transforms,
             post_update=_chain_post_updates(self.post_update, other.post_update),
+            project_params=_chain_projections(self.project_params, other.project_params),
         )
 
 
@@ -110,6 +119,12 @@ def _chain_post_updates(
     if a is None or b is None:
         return a or b
     return lambda hparams: optax.chain(a(hparams), b(hparams))
+
+
+def _chain_projections(first: Projection | None, second: Projection | None) -> Projection | None:
+    if first is None or second is None:
+        return first or second
+    return lambda params, opt_state: second(first(params, opt_state), opt_state)
 
 
 def make_apply(network: nn.Module, hooks: Hooks = Hooks()) -> ApplyFn:

@@ -307,6 +307,25 @@ def test_optimal_kmeans_reaches_the_exact_optimum_where_linear_init_does_not() -
     assert got <= np_optimal_kmeans_sse(heavy[mask], 2**3 - 1) * (1 + 1e-4) + 1e-9
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_kmeans_of_an_already_shared_tensor_gives_it_back(bits: int) -> None:
+    """A tensor with no more distinct (kept) values than centroids is its own codebook: quantizing
+    it is lossless, so quantizing twice equals quantizing once (k-means QAT's weights and the
+    pipeline's re-export rely on it). Heavy-tailed values with ties, with and without a mask."""
+    rng = np.random.default_rng(bits)
+    levels = np.sort(rng.standard_t(2, size=2**bits - 1)).astype(F32)  # fits with the zero code reserved
+    x = rng.choice(levels, size=(48, 24)).astype(F32)
+    x[rng.random(x.shape) < 0.5] = levels[0]  # a crowded level: equal-weight groups straddle it
+    mask = rng.random(x.shape) < 0.7
+    for m in (None, mask):
+        spec = QuantSpec("kmeans", bits)
+        y = np.asarray(fake_quant(x, spec, mask=m))
+        np.testing.assert_array_equal(y, x if m is None else np.where(m, x, 0.0))
+        w = _x(shape=(48, 24), seed=bits, scale=0.3)
+        once = np.asarray(fake_quant(w, spec, mask=m))
+        np.testing.assert_array_equal(np.asarray(fake_quant(once, spec, mask=m)), once)
+
+
 def test_optimal_kmeans_is_the_same_under_jit_and_vmap() -> None:
     xs = np.stack([_x(shape=(64, 16), seed=s, scale=0.3) for s in range(3)])
     spec = QuantSpec("kmeans", 4)

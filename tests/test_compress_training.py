@@ -15,13 +15,15 @@ import pytest
 
 from rlcx_jax import nets
 from rlcx_jax.compress import masks as M
-from rlcx_jax.compress.quant import quantize_tree
+from rlcx_jax.compress.quant import QuantSpec, quantize_tree
 from rlcx_jax.compress.training import (
     QAT_INCLUDE,
     RANKING_SCOPE,
     CompressConfig,
     CompressHParams,
     find_masks,
+    kmeans_project,
+    kmeans_qat_transform,
     prune_transform,
     zhu_gupta_sparsity,
 )
@@ -181,6 +183,117 @@ def test_qat_trains_through_fake_quantized_forward() -> None:
     assert not np.array_equal(np.asarray(trainer.agent.apply(params, obs)[1]), np.asarray(plain(params, obs)[1]))
 
 
+# ----------------------------------------------------------------------------------------------
+# k-means QAT: trained weight sharing with frozen assignments
+# ----------------------------------------------------------------------------------------------
+def _np_lloyd_from(x: np.ndarray, c: np.ndarray, iters: int) -> np.ndarray:
+    c = np.sort(c.astype(np.float64))
+    for _ in range(iters):
+        idx = np.argmin(np.abs(x[:, None] - c[None, :]), axis=1)
+        c = np.sort(np.array([x[idx == j].mean() if np.any(idx == j) else c[j] for j in range(len(c))]))
+    return c
+
+
+def test_kmeans_qat_freezes_clusters_trains_centroids_and_reassigns_on_schedule() -> None:
+    """Hand-built steps through the transform and its projection, against NumPy: step 0 clusters
+    the weights (four obvious groups); a weight pushed next to another group keeps its cluster
+    (frozen) and drags its centroid (the mean of the latent weights); at the re-assignment step it
+    changes cluster; the parameters are always exactly centroid[cluster]; biases are updated as usual."""
+    cc = CompressConfig(qat_bits=2, qat_scheme="kmeans", qat_activations=False, qat_recluster_every=3,
+                        qat_recluster_iters=4)
+    tx = kmeans_qat_transform(cc)
+    f32 = np.float32
+    groups = np.array([-2.0, -1.0, 0.5, 3.0], f32)
+    latent = np.repeat(groups, 3) + np.tile(np.array([-0.05, 0.0, 0.05], f32), 4)
+    params = {"dense": {"kernel": jnp.asarray(latent.reshape(3, 4)), "bias": jnp.zeros(4)}}
+    state = tx.init(params)
+    moves = [np.zeros(12, f32) for _ in range(4)]
+    codes = centroids = np.zeros(4)
+    moves[1][2] = 1.4  # -1.95 -> -0.55: nearer the -1.0 group, but its cluster is frozen until step 3
+    for step, move in enumerate(moves):
+        updates = {"dense": {"kernel": jnp.asarray(move.reshape(3, 4)), "bias": jnp.full(4, 0.25)}}
+        out, state = tx.update(updates, state, params)
+        params = kmeans_project(optax.apply_updates(params, out), state)
+        latent = latent + move
+        if step == 0:
+            codes = np.repeat(np.arange(4), 3)
+        elif step == 3:
+            c = _np_lloyd_from(latent, centroids, 4)
+            codes = np.argmin(np.abs(latent[:, None] - c[None, :]), axis=1)
+        centroids = np.array([latent[codes == j].mean() for j in range(4)])
+        np.testing.assert_array_equal(np.asarray(state.kmeans.codes[0]).reshape(-1), codes)
+        np.testing.assert_allclose(np.asarray(state.kmeans.centroids[0]), centroids, rtol=1e-6)
+        np.testing.assert_allclose(np.asarray(state.kmeans.latent[0]).reshape(-1), latent, rtol=1e-6)
+        kernel = np.asarray(params["dense"]["kernel"]).reshape(-1)
+        np.testing.assert_array_equal(kernel, np.asarray(state.kmeans.centroids[0])[codes])
+        np.testing.assert_array_equal(np.asarray(params["dense"]["bias"]), 0.25 * (step + 1))
+    assert codes[2] == 1  # re-assigned at step 3 (it was in cluster 0 for steps 1 and 2)
+
+
+def _shared_levels(kernel: np.ndarray, mask: np.ndarray | None = None) -> int:
+    return len(np.unique(kernel if mask is None else kernel[mask]))
+
+
+def test_kmeans_qat_network_is_its_own_exported_policy() -> None:
+    """PPO with k-means QAT (and pruning): the parameters are the shared weights (at most 2^b
+    levels per kernel, 2^b - 1 besides the pruned zeros), the forward pass runs them unchanged (no
+    per-call re-fit), training moved them, and PTQ / export with the same spec gives them back bit
+    for bit, so the shipped file is the trained network."""
+    bits, prune = 3, "gradual"
+    cc = CompressConfig(qat_bits=bits, qat_scheme="kmeans", qat_per_channel=False, qat_activations=False,
+                        prune_schedule=prune, prune_end=0.5, prune_every=4)
+    trainer = ppo.make(with_compress(SMALL_PPO, cc))
+    assert trainer.agent.hooks.param_transform is None
+    hparams = sparsity_hparams(ppo.PPOHParams(), 0.5 if prune != "none" else 0.0)
+    init = jax.jit(trainer.init)(jax.random.PRNGKey(0), hparams)
+    out = jax.jit(trainer.train)(jax.random.PRNGKey(0), hparams)
+    params, masks = out.state.params, find_masks(out.state)
+    flat = {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(params)}
+    mask_of = {} if masks is None else {jax.tree_util.keystr(p): np.asarray(v)
+                                        for p, v in jax.tree_util.tree_leaves_with_path(masks)}
+    kernels = [k for k in flat if "kernel" in k]
+    assert len(kernels) == 6
+    for k in kernels:
+        if masks is None:
+            assert _shared_levels(flat[k]) <= 2**bits, k
+        else:
+            assert _shared_levels(flat[k], mask_of[k]) <= 2**bits - 1 and np.all(flat[k][~mask_of[k]] == 0), k
+    if prune != "none":
+        assert (~mask_of["['actor_torso']['Dense_1']['kernel']"]).mean() > 0.4
+    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(init.params)))
+    shipped = quantize_tree(params, QuantSpec("kmeans", bits), include=QAT_INCLUDE, masks=masks)
+    for a, b in zip(jax.tree.leaves(shipped), jax.tree.leaves(params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    obs = jax.random.normal(jax.random.PRNGKey(1), (16,) + trainer.agent.obs_shape)
+    plain = make_apply(trainer.agent.network)
+    for a, b in zip(jax.tree.leaves(trainer.agent.apply(params, obs)), jax.tree.leaves(plain(params, obs))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_kmeans_qat_starts_from_parameters_set_after_init() -> None:
+    """Fine-tuning (seeds vmapped as the benchmarks run them): parameters put into the state after
+    `init` are what the first clustering sees, and the result is its own k-means quantization."""
+    from rlcx_jax.rl.common import vmap_learn
+
+    cc = CompressConfig(qat_bits=2, qat_scheme="kmeans", qat_per_channel=False, qat_activations=False,
+                        qat_recluster_every=2)
+    trainer = ppo.make(with_compress(SMALL_PPO, cc))
+    state = jax.jit(jax.vmap(trainer.init, in_axes=(0, None)))(jax.random.split(jax.random.PRNGKey(4), 2),
+                                                               ppo.PPOHParams())
+    other = jax.jit(jax.vmap(ppo.make(SMALL_PPO).init, in_axes=(0, None)))(
+        jax.random.split(jax.random.PRNGKey(9), 2), ppo.PPOHParams())
+    state = state.with_params(jax.tree.map(lambda x: x + 5.0, other.params))  # far from any init weight
+    n = 6
+    shared, _ = jax.jit(vmap_learn(trainer, n, state))(state)
+    kernel = lambda p: np.asarray(p["actor_torso"]["Dense_1"]["kernel"][0])  # noqa: E731
+    first, levels = kernel(state.params), np.unique(kernel(shared.params))
+    assert len(levels) <= 4 and first.min() - 0.1 < levels.min() and levels.max() < first.max() + 0.1
+    params = jax.tree.map(lambda x: x[0], shared.params)
+    shipped = quantize_tree(params, QuantSpec("kmeans", 2), include=QAT_INCLUDE)
+    for a, b in zip(jax.tree.leaves(shipped), jax.tree.leaves(params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 @pytest.mark.parametrize(
     "compress, hparams, match",
     [
@@ -189,6 +302,11 @@ def test_qat_trains_through_fake_quantized_forward() -> None:
         (CompressConfig(prune_start=0.8, prune_end=0.2), ppo.PPOHParams(), "prune_start"),
         (CompressConfig(qat_bits=1), ppo.PPOHParams(), "bits"),
         (CompressConfig(qat_bits=17), ppo.PPOHParams(), "bits"),
+        (CompressConfig(qat_bits=4, qat_scheme="kmeans"), ppo.PPOHParams(), "set qat_activations=False"),
+        (CompressConfig(qat_bits=4, qat_scheme="kmeans", qat_activations=False, qat_recluster_every=0),
+         ppo.PPOHParams(), "qat_recluster_every"),
+        (CompressConfig(qat_bits=4, qat_scheme="kmeans", qat_activations=False, qat_recluster_iters=1.5),
+         ppo.PPOHParams(), "qat_recluster_iters"),
         (CompressConfig(prune_schedule="oneshot"), sparsity_hparams(ppo.PPOHParams(), 1.0), "Sparsity must be in"),
         (CompressConfig(prune_schedule="oneshot"), sparsity_hparams(ppo.PPOHParams(), -0.1), "Sparsity must be in"),
         (CompressConfig(prune_schedule="none"), sparsity_hparams(ppo.PPOHParams(), 0.5), "needs prune_schedule"),

@@ -79,3 +79,23 @@ def test_extra_grad_transform_reaches_ppo_and_a2c() -> None:
             np.asarray(start.params["actor_torso"]["Dense_1"]["kernel"]),
             np.asarray(out.state.params["actor_torso"]["Dense_1"]["kernel"]),
         )
+
+
+def test_parameter_projections_run_after_every_optimizer_step_in_order() -> None:
+    """`project_params` sees the parameters after `params + updates` and the optimizer state;
+    merged hooks project first with the first hook's projection."""
+    halve = lambda p, s: jax.tree.map(lambda x: x * 0.5, p)  # noqa: E731
+    shift = lambda p, s: jax.tree.map(lambda x: x + 1.0, p)  # noqa: E731
+    merged = Hooks(project_params=halve).merge(Hooks(project_params=shift))
+    params = {"w": jnp.arange(3.0)}
+    np.testing.assert_array_equal(np.asarray(merged.project_params(params, None)["w"]), [1.0, 1.5, 2.0])
+    clip = lambda p, s: jax.tree.map(lambda x: jnp.clip(x, -0.01, 0.01), p)  # noqa: E731
+    trainer = ppo.make(ppo.PPOConfig(num_envs=2, num_steps=8, total_timesteps=2 * 8 * 3, update_epochs=1,
+                                     num_minibatches=1))
+    agent = trainer.agent.__class__(**{**trainer.agent.__dict__, "hooks": Hooks(project_params=clip)})
+    state = trainer.init(jax.random.PRNGKey(0), ppo.PPOHParams())
+    grads = jax.tree.map(jnp.ones_like, state.params)
+    params, _ = agent.gradient_step(state.params, state.opt_state, state.hparams, grads)
+    leaves = jax.tree.leaves(params)
+    assert max(float(jnp.max(jnp.abs(x))) for x in leaves) <= 0.01
+    assert any(float(jnp.max(jnp.abs(x))) == np.float32(0.01) for x in leaves)  # the clip was active

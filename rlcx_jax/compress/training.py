@@ -23,6 +23,15 @@ quantization-aware training, without the algorithm naming it (docs/architecture.
 * **QAT** (`qat_bits > 0`): the forward pass sees fake-quantized weights (`Hooks.param_transform`)
   and, optionally, fake-quantized layer inputs (`Hooks.interceptor`), with straight-through
   gradients (`quant.py`).
+* **k-means QAT** (`qat_scheme="kmeans"`, Han et al. 2016's trained weight sharing) would re-fit a
+  codebook in every forward pass that way (16 Lloyd steps per call: ~90x the wall time of uniform
+  QAT). Instead the shared weights are the parameters themselves: `kmeans_qat_transform` keeps the
+  float ("latent") weights, the frozen cluster of every weight and the codebook in the optimizer
+  state; each optimizer step adds the update to the latent weights (the gradient was taken at the
+  shared weights: a straight-through estimator), moves every centroid to the mean of its cluster's
+  latent weights (training the centroids), re-assigns the clusters by a few warm-started Lloyd
+  steps every `qat_recluster_every` steps, and `Hooks.project_params` writes
+  `centroid[cluster]` back into the parameters exactly.
 """
 
 from __future__ import annotations
@@ -51,6 +60,9 @@ __all__ = [
     "prune_transform",
     "prune_selection",
     "find_masks",
+    "KMeansQATState",
+    "kmeans_qat_transform",
+    "kmeans_project",
 ]
 
 PRUNE_SCHEDULES = ("none", "gradual", "oneshot", "fixed")
@@ -100,13 +112,17 @@ class CompressConfig(Extension):
     qat_scheme: str = "uniform"
     """Quantizer: uniform, log or kmeans."""
     qat_per_channel: bool = True
-    """One quantization range per output channel instead of per tensor."""
+    """One range per output channel instead of per tensor (uniform, log; k-means: one codebook per tensor)."""
     qat_symmetric: bool = True
     """Symmetric integer grid (int<b>); False: asymmetric with a zero point (uint<b>)."""
     qat_activations: bool = True
     """Also fake-quantize layer inputs."""
     qat_activation_range: str = "sample"
     """Activation ranges: sample (each observation its own: acting and learning see the same network) or tensor."""
+    qat_recluster_every: int = 16
+    """k-means QAT: optimizer steps between re-assignments of the clusters (centroids move every step)."""
+    qat_recluster_iters: int = 4
+    """k-means QAT: Lloyd steps of a re-assignment, started from the current codebook."""
 
     @property
     def prunes(self) -> bool:
@@ -128,21 +144,30 @@ class CompressConfig(Extension):
             raise ValueError(f"prune_every must be >= 1, got {self.prune_every}")
         if self.qat_bits != 0:
             self.qat_spec().validate()
+            if self.shares_weights and self.qat_activations:
+                raise ValueError("qat_scheme='kmeans' shares weights only; set qat_activations=False")
+        for name in ("qat_recluster_every", "qat_recluster_iters"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         if self.qat_activation_range not in quant.DYNAMIC_RANGES:
             raise ValueError(
                 f"qat_activation_range must be one of {quant.DYNAMIC_RANGES}, got {self.qat_activation_range!r}"
             )
 
     def qat_spec(self) -> quant.QuantSpec:
-        """QAT's quantizer. k-means re-fits its codebook in every forward pass, so it starts Lloyd from
-        the linear init (~20x cheaper) rather than from the optimal clustering that PTQ and export use."""
+        """QAT's quantizer (k-means: the first fit is PTQ's, from the optimal clustering)."""
         return quant.QuantSpec(
             scheme=self.qat_scheme,
             bits=self.qat_bits,
             symmetric=self.qat_symmetric,
-            per_channel=self.qat_per_channel,
-            kmeans_init="linear",
+            per_channel=self.qat_per_channel and self.qat_scheme != "kmeans",
         )
+
+    @property
+    def shares_weights(self) -> bool:
+        """k-means QAT: the parameters are the shared weights (`kmeans_qat_transform`)."""
+        return self.qat_bits > 0 and self.qat_scheme == "kmeans"
 
     def default_hparams(self) -> CompressHParams:
         return CompressHParams()
@@ -158,19 +183,25 @@ class CompressConfig(Extension):
     def hooks(self, ctx: BuildContext) -> Hooks:
         """The pruning transformation after the optimizer (its target sparsity read from this
         extension's traced hyperparameters) and QAT's weight and activation fake-quantization."""
+        include = prune_selection(self, nets.layout_of(ctx.network)) if self.prunes else ()
+        steps = ctx.optimizer_steps
+
+        def post_update(hparams: CompressHParams) -> optax.GradientTransformation:
+            prune = prune_transform(self, hparams.sparsity, steps, include) if self.prunes else None
+            if self.shares_weights:
+                return kmeans_qat_transform(self, prune)
+            assert prune is not None  # installed only when pruning or sharing weights
+            return prune
+
         hooks = Hooks()
-        if self.prunes:
-            include = prune_selection(self, nets.layout_of(ctx.network))
-            steps = ctx.optimizer_steps
-
-            def post_update(hparams: CompressHParams) -> optax.GradientTransformation:
-                return prune_transform(self, hparams.sparsity, steps, include)
-
-            hooks = hooks.merge(Hooks(post_update=post_update))
+        if self.prunes or self.shares_weights:
+            hooks = Hooks(post_update=post_update, project_params=kmeans_project if self.shares_weights else None)
         if self.qat_bits:
             spec = self.qat_spec()
             qat = Hooks(
-                param_transform=quant.weight_param_transform(spec, include=QAT_INCLUDE, exclude=()),
+                param_transform=(
+                    None if self.shares_weights else quant.weight_param_transform(spec, include=QAT_INCLUDE, exclude=())
+                ),
                 interceptor=(
                     quant.activation_interceptor(spec, dynamic=self.qat_activation_range)
                     if self.qat_activations
@@ -273,5 +304,128 @@ def prune_transform(
 
 def find_masks(tree: Any) -> Params | None:
     """The pruning masks inside a training state (or optimizer state); None when not pruning."""
-    found = [x for x in jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, PruneState)) if isinstance(x, PruneState)]
-    return found[0].masks if found else None
+    found = _find(tree, PruneState)
+    return None if found is None else found.masks
+
+
+# ----------------------------------------------------------------------------------------------
+# k-means QAT: trained weight sharing with frozen assignments
+# ----------------------------------------------------------------------------------------------
+class KMeansQATState(NamedTuple):
+    """Optimizer-state part of k-means QAT, one entry per quantized kernel (in `quant.select_paths`
+    order): the float weights behind the shared ones, every weight's cluster (the kernel's shape)
+    and the codebook (k centroids; with pruning, k = 2^b - 1 and pruned weights are exactly 0)."""
+
+    step: jax.Array
+    latent: tuple[jax.Array, ...]
+    codes: tuple[jax.Array, ...]
+    centroids: tuple[jax.Array, ...]
+
+
+class SharedWeightsState(NamedTuple):
+    """Pruning (or None) and k-means QAT, which reads the pruning masks."""
+
+    prune: PruneState | None
+    kmeans: KMeansQATState
+
+
+def kmeans_qat_transform(
+    config: CompressConfig, prune: optax.GradientTransformation | None = None
+) -> optax.GradientTransformation:
+    """Trained k-means weight sharing (Han et al. 2016, sec. 3.3) as the last optax transformation.
+
+    With latent weights w, clusters c_i and centroids z_j, after `prune` (when pruning, its masks m):
+    w <- m * (w + u) (u: the optimizer's update, computed from the gradient at the shared weights,
+    i.e. a straight-through estimator); every `config.qat_recluster_every` steps the clusters are
+    re-assigned by `config.qat_recluster_iters` Lloyd steps from the current codebook (the first
+    step fits it from scratch like PTQ); z_j <- mean of the latent weights in cluster j (an empty
+    cluster keeps its centroid). `kmeans_project` then sets the parameters to m * z[c]. Step 0 reads
+    the latent weights from the parameters, so a state whose parameters were replaced after `init`
+    (fine-tuning a trained policy) starts from them.
+    """
+    spec = config.qat_spec()
+    spec.validate()
+    k = 2**spec.bits - int(prune is not None)  # with masks, code 0 is reserved for pruned weights
+    every, iters = config.qat_recluster_every, config.qat_recluster_iters
+
+    def selected(tree: Params) -> list[jax.Array]:
+        flat = quant.flatten_with_paths(tree)
+        return [flat[p] for p in quant.select_paths(tree, QAT_INCLUDE)]
+
+    def init(params: Params) -> SharedWeightsState:
+        kernels = [jnp.asarray(w, jnp.float32) for w in selected(params)]
+        state = KMeansQATState(
+            step=jnp.zeros((), jnp.int32),
+            latent=tuple(kernels),
+            codes=tuple(jnp.zeros(w.shape, jnp.int32) for w in kernels),
+            centroids=tuple(jnp.zeros((k,), jnp.float32) for _ in kernels),
+        )
+        return SharedWeightsState(None if prune is None else prune.init(params), state)
+
+    def fit(latent: jax.Array, weight: jax.Array, codes: jax.Array, centroids: jax.Array, branch: jax.Array):
+        x, w = latent.reshape(-1), weight.reshape(-1)
+
+        def keep() -> tuple[jax.Array, jax.Array]:
+            return codes, quant.cluster_means(x, w, codes.reshape(-1), centroids).astype(jnp.float32)
+
+        def reassign(new: jax.Array) -> tuple[jax.Array, jax.Array]:
+            c = quant.kmeans_assign(x, new)
+            return c.reshape(codes.shape), quant.cluster_means(x, w, c, new).astype(jnp.float32)
+
+        branches = (
+            keep,
+            lambda: reassign(quant.lloyd_1d(x, w, jnp.sort(centroids), iters)),
+            lambda: reassign(quant.kmeans_centroids(x, w, k, spec)),
+        )
+        return jax.lax.switch(branch, branches)
+
+    def update(updates: Params, state: SharedWeightsState, params: Params | None = None):
+        if params is None:
+            raise ValueError("kmeans_qat_transform needs the parameters: call optimizer.update(grads, state, params)")
+        prune_state = state.prune
+        if prune is not None:
+            updates, prune_state = prune.update(updates, prune_state, params)
+        km = state.kmeans
+        masks = [None] * len(km.latent) if prune_state is None else selected(prune_state.masks)
+        # a real branch under `jit(vmap(train))` and `vmap_learn`, where the step count is unbatched
+        branch = jnp.where(km.step == 0, 2, jnp.where(km.step % every == 0, 1, 0))
+        latent, codes, centroids = [], [], []
+        for lat, p, u, m, c, z in zip(km.latent, selected(params), selected(updates), masks, km.codes, km.centroids):
+            base = jnp.where(km.step == 0, jnp.asarray(p, jnp.float32), lat)
+            new = base + u
+            weight = jnp.ones(new.shape, jnp.float32) if m is None else m.astype(jnp.float32)
+            new = new if m is None else jnp.where(m, new, 0.0)
+            c, z = fit(new, weight, c, z, branch)
+            latent.append(new)
+            codes.append(c)
+            centroids.append(z)
+        km = KMeansQATState(km.step + 1, tuple(latent), tuple(codes), tuple(centroids))
+        return updates, SharedWeightsState(prune_state, km)
+
+    return optax.GradientTransformation(init, update)
+
+
+def _find(tree: Any, kind: type) -> Any:
+    found = [x for x in jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, kind)) if isinstance(x, kind)]
+    return found[0] if found else None
+
+
+def kmeans_project(params: Params, opt_state: Any) -> Params:
+    """`Hooks.project_params` of k-means QAT: every quantized kernel becomes m * z[c] exactly (after
+    the first optimizer step; before it the codebook does not exist yet)."""
+    km = _find(opt_state, KMeansQATState)
+    masks = find_masks(opt_state)
+    mask_of = {} if masks is None else quant.flatten_with_paths(masks)
+    paths = quant.select_paths(params, QAT_INCLUDE)
+    shared = {
+        p: z[c] if p not in mask_of else jnp.where(mask_of[p], z[c], 0.0)
+        for p, c, z in zip(paths, km.codes, km.centroids)
+    }
+
+    def put(path: Any, leaf: jax.Array) -> jax.Array:
+        name = quant.path_str(path)
+        if name not in shared:
+            return leaf
+        return jnp.where(km.step > 0, shared[name], leaf).astype(leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(put, params)

@@ -279,9 +279,12 @@ class Agent:
     def gradient_step(
         self, params: Params, opt_state: optax.OptState, hparams: Any, grads: Params
     ) -> tuple[Params, optax.OptState]:
-        """One optimizer step of the optax chain (with every hook)."""
+        """One optimizer step of the optax chain (with every hook), then `hooks.project_params`."""
         updates, opt_state = self.optimizer(hparams).update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state
+        params = optax.apply_updates(params, updates)
+        if self.hooks.project_params is not None:
+            params = self.hooks.project_params(params, opt_state)
+        return params, opt_state
 
 
 def build_agent(config: TrainConfig, hooks: Hooks = Hooks()) -> Agent:
