@@ -143,13 +143,22 @@ ENV_SETTINGS: dict[str, dict[str, Any]] = {
                     net=dict(torso="mlp", hidden=(64, 64), activation="relu")),
         hparams=dict(HP_CLASSIC, lr=5e-4), total=2_000_000, finetune=262_144,
         experiments=REDUCED_EXPERIMENTS, sparsities=(0.0, 0.9), bits=(8, 4), schemes=("uniform", "log")),
+    # SpaceInvaders-MinAtar: Breakout's settings. Its return keeps rising with the budget (no
+    # plateau or ceiling near 1M steps with this MLP), so methods that lose return show it.
+    "SpaceInvaders-MinAtar": dict(
+        config=dict(num_envs=64, num_steps=128, update_epochs=4, num_minibatches=8, anneal_lr=True,
+                    net=dict(torso="mlp", hidden=(64, 64), activation="relu")),
+        hparams=dict(HP_CLASSIC, lr=5e-4), total=1_000_000, finetune=131_072,
+        experiments=("dense", "gradual", "ptq", "qat", "qat_act"), sparsities=(0.0, 0.9), bits=(8, 4),
+        schemes=("uniform", "log")),
 }
 QUICK = dict(total=20_480, finetune=10_240, sparsities=(0.0, 0.9), bits=(8, 4), schemes=("uniform", "log", "kmeans"))
 # The lowest return an episode can score (Acrobot: -1 per step for 500 steps; Pendulum: the largest
 # cost pi^2 + 0.1 * 8^2 + 0.001 * 2^2 for 200 steps): fractions of dense return are taken above it,
 # (x - floor) / (dense - floor), so they mean the same for negative returns.
 PENDULUM_FLOOR = -200 * (math.pi**2 + 0.1 * 8.0**2 + 0.001 * 2.0**2)
-SCORE_FLOOR = {"CartPole-v1": 0.0, "Acrobot-v1": -500.0, "Breakout-MinAtar": 0.0, "Pendulum-v1": PENDULUM_FLOOR}
+SCORE_FLOOR = {"CartPole-v1": 0.0, "Acrobot-v1": -500.0, "Breakout-MinAtar": 0.0, "SpaceInvaders-MinAtar": 0.0,
+               "Pendulum-v1": PENDULUM_FLOOR}
 GRADUAL = dict(prune_start=0.2, prune_end=0.8, prune_every=16)  # Graesser et al. 2022: prune 20%..80%
 TARGETS = {  # docs/architecture.md "Reference targets"
     "gradual90_keeps": 0.95,
@@ -259,8 +268,11 @@ def train_batch(config: ppo.PPOConfig, hparams: Any, keys: jax.Array, hp_axis: i
     run_s = t()
     n = keys.shape[0]
     steps = trainer.num_updates * config.steps_per_update
+    vl = np.asarray(out.metrics.aux.value_loss)  # [runs, rows]: the critic's 0.5 MSE to its GAE targets
+    tail = max(1, vl.shape[1] // 10)
     return out.state, {"compile_s": compile_s, "run_s": run_s, "runs": n, "env_steps_per_run": steps,
-                       "env_steps_per_s": n * steps / run_s}
+                       "env_steps_per_s": n * steps / run_s,
+                       "final_value_loss_per_run": vl[:, -tail:].mean(axis=1).tolist()}
 
 
 def evaluator(ctx: Ctx, config: ppo.PPOConfig, act_spec: quant.QuantSpec | None = None,
@@ -714,25 +726,52 @@ def exp_wide(ctx: Ctx) -> dict:
     eval_cfg_w = base_config(ctx, net=config_w.net)
     # Reference: the wide net trained dense, to tell the cost of the width from the cost of pruning.
     state_d, td = train_batch(eval_cfg_w, ctx.hparams, ctx.train_keys)
-    # Diagnostic: the same wide net with only the actor pruned (critic torso kept dense).
+    # Diagnostics: the same wide net with only the actor pruned (critic torso kept dense), and with
+    # ERK layer budgets (Evci et al. 2020: density ~ (n_in + n_out) / (n_in n_out), so the 4-input
+    # first layer stays dense and the 256x256 layer takes the cut) at the same total non-zeros.
     cc_w = config_w.extension(CompressConfig.name)
     actor_only = dataclasses.replace(cc_w, prune_exclude=tuple(cc_w.prune_exclude) + (r"critic_torso/.*",))
     config_a = base_config(ctx, net=config_w.net, compress=actor_only)
     state_a, ta = train_batch(config_a, hp, ctx.train_keys)
+    config_e = base_config(ctx, net=config_w.net, compress=dataclasses.replace(cc_w, prune_distribution="erk"))
+    state_e, te = train_batch(config_e, hp, ctx.train_keys)
+    nnz_e, _ = torso_kernel_nnz(leading(state_e.params, 0))
     res = {
         "wide_sparse_actor_only": dict(evaluate(ctx, eval_cfg_w, state_a.params, state_a.obs_stats), hidden=wide_h,
-                                       sparsity=sparsity, critic="dense", timing=ta),
+                                       sparsity=sparsity, critic="dense", timing=ta,
+                                       **wide_diagnostics(state_a.params)),
+        "wide_sparse_erk": dict(evaluate(ctx, eval_cfg_w, state_e.params, state_e.obs_stats), hidden=wide_h,
+                                sparsity=sparsity, distribution="erk", actor_torso_nonzero_kernel_weights=nnz_e,
+                                timing=te, **wide_diagnostics(state_e.params)),
         "wide_dense": dict(evaluate(ctx, eval_cfg_w, state_d.params, state_d.obs_stats), hidden=wide_h, timing=td),
         "wide_sparse": dict(evaluate(ctx, eval_cfg_w, state_w.params, state_w.obs_stats), hidden=wide_h,
-                            sparsity=sparsity, actor_torso_nonzero_kernel_weights=nnz_w, timing=tw),
+                            sparsity=sparsity, actor_torso_nonzero_kernel_weights=nnz_w, timing=tw,
+                            **wide_diagnostics(state_w.params)),
         "small_dense": dict(evaluate(ctx, config_s, state_s.params, state_s.obs_stats), hidden=(width, width),
                             actor_torso_nonzero_kernel_weights=nnz_s, timing=ts),
-        "note": "non-zeros counted over the actor torso kernels (the critic torso is pruned alike); heads not counted",
+        "note": "non-zeros counted over the actor torso kernels (the critic torso is pruned alike); heads not counted; "
+                "final_value_loss_per_run: the critic's 0.5 MSE to its GAE targets, mean of the last 10% of updates",
     }
     log(f"wide-sparse {wide_h} @90%: {fmt(res['wide_sparse'])} nnz {nnz_w} | small-dense {width}x{width}: "
         f"{fmt(res['small_dense'])} nnz {nnz_s} | wide dense {fmt(res['wide_dense'])} | "
-        f"wide, actor only pruned {fmt(res['wide_sparse_actor_only'])}")
+        f"wide, actor only pruned {fmt(res['wide_sparse_actor_only'])} | wide ERK {fmt(res['wide_sparse_erk'])} "
+        f"nnz {nnz_e}")
+    for k in ("wide_sparse", "wide_sparse_erk", "wide_sparse_actor_only", "wide_dense", "small_dense"):
+        v = res[k]
+        log(f"  {k}: min return {v['min']:.0f}; final value loss per seed "
+            f"{np.round(v['timing']['final_value_loss_per_run'], 1).tolist()}; first-layer units without input "
+            f"{v.get('inputless_first_layer_units', '-')}")
     return res
+
+
+def wide_diagnostics(params: Any) -> dict:
+    """Per torso, the fraction of first-layer hidden units left with no incoming weight (median over
+    seeds): such a unit outputs the constant act(b_j), whatever the observation."""
+    out = {}
+    for torso in ("actor_torso", "critic_torso"):
+        kernel = np.asarray(params[torso]["Dense_0"]["kernel"])  # [seeds, in, out]
+        out[torso] = float(np.median(np.mean(np.all(kernel == 0, axis=1), axis=1)))
+    return {"inputless_first_layer_units": out}
 
 
 ALL_LEAVES = (r".*",)  # kernels and biases quantized
@@ -1511,7 +1550,20 @@ def summary_markdown(result: dict) -> str:
                       f"({w['small_dense']['actor_torso_nonzero_kernel_weights']}): {fmt(w['small_dense'])}"
                       + (f"; the same wide net dense: {fmt(w['wide_dense'])}" if "wide_dense" in w else "")
                       + (f"; the wide net with only the actor pruned (critic dense): {fmt(w['wide_sparse_actor_only'])}"
-                         if "wide_sparse_actor_only" in w else "") + ".", ""]
+                         if "wide_sparse_actor_only" in w else "")
+                      + (f"; ERK layer budgets ({w['wide_sparse_erk']['actor_torso_nonzero_kernel_weights']}): "
+                         f"{fmt(w['wide_sparse_erk'])}" if "wide_sparse_erk" in w else "") + ".", ""]
+            diag = [(k, w[k]) for k in ("wide_sparse", "wide_sparse_erk", "wide_sparse_actor_only", "wide_dense",
+                                        "small_dense") if "final_value_loss_per_run" in w.get(k, {}).get("timing", {})]
+            if diag:
+                lines += ["| wide-sparse diagnostics | min return over seeds | critic's final value loss (median, max "
+                          "over seeds) | first-layer units without input (actor, critic) |", "|---|---|---|---|"]
+                for k, v in diag:
+                    vl = np.asarray(v["timing"]["final_value_loss_per_run"])
+                    dead = v.get("inputless_first_layer_units")
+                    dead_text = f"{100 * dead['actor_torso']:.0f}%, {100 * dead['critic_torso']:.0f}%" if dead else "0 (dense)"
+                    lines.append(f"| {k} | {v['min']:.0f} | {np.median(vl):.2f}, {vl.max():.2f} | {dead_text} |")
+                lines.append("")
         for ex in (r.get("export"), get(r, "export", "wide")):
             if not ex:
                 continue
