@@ -39,7 +39,8 @@ from rlcx_jax.rl import dqn, ppo
 from rlcx_jax.rl.common import vmap_learn
 
 HERE = Path(__file__).resolve().parent
-GRADUAL = CompressConfig(prune_schedule="gradual")  # prune_start 0, prune_end 0.75, every 16 steps
+# prune_start 0, prune_end 0.75, every 16 steps; uniform layer budgets (as the stored results measured)
+GRADUAL = CompressConfig(prune_schedule="gradual", prune_distribution="uniform")
 TARGET = 0.9
 
 

@@ -94,6 +94,26 @@ def test_gradual_transform_follows_schedule_and_keeps_pruned_weights_zero() -> N
     np.testing.assert_array_equal(np.asarray(history["torso"]["Dense_0"]["bias"])[-1] != 0, True)  # biases untouched
 
 
+def test_default_layer_budgets_are_erk_so_a_narrow_input_layer_keeps_its_units() -> None:
+    """The default spreads 90% over a 4x256 and a 256x256 kernel by ERK (Evci et al. 2020): density
+    ~ (n_in + n_out) / (n_in n_out) makes the first layer dense (hand computed: eps * (260 + 512) =
+    6656 kept gives it density 2.2 > 1, capped), so the second keeps 6656 - 1024 = 5632. Uniform
+    budgets would leave ~0.9^4 = 66% of the first layer's units without any input."""
+    config = CompressConfig(prune_schedule="oneshot")
+    assert config.prune_distribution == "erk"
+    k0, k1 = jax.random.split(jax.random.PRNGKey(3))
+    params = {"torso": {"Dense_0": {"kernel": jax.random.normal(k0, (4, 256))},
+                        "Dense_1": {"kernel": jax.random.normal(k1, (256, 256))}}}
+    for distribution, first_kept, inputless in (("erk", 1024, 0.0), ("uniform", 102, 0.5)):
+        tx = prune_transform(dataclasses.replace(config, prune_distribution=distribution), 0.9, 10)
+        _, state = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+        masks = find_masks(state)["torso"]
+        first, second = np.asarray(masks["Dense_0"]["kernel"]), np.asarray(masks["Dense_1"]["kernel"])
+        assert first.sum() + second.sum() == 6656 and first.sum() == first_kept, distribution
+        dead = np.mean(~first.any(axis=0))
+        assert (dead == 0.0) if inputless == 0.0 else (dead > inputless), (distribution, dead)
+
+
 def test_fixed_schedule_keeps_initial_zeros() -> None:
     config = CompressConfig(prune_schedule="fixed")
     params = {"torso": {"kernel": jnp.array([[0.0, 1.0], [2.0, 0.0]])}}
@@ -115,8 +135,8 @@ class TestPrunedPPO:
     @pytest.fixture(scope="class")
     @classmethod
     def sweep(cls):
-        config = with_compress(SMALL_PPO, CompressConfig(prune_schedule="gradual", prune_end=0.5, prune_every=4))
-        trainer = ppo.make(config)
+        compress = CompressConfig(prune_schedule="gradual", prune_distribution="uniform", prune_end=0.5, prune_every=4)
+        trainer = ppo.make(with_compress(SMALL_PPO, compress))
         levels = jnp.array([0.5, 0.9], jnp.float32)
         hparams = jax.vmap(lambda s: sparsity_hparams(ppo.PPOHParams(), s))(levels)
         hparams = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), hparams)
@@ -442,8 +462,8 @@ def test_mask_ranking_is_a_real_branch_under_vmap_over_seeds(algorithm, config, 
 def test_shared_counters_give_the_same_masks_and_parameters_as_plain_vmap() -> None:
     from rlcx_jax.rl.common import vmap_learn
 
-    config = with_compress(SMALL_PPO, CompressConfig(prune_schedule="gradual", prune_end=0.5, prune_every=4))
-    trainer = ppo.make(config)
+    compress = CompressConfig(prune_schedule="gradual", prune_distribution="uniform", prune_end=0.5, prune_every=4)
+    trainer = ppo.make(with_compress(SMALL_PPO, compress))
     state = jax.jit(jax.vmap(trainer.init, in_axes=(0, None)))(
         jax.random.split(jax.random.PRNGKey(4), 2), sparsity_hparams(ppo.PPOHParams(), 0.8)
     )

@@ -166,7 +166,7 @@ GATED = nets.NetConfig(torso="test-gated", hidden=(24,))
 @pytest.mark.parametrize("algorithm", ["ppo", "dqn"])
 def test_registered_torso_trains_and_compresses_through_its_layout(algorithm: str, tmp_path: pathlib.Path) -> None:
     module, config, hparams = ALGORITHMS[algorithm]
-    compress = CompressConfig(prune_schedule="oneshot")
+    compress = CompressConfig(prune_schedule="oneshot", prune_distribution="uniform")  # 50% in every layer
     config = dataclasses.replace(config, net=GATED, extensions=(compress,))
     trainer = module.make(config)
     out = jax.jit(trainer.train)(jax.random.PRNGKey(1), hparams.with_ext("compress", CompressHParams(0.5)))

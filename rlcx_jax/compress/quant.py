@@ -117,7 +117,8 @@ class QuantSpec:
         up to ~512 equal-weight atoms (dynamic programming; within 0.1% of the optimal squared error
         on trained kernels; ~10 ms for a 64x64 kernel on CPU). "linear": evenly spaced over
         [min, max] (Han et al.; ~0.5 ms, up to 2x the optimal error on small or heavy-tailed
-        kernels): QAT takes it, as it re-fits the codebook in every forward pass.
+        kernels). k-means QAT fits from scratch once, then re-assigns by warm-started Lloyd steps
+        (`compress.training.kmeans_qat_transform`).
     """
 
     scheme: str = "uniform"

@@ -17,6 +17,8 @@ quantization-aware training, without the algorithm naming it (docs/architecture.
     - "gradual": Zhu & Gupta (2017), s_t = s_f (1 - (1 - p_t)^3) with p_t the fraction of the way
       from `prune_start` to `prune_end` (fractions of all optimizer steps), masks recomputed by
       magnitude every `prune_every` steps and fixed after `prune_end`.
+  Layer budgets (`prune_distribution`) default to ERK (Evci et al. 2020), which Graesser et al.
+  (2022) found better than uniform budgets for sparse RL agents.
     - "oneshot": prune to s_f by magnitude once, at `prune_start`, then train with the mask fixed.
     - "fixed": the zeros of the parameters training starts from stay zero (lottery-ticket
       retraining and fine-tuning of an already pruned network, see `recipes.py`).
@@ -93,8 +95,10 @@ class CompressConfig(Extension):
 
     prune_schedule: str = "none"
     """none, gradual (Zhu & Gupta 2017), oneshot, or fixed (the zeros training starts from stay zero)."""
-    prune_distribution: str = "uniform"
-    """How sparsity spreads over layers: uniform, global or erk (Evci et al. 2020)."""
+    prune_distribution: str = "erk"
+    """How sparsity spreads over layers: erk (Evci et al. 2020; the default), uniform or global. ERK keeps
+    small layers denser (density ~ (n_in + n_out) / (n_in n_out)): with uniform 90%, a layer with 4 inputs
+    leaves ~0.9^4 = 66% of its units without any input, which broke the 256x256 CartPole critic."""
     prune_start: float = 0.0
     """Fraction of the optimizer steps at which pruning starts."""
     prune_end: float = 0.75
