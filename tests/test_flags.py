@@ -33,7 +33,8 @@ PRUNE_A = ["--prune-schedule", "gradual", "--prune-distribution", "erk", "--prun
            "--prune-every", "2", "--prune-roles", "torso", "head", "--prune-include", ".*kernel", ".*bias",
            "--prune-exclude", ".*Conv_0/.*", "--sparsity", "0.5"]
 PRUNE_B = ["--prune-schedule", "oneshot", "--prune-distribution", "global", "--sparsity", "0.3"]
-QAT_A = ["--qat-bits", "6", "--qat-scheme", "log", "--no-qat-per-channel", "--no-qat-activations"]
+QAT_A = ["--qat-bits", "6", "--qat-scheme", "kmeans", "--no-qat-per-channel", "--no-qat-activations",
+         "--qat-recluster-every", "2", "--qat-recluster-iters", "2"]
 QAT_B = ["--qat-bits", "8", "--qat-activation-range", "tensor", "--no-qat-symmetric"]
 NET_A = ["--net-hidden", "16", "--net-activation", "gelu", "--no-net-separate-critic"]
 NET_B = ["--net-hidden", "8", "8", "--net-activation", "elu"]
