@@ -93,6 +93,44 @@ def test_cnn_torso_on_breakout_minatar_under_jit_and_vmap():
     assert out.shape == (2, 3, spec.num_actions) and v.shape == (2, 3)
 
 
+@pytest.mark.parametrize("kernel, channels, features", [(3, 4, 16), (2, 6, 5), (1, 3, 2)])
+def test_patch_conv_matches_lax_convolution(kernel: int, channels: int, features: int) -> None:
+    """PatchConv against XLA's own VALID convolution and flax's nn.Conv (same parameter tree and
+    initial values from the same key), forward and weight gradient, under jit and vmap."""
+    x = jax.random.normal(jax.random.PRNGKey(0), (5, 7, 6, channels))
+    conv = nn.Conv(features, (kernel, kernel), padding="VALID")
+    patch = nets.PatchConv(features, (kernel, kernel))
+    flax_params = conv.init(jax.random.PRNGKey(1), x)["params"]
+    params = patch.init(jax.random.PRNGKey(1), x)["params"]
+    assert jax.tree.map(jnp.shape, params) == jax.tree.map(jnp.shape, flax_params)
+    np.testing.assert_array_equal(params["kernel"], flax_params["kernel"])
+    params = {"kernel": params["kernel"], "bias": jnp.linspace(-1.0, 1.0, features)}
+
+    def reference(p, x):
+        y = jax.lax.conv_general_dilated(x, p["kernel"], (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return y + p["bias"]
+
+    want = reference(params, x)
+    assert want.shape == (5, 7 - kernel + 1, 6 - kernel + 1, features)
+    got = jax.jit(patch.apply)({"params": params}, x)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    batched = jax.vmap(lambda xi: patch.apply({"params": params}, xi))(x[:, None])
+    np.testing.assert_allclose(batched[:, 0], want, rtol=1e-5, atol=1e-5)
+
+    def loss(fn):
+        return lambda p: jnp.sum(jnp.tanh(fn(p, x)) ** 2)
+
+    g_ref = jax.grad(loss(reference))(params)
+    g = jax.jit(jax.grad(loss(lambda p, x: patch.apply({"params": p}, x))))(params)
+    for name in ("kernel", "bias"):
+        np.testing.assert_allclose(g[name], g_ref[name], rtol=1e-4, atol=1e-5)
+
+
+def test_patch_conv_refuses_a_kernel_larger_than_the_input() -> None:
+    with pytest.raises(ValueError, match="does not fit"):
+        nets.PatchConv(4, (5, 5)).init(jax.random.PRNGKey(0), jnp.zeros((1, 4, 4, 2)))
+
+
 def test_bad_net_configs():
     spec = nets.ActionSpec(discrete=True, num_actions=2)
     with pytest.raises(ValueError, match="Unknown torso 'transformer'"):

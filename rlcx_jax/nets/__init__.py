@@ -250,6 +250,34 @@ class MLPTorso(nn.Module):
         return _mlp(_flatten_obs(obs, self.obs_ndim), self.config)
 
 
+class PatchConv(nn.Module):
+    """A VALID, stride-1 2-D convolution computed as one matrix product over extracted patches:
+    y[..., h, w, f] = b[f] + sum_{i, j, c} x[..., h + i, w + j, c] K[i, j, c, f]
+    (patches flattened in (i, j, c) order, so K is flax's (kh, kw, C, F) kernel reshaped).
+
+    Same parameters, initializers and outputs as `nn.Conv(F, (kh, kw), padding="VALID")` (tested
+    against `lax.conv_general_dilated`). On XLA:CPU the convolution's weight gradient is the slow
+    part of a PPO update on MinAtar-sized inputs (10x10x4), and `vmap` over seeds turns it into a
+    grouped convolution that is slower still; the patch matrix product trains about 6x faster there."""
+
+    features: int
+    kernel_size: tuple[int, int]
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kh, kw = self.kernel_size
+        channels = x.shape[-1]
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (kh, kw, channels, self.features))
+        bias = self.param("bias", nn.initializers.zeros, (self.features,))
+        height, width = x.shape[-3] - kh + 1, x.shape[-2] - kw + 1
+        if height < 1 or width < 1:
+            raise ValueError(f"A {kh}x{kw} kernel does not fit a {x.shape[-3]}x{x.shape[-2]} observation")
+        patches = jnp.concatenate(
+            [x[..., i : i + height, j : j + width, :] for i in range(kh) for j in range(kw)], axis=-1
+        )
+        return patches @ jnp.reshape(kernel, (kh * kw * channels, self.features)) + bias
+
+
 @register_torso("cnn")
 class CNNTorso(nn.Module):
     """One VALID conv layer (Conv_0) over (H, W, C) observations, flattened, then `hidden` dense
@@ -266,7 +294,7 @@ class CNNTorso(nn.Module):
         batch_shape = obs.shape[: obs.ndim - 3]
         x = jnp.reshape(obs.astype(jnp.float32), (-1,) + obs.shape[-3:])
         k = self.config.conv_kernel
-        x = act(nn.Conv(self.config.conv_features, (k, k), padding="VALID")(x))
+        x = act(PatchConv(self.config.conv_features, (k, k), name="Conv_0")(x))
         return _mlp(jnp.reshape(x, batch_shape + (-1,)), self.config)
 
 
