@@ -30,8 +30,13 @@ the student itself collect some or all of those states, so that it learns where 
    teacher on the last training batches is recorded for every student.
 3. Data: teacher- (1 -> 1), student- (0 -> 0) and DAgger-mixed (1 -> 0) collection, PPO teacher on
    Acrobot-v1, ~7% and ~0.1% students, softened KL at tau = 1.
-4. MinAtar with the CNN torso (optional): one short teacher run is timed and extrapolated; it is skipped
-   when a teacher would take more than ~15 minutes on this machine (recorded in the JSON).
+4. Student size on MinAtar (Breakout-MinAtar): PPO teachers with the MinAtar CNN torso (one 3x3 conv of
+   16 channels, then 256 units; Young & Tian 2019) and PureJaxRL's MinAtar PPO settings, trained long
+   enough to sit clearly above the MLP plateau that benchmarks/compression.py measured on the same env
+   (8 seeds, 1M steps, 64x64 MLP, lr 5e-4: IQM 6.0), and above a 64x64 MLP trained here with the
+   teacher's settings and steps; CNN students whose hidden layer gives 25% / 7% / 4% (and
+   1%) of the teacher's actor parameters, distilled as in 1. Run alone with `--only minatar`, which
+   adds its rows, with their own commit, command and times, to the saved JSON of a full run.
 
 Every comparison uses the same number of distillation steps per student. Student i distils teacher
 seed i; scores are mean returns over the evaluation episodes of each seed, aggregated over seeds with
@@ -90,7 +95,16 @@ SATURATED = 0.99
 """Two rows tie as saturated when both IQMs reach this fraction of the environment's return ceiling."""
 TEACHER_DATA, STUDENT_DATA, MIXED_DATA = (1.0, 1.0), (0.0, 0.0), (1.0, 0.0)
 MINATAR_ENV = "Breakout-MinAtar"
-MINATAR_LIMIT_S = 15 * 60
+MINATAR_TEACHER_NET = nets.NetConfig(torso="cnn", hidden=(128,), activation="relu", conv_features=16)
+"""Young & Tian 2019's MinAtar network: one 3x3 conv of 16 channels, then 128 units."""
+MINATAR_MLP_NET = nets.NetConfig(torso="mlp", hidden=(64, 64), activation="relu")
+"""The MLP of benchmarks/compression.py's MinAtar rows, trained here with the teacher's settings."""
+MINATAR_FRACTIONS = TARGET_FRACTIONS
+MINATAR_HPARAMS = ppo.PPOHParams(lr=1e-3)
+"""PureJaxRL's MinAtar PPO settings (64 envs x 128 steps, 4 epochs of 8 minibatches, annealed), but lr
+1e-3: in a 2-seed, 2M-step probe lr 5e-4 (and 256 units) stayed at 7 on both seeds, lr 1e-3 reached 11 and 25."""
+MINATAR_DISTILL_COLLECT = dict(num_envs=64, num_steps=32, update_epochs=4, num_minibatches=4)
+MLP_PLATEAU_SOURCE = "compression_amd-epyc.json"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,8 +116,8 @@ class Budget:
     ppo_teacher_steps: dict[str, int]
     dqn_teacher_steps: int
     distill_steps: int
-    minatar_probe_steps: int
     minatar_teacher_steps: int
+    minatar_distill_steps: int
 
 
 FULL = Budget(
@@ -112,8 +126,8 @@ FULL = Budget(
     ppo_teacher_steps={"Acrobot-v1": 500_000, "CartPole-v1": 500_000},
     dqn_teacher_steps=200_000,
     distill_steps=100_000,
-    minatar_probe_steps=16_384,
     minatar_teacher_steps=2_000_000,
+    minatar_distill_steps=500_000,
 )
 QUICK = Budget(
     seeds=2,
@@ -121,8 +135,8 @@ QUICK = Budget(
     ppo_teacher_steps={"Acrobot-v1": 16_384, "CartPole-v1": 16_384},
     dqn_teacher_steps=20_000,
     distill_steps=8_192,
-    minatar_probe_steps=2_048,
-    minatar_teacher_steps=2_000_000,
+    minatar_teacher_steps=32_768,
+    minatar_distill_steps=16_384,
 )
 
 START = time.perf_counter()
@@ -225,10 +239,10 @@ def dqn_teacher_config(env: str, steps: int) -> dqn.DQNConfig:
     return dqn.DQNConfig(env=env, net=net, total_timesteps=steps, learning_starts=1_000, log_every=100)
 
 
-def train_teachers(algorithm: str, config: Any, seeds: int) -> tuple[Any, Any, float]:
+def train_teachers(algorithm: str, config: Any, seeds: int, hparams: Any = None) -> tuple[Any, Any, float]:
     """(trainer, seed-batched final state, compile-inclusive seconds) of `seeds` teachers."""
     trainer = rl.make(algorithm, config)
-    hparams = f32(rl.get(algorithm).hparams_cls())
+    hparams = f32(rl.get(algorithm).hparams_cls() if hparams is None else hparams)
     t0 = time.perf_counter()
     out = jax.jit(jax.vmap(trainer.train, in_axes=(0, None)))(seed_keys(0, seeds), hparams)
     jax.block_until_ready(out.state)
@@ -264,16 +278,21 @@ def _actor_params(net: nets.NetConfig, head: str, obs_shape: tuple[int, ...], sp
 
 
 def student_net(teacher_net: nets.NetConfig, head: str, agent: Any, target: float) -> tuple[nets.NetConfig, int]:
-    """The two-layer student (teacher's activation) whose actor is closest to `target` x the teacher's."""
+    """The student with the teacher's torso and depth, every hidden layer of one width, whose actor
+    is closest to `target` x the teacher's."""
     full = actor_params(teacher_net, head, agent)
     widths = range(1, max(teacher_net.hidden) + 1)
     counts = {w: _width_params(teacher_net, head, agent, w) for w in widths}
     best = min(widths, key=lambda w: abs(counts[w] / full - target))
-    return dataclasses.replace(teacher_net, hidden=(best, best)), counts[best]
+    return _with_width(teacher_net, best), counts[best]
+
+
+def _with_width(net: nets.NetConfig, width: int) -> nets.NetConfig:
+    return dataclasses.replace(net, hidden=(width,) * len(net.hidden))
 
 
 def _width_params(teacher_net: nets.NetConfig, head: str, agent: Any, width: int) -> int:
-    return actor_params(dataclasses.replace(teacher_net, hidden=(width, width)), head, agent)
+    return actor_params(_with_width(teacher_net, width), head, agent)
 
 
 @dataclasses.dataclass
@@ -297,9 +316,11 @@ class Setting:
 
 
 def distill(
-    setting: Setting, net: nets.NetConfig, loss: str, variants: list[pd.DistillHParams], budget: Budget
+    setting: Setting, net: nets.NetConfig, loss: str, variants: list[pd.DistillHParams], budget: Budget,
+    steps: int | None = None, collect: dict[str, int] | None = None,
 ) -> tuple[list[np.ndarray], list[np.ndarray], float]:
-    """Distil every teacher seed into a student of `net`, once per hyperparameter variant (vmapped).
+    """Distil every teacher seed into a student of `net`, once per hyperparameter variant (vmapped),
+    for `steps` (default: the budget's distill_steps) with `collect` overriding the rollout shape.
     Returns per variant: evaluation score per seed, final greedy-action agreement per seed; and seconds."""
     tconfig = setting.config
     config = pd.DistillConfig(
@@ -309,9 +330,10 @@ def distill(
         teacher_net=tconfig.net,
         net=net,
         loss=loss,
-        total_timesteps=budget.distill_steps,
+        total_timesteps=budget.distill_steps if steps is None else steps,
         normalize_obs=bool(getattr(tconfig, "normalize_obs", False)),
         log_every=16,
+        **(collect or {}),
     )
     trainer = pd.make(config)
     per_seed = jax.vmap(trainer.train, in_axes=(0, None, 0))
@@ -357,11 +379,14 @@ def primary_retained(row: dict[str, Any], env: str) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------
 # The experiments
 # ----------------------------------------------------------------------------------------------
-def teacher_setting(name: str, algorithm: str, config: Any, budget: Budget) -> tuple[Setting, dict[str, Any]]:
-    """Train and evaluate one teacher population; also the random policy's return on its env."""
+def teacher_setting(
+    name: str, algorithm: str, config: Any, budget: Budget, hparams: Any = None
+) -> tuple[Setting, dict[str, Any]]:
+    """Train and evaluate one teacher population."""
     steps = config.total_timesteps
-    log(f"{name}: training {budget.seeds} {algorithm.upper()} teachers {TEACHER_HIDDEN}, {steps:,} steps each")
-    trainer, state, seconds = train_teachers(algorithm, config, budget.seeds)
+    log(f"{name}: training {budget.seeds} {algorithm.upper()} teachers {config.net.torso} {config.net.hidden}, "
+        f"{steps:,} steps each")
+    trainer, state, seconds = train_teachers(algorithm, config, budget.seeds, hparams)
     greedy = algorithm == "dqn"
     setting = Setting(name, algorithm, config, trainer, state, greedy)
     scores = evaluate(trainer, state.params, state.obs_stats, greedy, budget.eval_episodes)
@@ -369,7 +394,8 @@ def teacher_setting(name: str, algorithm: str, config: Any, budget: Budget) -> t
         **summarize(scores),
         "algorithm": algorithm,
         "env": config.env,
-        "hidden": list(TEACHER_HIDDEN),
+        "hidden": list(config.net.hidden),
+        "torso": config.net.torso,
         "actor_params": actor_params(config.net, setting.head, trainer.agent),
         "total_timesteps": config.total_timesteps,
         "evaluation": "greedy" if greedy else "stochastic policy",
@@ -387,19 +413,24 @@ def random_for(env: str, budget: Budget) -> dict[str, Any]:
     return random_policy_return(trainer, state, budget.eval_episodes)
 
 
-def size_experiment(env: str, budget: Budget, randoms: dict[str, Any]) -> tuple[dict[str, Any], Setting]:
-    """Experiment 1 on one env: students at 25% / 7% / 4% of the teacher's actor, teacher-collected data."""
-    config = ppo_teacher_config(env, budget.ppo_teacher_steps[env])
-    setting, teacher = teacher_setting(f"size/{env}", "ppo", config, budget)
+def size_experiment(
+    env: str, budget: Budget, randoms: dict[str, Any], config: ppo.PPOConfig | None = None, hparams: Any = None,
+    fractions: tuple[float, ...] = TARGET_FRACTIONS + EXTRA_FRACTIONS, steps: int | None = None,
+    collect: dict[str, int] | None = None,
+) -> tuple[dict[str, Any], Setting]:
+    """Experiment 1 on one env: students at 25% / 7% / 4% (and `fractions`' others) of the teacher's
+    actor, teacher-collected data. Teachers: `config` (default: the 256x256 MLP PPO teacher)."""
+    config = ppo_teacher_config(env, budget.ppo_teacher_steps[env]) if config is None else config
+    setting, teacher = teacher_setting(f"size/{env}", "ppo", config, budget, hparams)
     random = randoms[env]["mean"] if env == "Acrobot-v1" else None
     ceiling = CEILING.get(env)
     start, end = TEACHER_DATA
     hp = pd.DistillHParams(temperature=1.0, teacher_fraction_start=start, teacher_fraction_end=end)
     rows = []
-    for target in TARGET_FRACTIONS + EXTRA_FRACTIONS:
+    for target in fractions:
         net, count = student_net(setting.config.net, setting.head, setting.trainer.agent, target)
         rusu = RUSU_RETAINED.get(target)
-        (scores,), (agreement,), seconds = distill(setting, net, "kl", [hp], budget)
+        (scores,), (agreement,), seconds = distill(setting, net, "kl", [hp], budget, steps, collect)
         row = student_row(
             f"{100 * target:g}% student", scores, agreement, teacher, random,
             hidden=list(net.hidden), actor_params=count, param_fraction=count / teacher["actor_params"],
@@ -416,10 +447,12 @@ def size_experiment(env: str, budget: Budget, randoms: dict[str, Any]) -> tuple[
         "env": env,
         "teacher": teacher,
         "retained_definition": "(student - random) / (teacher - random)" if random is not None else "student / teacher",
-        "random_policy_return": randoms[env],
+        "random_policy_return": randoms.get(env),
         "loss": "kl",
         "temperature": 1.0,
         "teacher_fraction": list(TEACHER_DATA),
+        "distill_steps": budget.distill_steps if steps is None else steps,
+        "distill_collect": collect or {},
         "rows": rows,
     }
     return result, setting
@@ -502,27 +535,42 @@ def data_experiment(
     }
 
 
-def minatar_probe(budget: Budget) -> dict[str, Any]:
-    """Experiment 4's feasibility: time one short PPO CNN run (1 seed, compiled first) and extrapolate
-    to `budget.seeds` teachers of `minatar_teacher_steps`; skipped when that exceeds MINATAR_LIMIT_S."""
-    config = ppo.PPOConfig(env=MINATAR_ENV, net=nets.NetConfig(torso="cnn", hidden=(256,)),
-                           total_timesteps=budget.minatar_probe_steps, log_every=1)
-    log(f"minatar: timing a {budget.minatar_probe_steps:,}-step PPO CNN run on {MINATAR_ENV} (1 seed)")
-    trainer = rl.make("ppo", config)
-    args = (seed_keys(0, 1), f32(ppo.PPOHParams()))
-    train = jax.jit(jax.vmap(trainer.train, in_axes=(0, None))).lower(*args).compile()
-    t0 = time.perf_counter()
-    jax.block_until_ready(train(*args).state)
-    seconds = time.perf_counter() - t0
-    estimate = seconds / budget.minatar_probe_steps * budget.minatar_teacher_steps * budget.seeds
-    skipped = estimate > MINATAR_LIMIT_S
-    reason = (f"a {budget.seeds}-seed x {budget.minatar_teacher_steps:,}-step CNN teacher would take about "
-              f"{estimate / 60:.0f} min here (probe: {budget.minatar_probe_steps:,} steps, 1 seed, {seconds:.1f} s "
-              f"after compilation, extrapolated linearly in steps and seeds), over the {MINATAR_LIMIT_S // 60} min "
-              "limit")
-    log(f"minatar: {'skipped: ' + reason if skipped else 'would fit, but is not implemented in this run'}")
-    return {"env": MINATAR_ENV, "skipped": True, "probe_seconds": seconds, "estimated_teacher_seconds": estimate,
-            "reason": reason if skipped else "fits the limit, but the MinAtar experiment is not implemented here"}
+def minatar_teacher_config(steps: int) -> ppo.PPOConfig:
+    return ppo.PPOConfig(env=MINATAR_ENV, num_envs=64, num_steps=128, update_epochs=4, num_minibatches=8,
+                         anneal_lr=True, net=MINATAR_TEACHER_NET, total_timesteps=steps, log_every=16)
+
+
+def mlp_plateau() -> dict[str, Any] | None:
+    """The dense MLP return on MINATAR_ENV measured by benchmarks/compression.py (same PPO settings)."""
+    path = RESULTS / MLP_PLATEAU_SOURCE
+    if not path.exists():
+        return None
+    record = json.loads(path.read_text())["envs"].get(MINATAR_ENV)
+    if record is None:
+        return None
+    dense, settings = record["dense"], record["settings"]
+    return {"iqm": dense["iqm"], "ci": list(dense["ci95"]), "per_seed": dense["per_seed"], "source": path.name,
+            "net": settings["config"]["net"], "lr": settings["hparams"]["lr"],
+            "total_timesteps": settings["total_timesteps"]}
+
+
+def minatar_experiment(budget: Budget) -> dict[str, Any]:
+    """Experiment 4: experiment 1 on MINATAR_ENV with CNN teachers and CNN students; the teacher is
+    compared with the MLP plateau."""
+    result, _ = size_experiment(
+        MINATAR_ENV, budget, {}, minatar_teacher_config(budget.minatar_teacher_steps), MINATAR_HPARAMS,
+        MINATAR_FRACTIONS, budget.minatar_distill_steps, MINATAR_DISTILL_COLLECT,
+    )
+    config = dataclasses.replace(minatar_teacher_config(budget.minatar_teacher_steps), net=MINATAR_MLP_NET)
+    _, mlp = teacher_setting(f"size/{MINATAR_ENV}/mlp", "ppo", config, budget, MINATAR_HPARAMS)
+    result["mlp_same_settings"] = mlp
+    result["teacher_vs_mlp"] = comparison("CNN teacher", result["teacher"], "MLP, same settings", mlp, None)
+    plateau = mlp_plateau()
+    result["mlp_plateau"] = plateau
+    result["teacher_vs_mlp_plateau"] = (None if plateau is None else
+                                        comparison("CNN teacher", result["teacher"], "MLP plateau", plateau, None))
+    result["teacher_hparams"] = {k: v for k, v in dataclasses.asdict(MINATAR_HPARAMS).items() if k != "ext"}
+    return result
 
 
 # ----------------------------------------------------------------------------------------------
@@ -545,12 +593,12 @@ def plot(record: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax_size, ax_loss, ax_data) = plt.subplots(1, 3, figsize=(17, 5), gridspec_kw={"width_ratios": [1.2, 1, 1]})
-    for i, exp in enumerate(record["size"]):
+    for i, exp in enumerate(size_experiments(record)):
         xs = [100 * r["param_fraction"] for r in exp["rows"]]
         ys = [100 * r["retained"]["value"] for r in exp["rows"]]
         err = [[y - 100 * r["retained"]["ci"][0] for y, r in zip(ys, exp["rows"])],
                [100 * r["retained"]["ci"][1] - y for y, r in zip(ys, exp["rows"])]]
-        label = f"{exp['env']} (PPO teacher; {exp['retained_definition']})"
+        label = f"{exp['env']} (PPO {exp['teacher'].get('torso', 'mlp').upper()} teacher; {exp['retained_definition']})"
         ax_size.errorbar([x * (1 + 0.03 * i) for x in xs], ys, yerr=err, marker="o", capsize=4, label=label)
     ax_size.plot([100 * f for f in TARGET_FRACTIONS], [100 * RUSU_RETAINED[f] for f in TARGET_FRACTIONS], "k*",
                  markersize=12, linestyle="none", label="Rusu et al. 2016 (DQN teachers, Atari)")
@@ -595,6 +643,12 @@ def _bars(ax: Any, exps: list[dict[str, Any]], title: str) -> None:
     ax.legend(fontsize=8)
 
 
+def size_experiments(record: dict[str, Any]) -> list[dict[str, Any]]:
+    """Experiment 1's envs, then MinAtar's when it ran (format of older records: `minatar.skipped`)."""
+    minatar = record.get("minatar")
+    return record["size"] + ([minatar] if minatar and not minatar.get("skipped") else [])
+
+
 def markdown(record: dict[str, Any]) -> str:
     s = record["settings"]
     hw = record["hardware"]
@@ -605,15 +659,17 @@ def markdown(record: dict[str, Any]) -> str:
         f"per seed, {s['distill_steps']:,} distillation steps per student; return = IQM over seeds [95% bootstrap CI]. "
         "Student i distils teacher seed i.",
         "",
-        "**Student size vs retained return** (PPO teachers 256x256, softened KL tau = 1, teacher-collected data, "
-        "as in Rusu et al.; retained = student / teacher on CartPole, (student - random) / (teacher - random) on "
-        "Acrobot, whose returns are negative)",
+        "**Student size vs retained return** (PPO teachers: 256x256 MLP; on MinAtar Young & Tian's CNN, one 3x3 "
+        "conv of 16 channels and 128 units; "
+        "students of the teacher's torso and depth, narrower; softened KL tau = 1, teacher-collected data, "
+        "as in Rusu et al.; retained = student / teacher on CartPole and MinAtar, (student - random) / "
+        "(teacher - random) on Acrobot, whose returns are negative)",
         "",
         "| env | student | actor params (% of teacher) | teacher return | student return | retained [95% CI] "
         "| Rusu et al. 2016 | Rusu in our CI | student > teacher |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for exp in record["size"]:
+    for exp in size_experiments(record):
         for r in exp["rows"]:
             v = r["student_vs_teacher"]
             lines.append(
@@ -645,14 +701,69 @@ def markdown(record: dict[str, Any]) -> str:
             lines.append(f"| {r['label']} | {fmt_return(r['returns'])} | {kept} | {100 * r['agreement_iqm']:.1f}% |")
         lines.append("")
         lines += [f"- {v['claim']}: **{v['verdict']}** ({v['a']} vs {v['b']})" for v in exp["verdicts"]]
-    m = record["minatar"]
-    lines += ["", f"MinAtar ({m['env']}, CNN torso): {'skipped: ' if m['skipped'] else ''}{m['reason']}."]
+    lines += ["", minatar_summary(record.get("minatar") or {})]
     return "\n".join(lines)
+
+
+def minatar_summary(m: dict[str, Any]) -> str:
+    """How the MinAtar rows were measured, and the teacher against the MLP plateau."""
+    if not m or m.get("skipped"):
+        return f"MinAtar: not measured ({m.get('reason', 'no record')})."
+    t, p = m["teacher"], m["mlp_plateau"]
+    text = (f"MinAtar ({m['env']}): CNN teachers {t['total_timesteps']:,} steps ({t['wall_seconds'] / 60:.0f} min for "
+            f"{len(t['per_seed'])} seeds, compile-inclusive), students distilled for {m['distill_steps']:,} steps; "
+            f"measured by `{m['command']}` at commit {m['commit']['head'][:12]}"
+            f"{' (dirty tree)' if m['commit']['dirty'] else ''}, {m['wall_seconds'] / 60:.0f} min in all.")
+    mlp, v = m["mlp_same_settings"], m["teacher_vs_mlp"]
+    text += (f" CNN teacher {fmt_return(t)} vs a {'x'.join(map(str, mlp['hidden']))} MLP trained with the same "
+             f"settings and steps {fmt_return(mlp)}: teacher above the MLP: **{v['verdict']}**.")
+    if p is not None:
+        v = m["teacher_vs_mlp_plateau"]
+        text += (f" The MLP plateau of {p['source']} ({'x'.join(map(str, p['net']['hidden']))} MLP, lr {p['lr']:g}, "
+                 f"{p['total_timesteps']:,} steps): "
+                 f"{fmt_return(p)}; teacher above it: **{v['verdict']}**.")
+    return text
 
 
 # ----------------------------------------------------------------------------------------------
 # Main
 # ----------------------------------------------------------------------------------------------
+def minatar_record(budget: Budget, argv: list[str]) -> dict[str, Any]:
+    """Experiment 4 with its own provenance (it may be measured apart from the rest: --only minatar)."""
+    t0, commit = time.perf_counter(), git_state()
+    result = minatar_experiment(budget)
+    return {
+        **result,
+        "skipped": False,
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "command": " ".join(["python", "benchmarks/distillation.py", *argv]),
+        "commit": {**commit, "head_at_end": git_state()["head"]},
+        "settings": {"teacher_steps": budget.minatar_teacher_steps, "distill_steps": budget.minatar_distill_steps,
+                     "teacher_net": dataclasses.asdict(MINATAR_TEACHER_NET), "fractions": list(MINATAR_FRACTIONS),
+                     "distill_collect": MINATAR_DISTILL_COLLECT, "seeds": budget.seeds,
+                     "eval_episodes": budget.eval_episodes},
+        "wall_seconds": time.perf_counter() - t0,
+    }
+
+
+def run_minatar_only(budget: Budget, quick: bool, argv: list[str]) -> dict[str, Any]:
+    """Measure experiment 4 alone and store it in the saved record of a full run (same budget kind)."""
+    tp = _throughput()
+    slug = tp.cpu_short_name(tp.cpu_info()["cpu_model"]) + ("_quick" if quick else "")
+    out = RESULTS / f"distillation_{slug}.json"
+    if not out.exists():
+        raise SystemExit(f"--only minatar adds to {out}, which does not exist: run the full benchmark first")
+    record = json.loads(out.read_text())
+    record["minatar"] = minatar_record(budget, argv)
+    record["wall_seconds_per_experiment"]["minatar"] = record["minatar"]["wall_seconds"]
+    record["wall_seconds_per_experiment"].pop("minatar_probe", None)
+    out.write_text(json.dumps(record, indent=2) + "\n")
+    png = out.with_suffix(".png")
+    plot(record, png)
+    log(f"wrote {out} and {png}")
+    return record
+
+
 def run(budget: Budget, quick: bool, argv: list[str]) -> dict[str, Any]:
     tp = _throughput()
     hw = tp.cpu_info()
@@ -675,7 +786,7 @@ def run(budget: Budget, quick: bool, argv: list[str]) -> dict[str, Any]:
                                               for f in COMPARISON_FRACTIONS])
     data = timed("data_ppo_acrobot", lambda: [data_experiment(acrobot_setting, acrobot["teacher"], f, budget, randoms)
                                               for f in COMPARISON_FRACTIONS])
-    minatar = timed("minatar_probe", lambda: minatar_probe(budget))
+    minatar = timed("minatar", lambda: minatar_record(budget, argv))
     slug = tp.cpu_short_name(hw["cpu_model"]) + ("_quick" if quick else "")
     record = {
         "benchmark": "distillation",
@@ -725,12 +836,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 seeds, tiny budgets")
     parser.add_argument("--markdown", action="store_true", help="print README-ready tables from the saved JSON")
     parser.add_argument("--json", type=Path, default=None, help="results file for --markdown")
+    parser.add_argument("--only", choices=["minatar"], default=None,
+                        help="measure one experiment and store it in the saved JSON of a full run")
     args = parser.parse_args(argv)
     if args.markdown:
         path = args.json or next(p for p in sorted(RESULTS.glob("distillation_*.json")) if "_quick" not in p.name)
         print(markdown(json.loads(path.read_text())))
         return 0
-    record = run(QUICK if args.quick else FULL, args.quick, sys.argv[1:] if argv is None else argv)
+    budget, command = QUICK if args.quick else FULL, sys.argv[1:] if argv is None else argv
+    record = (run_minatar_only if args.only else run)(budget, args.quick, command)
     print(markdown(record))
     return 0
 
