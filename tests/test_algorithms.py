@@ -355,7 +355,7 @@ BAD_CONFIGS = [
     ("dqn", dqn.DQNConfig(learning_starts=-1), "learning_starts must be >= 0"),
     ("dqn", dqn.DQNConfig(buffer_size=1_000, learning_starts=2_000), r"learning_starts \(2000\) exceeds buffer_size"),
     ("dqn", dqn.DQNConfig(eps_end=1.5), "eps_end"),
-    ("dqn", dqn.DQNConfig(env="Pendulum-v1"), "discrete action space"),
+    ("dqn", dqn.DQNConfig(env="Pendulum-v1"), "^DQN needs a discrete action space; Pendulum-v1's actions are continuous"),
 ]
 
 

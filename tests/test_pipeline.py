@@ -202,7 +202,7 @@ BAD = [
     (["--from", "prune", "--stages", "teacher", "distill"], "--from 'prune': not one of this recipe's stages"),
     (["--quant", "int99"], "bits"),
     (["--distill-steps", "100"], "Stage distill: total_timesteps (100) is smaller than one update"),
-    (["--env", "Pendulum-v1", "--teacher-algorithm", "dqn"], "A Q-network needs a discrete action space"),
+    (["--env", "Pendulum-v1", "--teacher-algorithm", "dqn"], "DQN needs a discrete action space; Pendulum-v1's actions are continuous"),
 ]
 
 

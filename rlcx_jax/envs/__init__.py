@@ -26,6 +26,7 @@ __all__ = [
     "make",
     "list_envs",
     "check_env_name",
+    "has_discrete_actions",
     "EpisodeStatsWrapper",
     "FlattenObservationWrapper",
     "EpisodeStats",
@@ -86,11 +87,21 @@ def make(name: str, **param_overrides: Any) -> tuple[Any, Any]:
     return env, env_params
 
 
+def has_discrete_actions(name: str, env_kwargs: tuple[tuple[str, Any], ...] = ()) -> bool:
+    """Whether environment `name` has a discrete (gymnax `Discrete`) action space."""
+    env, env_params = make(name, **dict(env_kwargs))
+    return _discrete(env.action_space(env_params))
+
+
+def _discrete(space: Any) -> bool:
+    return hasattr(space, "n")
+
+
 def make_training_env(name: str, env_kwargs: tuple[tuple[str, Any], ...] = ()) -> tuple[Any, Any]:
     """`make` plus the episode-statistics wrapper that every rollout reads (and action clipping for
     continuous action spaces)."""
     env, env_params = make(name, **dict(env_kwargs))
-    if not hasattr(env.action_space(env_params), "n"):
+    if not _discrete(env.action_space(env_params)):
         env = ClipActionWrapper(env)
     return EpisodeStatsWrapper(env), env_params
 

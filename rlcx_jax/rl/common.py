@@ -132,6 +132,8 @@ class TrainConfig(abc.ABC):
     extensions: tuple[Extension, ...] = ()
 
     HEAD: ClassVar[str] = "actor_critic"
+    DISCRETE_ONLY: ClassVar[bool] = False
+    """The algorithm needs a discrete action space (checked in `validate`, before any compilation)."""
     POSITIVE: ClassVar[tuple[str, ...]] = ("num_envs", "total_timesteps", "log_every")
 
     @property
@@ -170,6 +172,12 @@ class TrainConfig(abc.ABC):
 
     def validate(self) -> None:
         envs.check_env_name(self.env)
+        if self.DISCRETE_ONLY and not envs.has_discrete_actions(self.env, self.env_kwargs):
+            algorithm = type(self).__name__.removesuffix("Config")
+            raise ValueError(
+                f"{algorithm} needs a discrete action space; {self.env}'s actions are continuous "
+                "(ppo, a2c and reinforce train on both)"
+            )
         for name in self.POSITIVE:
             check_positive(name, getattr(self, name))
         if self.num_updates < 1:

@@ -51,6 +51,7 @@ class DQNConfig(TrainConfig):
     log_every: int = 50
 
     HEAD = "q"
+    DISCRETE_ONLY = True
     POSITIVE = TrainConfig.POSITIVE + ("buffer_size", "batch_size", "train_frequency", "target_update_period")
 
     @property
