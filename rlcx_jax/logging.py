@@ -27,17 +27,31 @@ def flatten_metrics(metrics: Any) -> dict[str, np.ndarray]:
     return out
 
 
+EPISODE_COUNT = "episode_count"
+
+
 def metrics_rows(metrics: Any, first_row: int, log_every: int) -> list[dict[str, Any]]:
-    """Rows for `metrics.jsonl` from vmapped chunk metrics with shape (seeds, rows)."""
+    """Rows for `metrics.jsonl` from vmapped chunk metrics with shape (seeds, rows).
+
+    Episode statistics of a row in which no episode finished (a sibling `episode_count` of 0) are
+    missing, None (JSON null), not the 0.0 the fixed-shape metrics carry."""
     flat = flatten_metrics(metrics)
     num_seeds, num_rows = next(iter(flat.values())).shape[:2]
+    counts = {k: flat[_count_key(k)] for k in flat if _count_key(k) in flat and not k.endswith(EPISODE_COUNT)}
     rows = []
     for r in range(num_rows):
         for s in range(num_seeds):
             row: dict[str, Any] = {"seed": s, "update": (first_row + r + 1) * log_every}
-            row.update({k: float(v[s, r]) for k, v in flat.items()})
+            for k, v in flat.items():
+                missing = k in counts and counts[k][s, r] == 0
+                row[k] = None if missing else float(v[s, r])
             rows.append(row)
     return rows
+
+
+def _count_key(name: str) -> str:
+    """The episode count beside an episode statistic: ".../episode/episode_return" -> ".../episode/episode_count"."""
+    return name.rsplit("/", 1)[0] + "/" + EPISODE_COUNT if "/" in name else ""
 
 
 def append_rows(run_dir: pathlib.Path, rows: Iterable[dict[str, Any]]) -> None:
@@ -145,7 +159,8 @@ def curves_from_rows(rows: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray
     steps = np.zeros(len(updates))
     for r in rows:
         i = u_index[r["update"]]
-        ret[r["seed"], i] = r["episode/episode_return"]
+        episode_return = r["episode/episode_return"]  # None: no episode finished in that row
+        ret[r["seed"], i] = np.nan if episode_return is None else episode_return
         cnt[r["seed"], i] = r["episode/episode_count"]
         steps[i] = r["env_steps"]
     return steps, forward_fill(ret, cnt)
