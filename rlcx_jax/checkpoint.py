@@ -156,6 +156,18 @@ def atomic_write_text(path: pathlib.Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def check_directory_path(path: pathlib.Path, flag: str = "--out") -> None:
+    """Refuse, before anything is written, a directory path that cannot be one: `path` or its
+    nearest existing ancestor is a file (mkdir would raise NotADirectoryError / FileExistsError)."""
+    path = pathlib.Path(path)
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            if not candidate.is_dir():
+                where = "" if candidate == path else f" ({candidate} is a file)"
+                raise CheckpointError(f"{flag} {path}: not a directory{where}")
+            return
+
+
 def write_run_spec(run_dir: pathlib.Path, spec: RunSpec) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / CONFIG_FILE, json.dumps(spec.to_json(), indent=2) + "\n")
@@ -266,13 +278,14 @@ def restore_state(run_dir: pathlib.Path, abstract_state: Any, step: int | None =
 # Whole runs
 # ----------------------------------------------------------------------------------------------
 def abstract_state(trainer: Any, run_spec: RunSpec) -> tuple[Any, tuple[Any, Any], Any]:
-    """(jitted vmapped init, its arguments, the abstract seed-batched state) of a run."""
+    """(the lowered vmapped init, its arguments, the abstract seed-batched state) of a run; traced
+    once: `lowered.compile()(*arguments)` is the initial state."""
     from rlcx_jax.rl.common import broadcast_tree
 
     keys = jax.random.split(jax.random.PRNGKey(run_spec.seed), run_spec.num_seeds)
     hps = broadcast_tree(run_spec.hparams, run_spec.num_seeds)
-    init = jax.jit(jax.vmap(trainer.init))
-    return init, (keys, hps), jax.eval_shape(init, keys, hps)
+    lowered = jax.jit(jax.vmap(trainer.init)).lower(keys, hps)
+    return lowered, (keys, hps), lowered.out_info
 
 
 def restore_run(run_dir: pathlib.Path) -> tuple[RunSpec, Any, int, Any]:

@@ -78,6 +78,42 @@ class RunOptions:
     """Episodes per seed for the final evaluation."""
     env_param: tuple[str, ...] = ()
     """Environment parameter overrides, e.g. --env-param max_steps_in_episode=200."""
+    compile_cache: str = ""
+    """JAX's persistent compilation cache: a directory, 'off', or '' for $RLCX_COMPILE_CACHE or else
+    ~/.cache/rlcx_jax/jax. A second identical run loads its compiled programs instead of compiling."""
+
+
+CACHE_VARIABLE = "RLCX_COMPILE_CACHE"
+
+
+def compile_cache_dir(setting: str = "") -> pathlib.Path | None:
+    """Where compiled programs are cached: `setting`, else $RLCX_COMPILE_CACHE, else the user cache
+    directory ($XDG_CACHE_HOME or ~/.cache, then rlcx_jax/jax); None for 'off'."""
+    import os
+
+    setting = setting or os.environ.get(CACHE_VARIABLE, "")
+    if setting.lower() == "off":
+        return None
+    if setting:
+        return pathlib.Path(setting).expanduser()
+    return pathlib.Path(os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache") / "rlcx_jax" / "jax"
+
+
+def enable_compile_cache(setting: str = "") -> pathlib.Path | None:
+    """Turn on JAX's persistent compilation cache for this process (every program, however fast it
+    compiled); returns its directory, None when off or not creatable."""
+    path = compile_cache_dir(setting)
+    if path is None:
+        return None
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        print(f"rlcx: note: compilation cache off ({path}: {e.strerror})", file=sys.stderr)
+        return None
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return path
 
 
 def _field_default(instance: Any, f: dataclasses.Field) -> Any:
@@ -200,6 +236,7 @@ def _cli_extensions(values: dict[str, Any]) -> tuple[tuple[Extension, ...], dict
 # ----------------------------------------------------------------------------------------------
 def _prepare_run_dir(run_dir: pathlib.Path, run_spec: checkpoint.RunSpec, resume: bool, overwrite: bool) -> int:
     """Create or check the run directory; returns the number of updates already done."""
+    checkpoint.check_directory_path(run_dir)
     if resume:
         existing = checkpoint.read_run_spec(run_dir)
         if existing.to_json() != run_spec.to_json():
@@ -257,7 +294,9 @@ def run_train(algorithm: str, args: Any) -> dict[str, Any]:
         TimeRemainingColumn,
     )
 
+    started = time.perf_counter()
     config, hparams = build_run(algorithm, args)
+    cache = enable_compile_cache(args.compile_cache)
     trainer = rl.make(algorithm, config)
     notice = config.rounding_notice()
     if notice:
@@ -269,27 +308,37 @@ def run_train(algorithm: str, args: Any) -> dict[str, Any]:
     run_dir = pathlib.Path(args.out or f"runs/{algorithm}-{config.env}-{stamp}")
     done = _prepare_run_dir(run_dir, run_spec, args.resume, args.overwrite)
 
-    # COMPILE (timed separately from running)
-    t0 = time.perf_counter()
-    init, init_args, abstract = checkpoint.abstract_state(trainer, run_spec)
+    # TRACE AND COMPILE, timed apart from running (XLA compilation is what the persistent cache saves;
+    # tracing and lowering the Python program happen in every process)
+    seconds = {"trace": 0.0, "compile": 0.0}
+
+    def timed(kind: str, fn: Any) -> Any:
+        t = time.perf_counter()
+        out = fn()
+        seconds[kind] += time.perf_counter() - t
+        return out
+
+    init, init_args, abstract = timed("trace", lambda: checkpoint.abstract_state(trainer, run_spec))
     compiled: dict[int, Any] = {}
 
     def learn_fn(n: int) -> Any:
         if n not in compiled:
-            compiled[n] = jax.jit(vmap_learn(trainer, n, abstract)).lower(abstract).compile()
+            lowered = timed("trace", lambda: jax.jit(vmap_learn(trainer, n, abstract)).lower(abstract))
+            compiled[n] = timed("compile", lowered.compile)
         return compiled[n]
 
     learn_fn(min(chunk_updates, trainer.num_updates - done) if done < trainer.num_updates else chunk_updates)
     if done:
         _, state = checkpoint.restore_state(run_dir, abstract, done)
     else:
-        state = init(*init_args)
+        state = timed("compile", init.compile)(*init_args)
     jax.block_until_ready(state)
-    compile_s = time.perf_counter() - t0
+    compile_s, trace_s = seconds["compile"], seconds["trace"]
 
     # TRAIN IN CHUNKS
     start_done = done
     run_s = 0.0
+    first_chunk_s = float("nan")
     columns = (
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -311,6 +360,8 @@ def run_train(algorithm: str, args: Any) -> dict[str, Any]:
             rlog.append_rows(run_dir, rlog.metrics_rows(metrics, done // trainer.log_every, trainer.log_every))
             done += n
             checkpoint.save_state(run_dir, done, state)
+            if math.isnan(first_chunk_s):
+                first_chunk_s = time.perf_counter() - started
             progress.update(task, completed=done)
 
     # EVALUATE, REPORT
@@ -326,7 +377,11 @@ def run_train(algorithm: str, args: Any) -> dict[str, Any]:
         "eval_return_mean": float(returns.mean()),
         "eval_return_iqm": rlog.iqm(returns.mean(axis=1)),
         "env_steps_per_second": sps,
+        "trace_seconds": trace_s,
         "compile_seconds": compile_s,
+        "compile_cache": None if cache is None else str(cache),
+        "first_chunk_seconds": None if math.isnan(first_chunk_s) else first_chunk_s,
+        "first_chunk_updates": min(chunk_updates, trainer.num_updates - start_done),
         "run_seconds": run_s,
         "device": jax.devices()[0].device_kind,
     }
@@ -339,7 +394,10 @@ def run_train(algorithm: str, args: Any) -> dict[str, Any]:
         returns,
         {
             "env steps/s (all seeds, excl. compile)": f"{sps:,.0f}",
-            "compile time": f"{compile_s:.1f} s",
+            "trace + lower time": f"{trace_s:.1f} s",
+            "XLA compile time": f"{compile_s:.1f} s (persistent cache: {cache or 'off'})",
+            "time to the first chunk": f"{first_chunk_s:.1f} s ({summary['first_chunk_updates']} updates; "
+            "since the flags were parsed, compilation included)",
             "run time": f"{run_s:.1f} s",
             "run directory": str(run_dir),
         },
@@ -364,6 +422,7 @@ def run_eval(argv: Sequence[str]) -> dict[str, Any]:
     run_dir = pathlib.Path(args.run_dir)
     if not run_dir.is_dir():
         raise CLIError(f"No run directory at {run_dir}")
+    enable_compile_cache()
     run_spec, trainer, step, state = checkpoint.restore_run(run_dir)
     returns = evaluate_states(trainer, run_spec.algorithm, state, args.episodes, args.seed)
     _print_table(
@@ -399,8 +458,10 @@ def run_compress(argv: Sequence[str]) -> dict[str, Any]:
     run_dir = pathlib.Path(args.run_dir)
     if not args.run_dir or not run_dir.is_dir():
         raise CLIError(f"No run directory at {run_dir}")
-    run_spec, _, step, state = checkpoint.restore_run(run_dir)
     out_dir = pathlib.Path(args.out) if args.out else run_dir / "compressed"
+    checkpoint.check_directory_path(out_dir)
+    enable_compile_cache()
+    run_spec, _, step, state = checkpoint.restore_run(run_dir)
     rows = compress_run(run_spec.algorithm, run_spec.config, state, options, out_dir, args.episodes, args.seed)
     env, env_params = envs.make_training_env(run_spec.config.env, run_spec.config.env_kwargs)
     spec = nets.action_spec(env.action_space(env_params))
@@ -515,6 +576,7 @@ def run_pipeline_command(argv: Sequence[str]) -> list[dict[str, Any]]:
     args = tyro.cli(PipelineArgs, args=argv, default=default, prog="rlcx pipeline")
     recipe = pipeline.Recipe(**{f.name: getattr(args, f.name) for f in dataclasses.fields(pipeline.Recipe)})
     run_dir = pathlib.Path(args.out or f"runs/pipeline-{recipe.env}")
+    enable_compile_cache()
     t0 = time.perf_counter()
     rows = pipeline.run_pipeline(recipe, run_dir, args.from_stage or None, log=lambda m: print(m, flush=True))
     if rows:

@@ -11,6 +11,7 @@ compiled by one worker only.
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any
 
 import jax
@@ -21,6 +22,10 @@ import pytest
 from rlcx_jax import nets, rl
 from rlcx_jax.rl import a2c, dqn, ppo, reinforce
 from rlcx_jax.rl.common import Trainer, TrainOutput
+
+# CLI runs of the suite (in-process and subprocesses) compile from scratch and write nothing to the
+# user's cache directory; the compilation-cache test passes its own directory.
+os.environ.setdefault("RLCX_COMPILE_CACHE", "off")
 
 
 def pytest_configure(config: pytest.Config) -> None:

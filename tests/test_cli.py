@@ -121,6 +121,59 @@ def test_bad_input_is_one_line_error(argv: list[str], message: str, capsys, tmp_
     assert err.startswith("rlcx: error:") and message in err, err
 
 
+@pytest.mark.parametrize("command", ["train", "compress", "pipeline"])
+@pytest.mark.parametrize("under_file", [False, True])
+def test_out_that_is_a_file_is_one_line_error(
+    command: str, under_file: bool, full_run: pathlib.Path, tmp_path: pathlib.Path, capsys
+) -> None:
+    """--out naming an existing file (or a path below one) was a NotADirectoryError traceback."""
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("keep me")
+    out = a_file / "run" if under_file else a_file
+    argv = {
+        "train": ["train", "ppo", *RUN_FLAGS],
+        "compress": ["compress", str(full_run), "--prune", "0.5"],
+        "pipeline": ["pipeline", "--teacher-steps", "2048"],
+    }[command]
+    assert main([*argv, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert f"--out {out}: not a directory" in err, err
+    assert a_file.read_text() == "keep me"
+
+
+def test_second_identical_run_loads_its_programs_from_the_compilation_cache(tmp_path: pathlib.Path) -> None:
+    cache = tmp_path / "cache"
+    flags = ["train", "ppo", "--seeds", "1", "--total-steps", "50000", "--chunks", "2", "--eval-episodes", "1",
+             "--compile-cache", str(cache)]
+    summaries = []
+    for i in range(2):
+        proc = _rlcx(*flags, "--out", str(tmp_path / f"run{i}"))
+        _, stderr = proc.communicate(timeout=600)
+        assert proc.returncode == 0, stderr
+        summaries.append(json.loads((tmp_path / f"run{i}" / "summary.json").read_text()))
+        if i == 0:
+            assert any(cache.iterdir()), "nothing was cached"
+    first, second = (s["compile_seconds"] for s in summaries)  # XLA compilation (tracing is timed apart)
+    assert second * 5 <= first, f"compile {first:.2f} s, then {second:.2f} s with the cache"
+    assert all(s["compile_cache"] == str(cache) for s in summaries)
+    assert summaries[1]["first_chunk_seconds"] < summaries[0]["first_chunk_seconds"]
+    assert summaries[0]["eval_return_per_seed"] == summaries[1]["eval_return_per_seed"]  # same programs, same run
+
+
+def test_compile_cache_directory_resolution(monkeypatch, tmp_path: pathlib.Path) -> None:
+    from rlcx_jax.cli import compile_cache_dir
+
+    monkeypatch.delenv("RLCX_COMPILE_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert compile_cache_dir() == tmp_path / "xdg" / "rlcx_jax" / "jax"
+    monkeypatch.setenv("RLCX_COMPILE_CACHE", "OFF")
+    assert compile_cache_dir() is None
+    assert compile_cache_dir(str(tmp_path / "mine")) == tmp_path / "mine"  # the flag wins
+    monkeypatch.setenv("RLCX_COMPILE_CACHE", str(tmp_path / "env"))
+    assert compile_cache_dir() == tmp_path / "env" and compile_cache_dir("off") is None
+
+
 def test_existing_run_needs_resume_or_overwrite(full_run: pathlib.Path, capsys) -> None:
     assert main(["train", "ppo", *RUN_FLAGS, "--out", str(full_run)]) == 2
     assert "--resume" in capsys.readouterr().err

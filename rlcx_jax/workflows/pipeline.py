@@ -374,9 +374,9 @@ def stage_teacher(ctx: Context) -> dict[str, Any]:
         shutil.rmtree(out)  # an unfinished teacher stage: start it again
     checkpoint.write_run_spec(out, spec)
     trainer = rl.make(spec.algorithm, spec.config)
-    init, args, _ = checkpoint.abstract_state(trainer, spec)
     t0 = time.perf_counter()
-    state, metrics = batched_learner(trainer)(init(*args), trainer.num_updates)
+    init, args, _ = checkpoint.abstract_state(trainer, spec)
+    state, metrics = batched_learner(trainer)(init.compile()(*args), trainer.num_updates)
     jax.block_until_ready(state)
     seconds = time.perf_counter() - t0
     ctx.log(
@@ -862,8 +862,7 @@ def run_pipeline(
     run_dir = pathlib.Path(run_dir)
     if from_stage is not None and from_stage not in recipe.stages:
         raise PipelineError(f"--from {from_stage!r}: not one of this recipe's stages {list(recipe.stages)}")
-    if run_dir.exists() and not run_dir.is_dir():
-        raise PipelineError(f"{run_dir} exists and is not a directory")
+    checkpoint.check_directory_path(run_dir)
     stored = run_dir / RECIPE_FILE
     ctx = Context(recipe, run_dir, log)
     will_run = plan(ctx, from_stage)
