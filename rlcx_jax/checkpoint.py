@@ -5,17 +5,25 @@ hyperparameters, so `rlcx eval DIR` or a notebook can rebuild the abstract state
 without the Python objects that made it. Orbax writes each checkpoint to a temporary directory and
 renames it when complete, so a crash never leaves a half-written checkpoint that looks valid;
 `config.json` is written to a temporary name and renamed.
+
+Every checkpoint also gets a manifest (`checkpoint_manifests/<step>.json`: size and SHA-256 of each
+of its files), so damage done after the save (a truncated copy, a full disk, a deleted file) is
+found before orbax reads anything: `restore_state` names the broken step in one line, and with
+`fallback=True` (eval, resume) restores the newest intact checkpoint instead, with a warning.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import pathlib
 import shutil
+import sys
 import types
 import typing
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -28,12 +36,23 @@ from rlcx_jax.seams import EXTENSION_TYPES, Extension
 
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
+MANIFEST_DIR = "checkpoint_manifests"
+BROKEN_DIR = "broken_checkpoints"
+"""Where `--resume` moves checkpoints that failed verification (kept for inspection, out of orbax's way)."""
 # 2: extensions (config.extensions, hparams.ext) instead of compression fields in every config
 CONFIG_FORMAT = 2
 
 
 class CheckpointError(ValueError):
     """A run directory or checkpoint is missing, or does not match its config."""
+
+
+class BrokenCheckpoint(CheckpointError):
+    """A checkpoint's files are damaged (failed its manifest, or orbax cannot read it)."""
+
+
+def warn(message: str) -> None:
+    print(f"rlcx: warning: {message}", file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -214,18 +233,93 @@ def _manager(run_dir: pathlib.Path, create: bool) -> ocp.CheckpointManager:
 
 
 def save_state(run_dir: pathlib.Path, step: int, state: Any) -> None:
-    """Save `state` as checkpoint `step` (atomic: temporary directory, then rename)."""
+    """Save `state` as checkpoint `step` (atomic: temporary directory, then rename), then its manifest."""
     with _manager(run_dir, create=True) as mngr:
         mngr.save(step, args=ocp.args.StandardSave(state))
         mngr.wait_until_finished()
+        kept = set(mngr.all_steps())
+    _write_manifest(pathlib.Path(run_dir), step, kept)
+
+
+def all_steps(run_dir: pathlib.Path) -> list[int]:
+    """The run's checkpoint steps, newest first."""
+    ckpt = pathlib.Path(run_dir) / CHECKPOINT_DIR
+    if not ckpt.is_dir():
+        return []
+    with _manager(run_dir, create=False) as mngr:
+        return sorted(mngr.all_steps(), reverse=True)
 
 
 def latest_step(run_dir: pathlib.Path) -> int | None:
-    ckpt = pathlib.Path(run_dir) / CHECKPOINT_DIR
-    if not ckpt.is_dir():
+    steps = all_steps(run_dir)
+    return steps[0] if steps else None
+
+
+def _step_dir(run_dir: pathlib.Path, step: int) -> pathlib.Path:
+    return pathlib.Path(run_dir) / CHECKPOINT_DIR / str(step)
+
+
+def _file_digests(step_dir: pathlib.Path) -> dict[str, list[Any]]:
+    """{path relative to the step directory: [bytes, SHA-256]} of every file of a checkpoint."""
+    out: dict[str, list[Any]] = {}
+    for path in sorted(p for p in step_dir.rglob("*") if p.is_file()):
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        out[path.relative_to(step_dir).as_posix()] = [path.stat().st_size, digest.hexdigest()]
+    return out
+
+
+def _write_manifest(run_dir: pathlib.Path, step: int, kept: set[int]) -> None:
+    folder = run_dir / MANIFEST_DIR
+    folder.mkdir(exist_ok=True)
+    manifest = {"step": step, "files": _file_digests(_step_dir(run_dir, step))}
+    atomic_write_text(folder / f"{step}.json", json.dumps(manifest))
+    for old in folder.glob("*.json"):  # manifests of checkpoints orbax has deleted (max_to_keep)
+        if old.stem.isdigit() and int(old.stem) not in kept:
+            old.unlink()
+
+
+def checkpoint_problem(run_dir: pathlib.Path, step: int) -> str | None:
+    """What is wrong with checkpoint `step`'s files against its manifest, or None when they match
+    (or when it has no manifest: written before manifests existed; orbax's own checks remain)."""
+    manifest = pathlib.Path(run_dir) / MANIFEST_DIR / f"{step}.json"
+    if not manifest.is_file():
         return None
-    with _manager(run_dir, create=False) as mngr:
-        return mngr.latest_step()
+    try:
+        want = json.loads(manifest.read_text())["files"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return f"its manifest {manifest.name} is unreadable"
+    step_dir = _step_dir(run_dir, step)
+    for name, (size, _) in want.items():
+        path = step_dir / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} of its {size} bytes"
+    got = _file_digests(step_dir)
+    changed = [name for name, entry in want.items() if got[name] != entry]
+    return f"{changed[0]} differs from its checksum" if changed else None
+
+
+def quarantine_broken(run_dir: pathlib.Path, log: Callable[[str], None] = warn) -> list[int]:
+    """Move the newest checkpoints that fail their manifest to BROKEN_DIR, down to the newest intact
+    one (what `--resume` continues from); returns the steps moved."""
+    moved = []
+    for step in all_steps(run_dir):
+        problem = checkpoint_problem(run_dir, step)
+        if problem is None:
+            break
+        target = pathlib.Path(run_dir) / BROKEN_DIR / str(step)
+        if target.exists():
+            shutil.rmtree(target)
+        target.parent.mkdir(exist_ok=True)
+        shutil.move(str(_step_dir(run_dir, step)), str(target))
+        (pathlib.Path(run_dir) / MANIFEST_DIR / f"{step}.json").unlink(missing_ok=True)
+        log(f"checkpoint {step} in {run_dir} is broken ({problem}); moved to {BROKEN_DIR}/{step}")
+        moved.append(step)
+    return moved
 
 
 def _describe(leaf: Any) -> tuple[tuple[int, ...], str]:
@@ -254,24 +348,57 @@ def _check_matches(step: int, stored: dict, expected: dict) -> None:
             )
 
 
-def restore_state(run_dir: pathlib.Path, abstract_state: Any, step: int | None = None) -> tuple[int, Any]:
+def restore_state(
+    run_dir: pathlib.Path,
+    abstract_state: Any,
+    step: int | None = None,
+    fallback: bool = False,
+    log: Callable[[str], None] = warn,
+) -> tuple[int, Any]:
     """Restore checkpoint `step` (latest when None) into the structure of `abstract_state`.
 
-    Shapes and dtypes are checked against `abstract_state` (built from config.json) first, so a
-    mismatch is a clear CheckpointError, not an error from deep inside orbax.
+    The checkpoint's files are checked against its manifest, and shapes and dtypes against
+    `abstract_state` (built from config.json), before orbax restores it, so damage or a mismatch is
+    a one-line CheckpointError naming the step. With `fallback` (and `step` None), a broken newest
+    checkpoint is reported through `log` and the next older one is tried; a mismatch with the
+    config is never skipped over.
     """
-    step = latest_step(run_dir) if step is None else step
-    if step is None:
+    steps = all_steps(run_dir) if step is None else [step]
+    if not steps:
         raise CheckpointError(f"No checkpoint in {pathlib.Path(run_dir) / CHECKPOINT_DIR}")
+    broken = []
+    for candidate in steps:
+        try:
+            return candidate, _restore_verified(run_dir, abstract_state, candidate)
+        except BrokenCheckpoint as e:
+            if not (fallback and step is None):
+                raise
+            broken.append(candidate)
+            older = [s for s in steps if s < candidate]
+            log(f"{e}; {'falling back to checkpoint ' + str(older[0]) if older else 'no older checkpoint'}")
+    raise BrokenCheckpoint(f"No intact checkpoint in {run_dir} (broken: {', '.join(map(str, broken))})")
+
+
+def _restore_verified(run_dir: pathlib.Path, abstract_state: Any, step: int) -> Any:
+    problem = checkpoint_problem(run_dir, step)
+    if problem is not None:
+        raise BrokenCheckpoint(f"Checkpoint {step} in {run_dir} is broken: {problem}")
     with _manager(run_dir, create=False) as mngr:
         try:
             stored = mngr.item_metadata(step)
         except Exception as e:  # orbax raises various types for unreadable metadata
-            raise CheckpointError(f"Checkpoint {step} in {run_dir} is unreadable: {e}") from e
+            raise BrokenCheckpoint(f"Checkpoint {step} in {run_dir} is unreadable: {_first_line(e)}") from e
         if stored is not None:
             _check_matches(step, _leaves_by_path(stored), _leaves_by_path(abstract_state))
-        state = mngr.restore(step, args=ocp.args.StandardRestore(abstract_state))
-    return step, state
+        try:
+            return mngr.restore(step, args=ocp.args.StandardRestore(abstract_state))
+        except Exception as e:  # damaged array data: tensorstore / orbax errors of many types
+            raise BrokenCheckpoint(f"Checkpoint {step} in {run_dir} is unreadable: {_first_line(e)}") from e
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip().splitlines()
+    return (text[0] if text else type(error).__name__)[:200]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -295,5 +422,5 @@ def restore_run(run_dir: pathlib.Path) -> tuple[RunSpec, Any, int, Any]:
     run_spec = read_run_spec(run_dir)
     trainer = rl.make(run_spec.algorithm, run_spec.config)
     _, _, abstract = abstract_state(trainer, run_spec)
-    step, state = restore_state(run_dir, abstract)
+    step, state = restore_state(run_dir, abstract, fallback=True)
     return run_spec, trainer, step, state

@@ -245,6 +245,7 @@ def _prepare_run_dir(run_dir: pathlib.Path, run_spec: checkpoint.RunSpec, resume
                 "pass the same flags as the original run (see its config.json)"
             )
         checkpoint.remove_partial_checkpoints(run_dir)
+        checkpoint.quarantine_broken(run_dir)
         done = checkpoint.latest_step(run_dir) or 0
         rlog.truncate_rows(run_dir, done)
         return done

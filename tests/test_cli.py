@@ -87,6 +87,70 @@ def test_sigkill_then_resume_matches_uninterrupted(full_run: pathlib.Path, tmp_p
     assert sorted((r["update"], r["seed"]) for r in rows) == [(u, s) for u in range(1, 101) for s in (0, 1)]
 
 
+def _damage_newest(run: pathlib.Path, how: str) -> str:
+    """Damage the largest data file of checkpoint 100 as a full disk or a killed copy would; its name."""
+    files = [p for p in (run / "checkpoints" / "100").rglob("*") if p.is_file() and p.stat().st_size > 0]
+    victim = max(files, key=lambda p: p.stat().st_size)
+    if how == "truncate":
+        victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    else:
+        victim.unlink()
+    return victim.name
+
+
+@pytest.mark.parametrize("how", ["truncate", "delete"])
+def test_eval_falls_back_to_the_newest_intact_checkpoint(how: str, full_run, tmp_path, capsys) -> None:
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(full_run, run)
+    name = _damage_newest(run, how)
+    assert main(["eval", str(run), "--episodes", "2"]) == 0
+    captured = capsys.readouterr()
+    warning = captured.err.strip()
+    assert len(warning.splitlines()) == 1 and "Traceback" not in warning, warning
+    assert warning.startswith("rlcx: warning: Checkpoint 100 in") and name in warning, warning
+    assert "falling back to checkpoint 95" in warning
+    assert "checkpoint at update 95" in " ".join(captured.out.split())  # rich wraps the title
+    # Asked for that step explicitly, the broken checkpoint is a one-line error naming it.
+    _, _, abstract = checkpoint.abstract_state(*_trainer_and_spec(run))
+    with pytest.raises(checkpoint.CheckpointError, match=f"^Checkpoint 100 in .* is broken: .*{name}"):
+        checkpoint.restore_state(run, abstract, 100)
+
+
+def _trainer_and_spec(run: pathlib.Path):
+    from rlcx_jax import rl
+
+    spec = checkpoint.read_run_spec(run)
+    return rl.make(spec.algorithm, spec.config), spec
+
+
+def test_resume_after_a_broken_newest_checkpoint_moves_it_aside_and_matches(full_run, tmp_path, capsys) -> None:
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(full_run, run)
+    _damage_newest(run, "truncate")
+    assert main(["train", "ppo", *RUN_FLAGS, "--out", str(run), "--resume"]) == 0
+    err = capsys.readouterr().err
+    assert "checkpoint 100 in" in err and "moved to broken_checkpoints/100" in err, err
+    assert (run / "broken_checkpoints" / "100").is_dir()
+    _, _, step_a, state_a = restore_run(full_run)
+    _, _, step_b, state_b = restore_run(run)
+    assert step_a == step_b == 100
+    for a, b in zip(jax.tree.leaves(state_a), jax.tree.leaves(state_b)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert sorted((r["update"], r["seed"]) for r in rows) == [(u, s) for u in range(1, 101) for s in (0, 1)]
+
+
+def test_every_checkpoint_has_a_manifest_of_its_files(full_run) -> None:
+    manifests = sorted((full_run / checkpoint.MANIFEST_DIR).glob("*.json"))
+    assert [m.stem for m in manifests] == ["100", "95"]  # those of deleted checkpoints (max_to_keep) go too
+    for step in (95, 100):
+        assert checkpoint.checkpoint_problem(full_run, step) is None
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
