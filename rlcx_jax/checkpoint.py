@@ -407,12 +407,17 @@ def _first_line(error: Exception) -> str:
 def abstract_state(trainer: Any, run_spec: RunSpec) -> tuple[Any, tuple[Any, Any], Any]:
     """(the lowered vmapped init, its arguments, the abstract seed-batched state) of a run; traced
     once: `lowered.compile()(*arguments)` is the initial state."""
+    args = _init_args(run_spec)
+    lowered = jax.jit(jax.vmap(trainer.init)).lower(*args)
+    return lowered, args, lowered.out_info
+
+
+def _init_args(run_spec: RunSpec) -> tuple[Any, Any]:
+    """The seed keys and seed-batched hyperparameters a run's vmapped `init` takes."""
     from rlcx_jax.rl.common import broadcast_tree
 
     keys = jax.random.split(jax.random.PRNGKey(run_spec.seed), run_spec.num_seeds)
-    hps = broadcast_tree(run_spec.hparams, run_spec.num_seeds)
-    lowered = jax.jit(jax.vmap(trainer.init)).lower(keys, hps)
-    return lowered, (keys, hps), lowered.out_info
+    return keys, broadcast_tree(run_spec.hparams, run_spec.num_seeds)
 
 
 def restore_run(run_dir: pathlib.Path) -> tuple[RunSpec, Any, int, Any]:
@@ -421,6 +426,6 @@ def restore_run(run_dir: pathlib.Path) -> tuple[RunSpec, Any, int, Any]:
 
     run_spec = read_run_spec(run_dir)
     trainer = rl.make(run_spec.algorithm, run_spec.config)
-    _, _, abstract = abstract_state(trainer, run_spec)
+    abstract = jax.eval_shape(jax.vmap(trainer.init), *_init_args(run_spec))  # shapes only: nothing to lower
     step, state = restore_state(run_dir, abstract, fallback=True)
     return run_spec, trainer, step, state

@@ -77,13 +77,18 @@ def test_sigkill_then_resume_matches_uninterrupted(full_run: pathlib.Path, tmp_p
     _, stderr = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, stderr
 
+    _assert_matches_uninterrupted(out, full_run)
+
+
+def _assert_matches_uninterrupted(resumed: pathlib.Path, full_run: pathlib.Path) -> None:
+    """A resumed run ends at update 100 with the uninterrupted run's state, bit for bit, and its
+    metrics.jsonl holds each update exactly once."""
     _, _, step_a, state_a = restore_run(full_run)
-    _, _, step_b, state_b = restore_run(out)
+    _, _, step_b, state_b = restore_run(resumed)
     assert step_a == step_b == 100
     for a, b in zip(jax.tree.leaves(state_a), jax.tree.leaves(state_b)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    # metrics.jsonl holds each update exactly once after the resume
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (resumed / "metrics.jsonl").read_text().splitlines()]
     assert sorted((r["update"], r["seed"]) for r in rows) == [(u, s) for u in range(1, 101) for s in (0, 1)]
 
 
@@ -135,13 +140,7 @@ def test_resume_after_a_broken_newest_checkpoint_moves_it_aside_and_matches(full
     err = capsys.readouterr().err
     assert "checkpoint 100 in" in err and "moved to broken_checkpoints/100" in err, err
     assert (run / "broken_checkpoints" / "100").is_dir()
-    _, _, step_a, state_a = restore_run(full_run)
-    _, _, step_b, state_b = restore_run(run)
-    assert step_a == step_b == 100
-    for a, b in zip(jax.tree.leaves(state_a), jax.tree.leaves(state_b)):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert sorted((r["update"], r["seed"]) for r in rows) == [(u, s) for u in range(1, 101) for s in (0, 1)]
+    _assert_matches_uninterrupted(run, full_run)
 
 
 def test_every_checkpoint_has_a_manifest_of_its_files(full_run) -> None:
