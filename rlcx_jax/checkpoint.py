@@ -21,20 +21,20 @@ import os
 import pathlib
 import shutil
 import sys
-import types
-import typing
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import orbax.checkpoint as ocp
 
+from rlcx_jax.configs.base import RUN_CONFIG_FILE
+from rlcx_jax.configs.base import check_directory_path as check_directory_path
+from rlcx_jax.configs.base import from_jsonable as from_jsonable
+from rlcx_jax.configs.base import to_jsonable as to_jsonable
 from rlcx_jax.nets.paths import flatten_with_paths
-from rlcx_jax.seams import EXTENSION_TYPES, Extension
 
-CONFIG_FILE = "config.json"
+CONFIG_FILE = RUN_CONFIG_FILE
 CHECKPOINT_DIR = "checkpoints"
 MANIFEST_DIR = "checkpoint_manifests"
 BROKEN_DIR = "broken_checkpoints"
@@ -58,61 +58,6 @@ def warn(message: str) -> None:
 # ----------------------------------------------------------------------------------------------
 # Config <-> JSON
 # ----------------------------------------------------------------------------------------------
-def to_jsonable(obj: Any) -> Any:
-    """Dataclasses (configs, hparams) to plain JSON values; an extension carries its registered name
-    under "extension" so `from_jsonable` can find its type again."""
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        fields = {f.name: to_jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-        return {"extension": obj.name, **fields} if isinstance(obj, Extension) else fields
-    if isinstance(obj, dict):
-        return {str(k): to_jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (tuple, list)):
-        return [to_jsonable(x) for x in obj]
-    if isinstance(obj, (np.generic, np.ndarray, jax.Array)):
-        return np.asarray(obj).tolist()
-    return obj
-
-
-def _extension_from_json(value: dict[str, Any]) -> Extension:
-    fields = dict(value)
-    name = fields.pop("extension", None)
-    if name not in EXTENSION_TYPES:
-        raise CheckpointError(
-            f"Unknown extension {name!r} (known: {sorted(EXTENSION_TYPES)}); import the module that defines it first"
-        )
-    return from_jsonable(EXTENSION_TYPES[name], fields)
-
-
-def _from_value(tp: Any, value: Any) -> Any:
-    origin = typing.get_origin(tp)
-    if isinstance(tp, type) and issubclass(tp, Extension):
-        return _extension_from_json(value)
-    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
-        return from_jsonable(tp, value)
-    if origin is tuple:
-        args = typing.get_args(tp)
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_from_value(args[0], v) for v in value)
-        return tuple(_from_value(a, v) for a, v in zip(args, value)) if args else tuple(value)
-    if origin in (typing.Union, types.UnionType):
-        if value is None:
-            return None
-        for arg in typing.get_args(tp):
-            if arg is not type(None):
-                return _from_value(arg, value)
-    if tp is float and value is not None:
-        return float(value)
-    return value
-
-
-def from_jsonable(cls: type, data: dict[str, Any]) -> Any:
-    """Rebuild a (nested) config dataclass from `to_jsonable` output, with type conversion."""
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise CheckpointError(f"{cls.__name__} has no field(s) {unknown}")
-    return cls(**{k: _from_value(hints[k], v) for k, v in data.items()})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,18 +118,6 @@ def atomic_write_text(path: pathlib.Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-
-
-def check_directory_path(path: pathlib.Path, flag: str = "--out") -> None:
-    """Refuse, before anything is written, a directory path that cannot be one: `path` or its
-    nearest existing ancestor is a file (mkdir would raise NotADirectoryError / FileExistsError)."""
-    path = pathlib.Path(path)
-    for candidate in (path, *path.parents):
-        if candidate.exists():
-            if not candidate.is_dir():
-                where = "" if candidate == path else f" ({candidate} is a file)"
-                raise CheckpointError(f"{flag} {path}: not a directory{where}")
-            return
 
 
 def write_run_spec(run_dir: pathlib.Path, spec: RunSpec) -> None:

@@ -1,7 +1,8 @@
 """Metrics rows (`metrics.jsonl`), summary statistics and learning-curve plots.
 
 Metrics leave jit as fixed-shape arrays (one row per `log_every` updates per seed); this module
-turns them into JSON rows and pictures on the host, between chunks.
+turns them into JSON rows and pictures on the host, between chunks. It imports without jax (only
+`flatten_metrics` needs it), so `rlcx plot` and the metric sinks start fast.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import warnings
 from collections.abc import Iterable
 from typing import Any
 
-import jax
 import numpy as np
 
 METRICS_FILE = "metrics.jsonl"
@@ -20,6 +20,8 @@ METRICS_FILE = "metrics.jsonl"
 
 def flatten_metrics(metrics: Any) -> dict[str, np.ndarray]:
     """Nested metrics dataclass -> {"episode/episode_return": array, ...} on the host."""
+    import jax
+
     out: dict[str, np.ndarray] = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(metrics)[0]:
         name = "/".join(str(getattr(k, "name", getattr(k, "key", k))) for k in path)
@@ -149,21 +151,34 @@ def bootstrap_ci(
     return float(stat(x.reshape(1, -1))[0]), float(lo), float(hi)
 
 
-def curves_from_rows(rows: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
-    """(env_steps[rows], returns[seeds, rows]) forward-filled, from metrics.jsonl rows."""
+def metric_curve(rows: list[dict[str, Any]], metric: str, x: str = "env_steps") -> tuple[np.ndarray, np.ndarray]:
+    """(x[points], values[seeds, points]) of one metric from metrics.jsonl rows: one column per
+    update (sorted), one row per seed (sorted); `x` is a row key ("env_steps") or "update".
+
+    A missing value (None: no episode finished in that row; a count of 0 beside an episode
+    statistic; no row for that seed) is NaN before the seed's first value and the last value carried
+    forward after it (`forward_fill`)."""
     seeds = sorted({r["seed"] for r in rows})
     updates = sorted({r["update"] for r in rows})
+    s_index = {s: i for i, s in enumerate(seeds)}
     u_index = {u: i for i, u in enumerate(updates)}
-    ret = np.zeros((len(seeds), len(updates)))
-    cnt = np.zeros_like(ret)
-    steps = np.zeros(len(updates))
+    values = np.full((len(seeds), len(updates)), np.nan)
+    present = np.zeros(values.shape, dtype=bool)
+    xs = np.asarray(updates, dtype=np.float64) if x == "update" else np.full(len(updates), np.nan)
+    count_key = "" if metric.endswith(EPISODE_COUNT) else _count_key(metric)
     for r in rows:
-        i = u_index[r["update"]]
-        episode_return = r["episode/episode_return"]  # None: no episode finished in that row
-        ret[r["seed"], i] = np.nan if episode_return is None else episode_return
-        cnt[r["seed"], i] = r["episode/episode_count"]
-        steps[i] = r["env_steps"]
-    return steps, forward_fill(ret, cnt)
+        s, i = s_index[r["seed"]], u_index[r["update"]]
+        value = r.get(metric)
+        present[s, i] = value is not None and (count_key not in r or (r[count_key] or 0) > 0)
+        values[s, i] = value if present[s, i] else np.nan
+        if x != "update":
+            xs[i] = r[x]
+    return xs, forward_fill(values, present)
+
+
+def curves_from_rows(rows: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
+    """(env_steps[rows], returns[seeds, rows]) forward-filled, from metrics.jsonl rows."""
+    return metric_curve(rows, "episode/episode_return", "env_steps")
 
 
 def plot_learning_curves(rows: list[dict[str, Any]], path: pathlib.Path, title: str) -> None:

@@ -24,6 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend import random as jex_random
 
+from rlcx_jax.configs.base import PRNG_IMPLS
+
 __all__ = ["IMPLS", "THREEFRY", "jax_impl", "loop_free", "permutations", "threefry2x32_hash"]
 
 _ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
@@ -100,7 +102,7 @@ THREEFRY = jex_random.define_prng_impl(
 """The PRNG implementation: pass it as `impl=` wherever JAX takes one."""
 
 
-IMPLS = ("threefry2x32", "unsafe_rbg", "rbg")
+IMPLS = PRNG_IMPLS
 """The `prng_impl` names a training config accepts."""
 
 

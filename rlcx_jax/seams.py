@@ -17,11 +17,17 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Mapping
-from typing import Any, ClassVar, Protocol, TypeVar, runtime_checkable
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import flax.linen as nn
 import jax
 import optax
+
+from rlcx_jax.configs.base import EXTENSION_TYPES as EXTENSION_TYPES
+from rlcx_jax.configs.base import Extension as Extension
+from rlcx_jax.configs.base import check_extensions as check_extensions
+from rlcx_jax.configs.base import complete_ext_hparams as complete_ext_hparams
+from rlcx_jax.configs.base import register_extension as register_extension
 
 Params = Any  # a Flax parameter tree
 PyTree = Any
@@ -161,84 +167,6 @@ class BuildContext:
     action_spec: Any
     optimizer_steps: int
     apply: ApplyFn | None = None
-
-
-EXTENSION_TYPES: dict[str, type[Extension]] = {}
-
-
-def register_extension(cls: type[Extension]) -> type[Extension]:
-    """Class decorator: make an extension type known by its `name`, so run directories that use it
-    can be written to and read back from `config.json`."""
-    name = cls.name
-    if not name or not name.isidentifier():
-        raise ValueError(f"Extension name must be an identifier, got {name!r}")
-    known = EXTENSION_TYPES.get(name)
-    if known is not None and known.__qualname__ != cls.__qualname__:
-        raise ValueError(f"Another extension type ({known.__qualname__}) is registered as {name!r}")
-    EXTENSION_TYPES[name] = cls
-    return cls
-
-
-@dataclasses.dataclass(frozen=True)
-class Extension:
-    """Base class of a capability plugged into any algorithm.
-
-    Subclass it as a frozen dataclass (its fields are the static config), set `name` (the key of
-    its hyperparameters in `hparams.ext` and of its state in `state.ext`) and override what it
-    needs. Every method has a do-nothing default.
-    """
-
-    name: ClassVar[str] = ""
-
-    def validate(self) -> None:
-        """Check the static config (called before anything compiles)."""
-
-    def default_hparams(self) -> PyTree:
-        """The traced hyperparameters (a `flax.struct` dataclass), or None."""
-        return None
-
-    def validate_hparams(self, hparams: PyTree) -> None:
-        """Check concrete hyperparameter values (called by the CLI before compiling)."""
-
-    def hooks(self, ctx: BuildContext) -> Hooks:
-        """Forward-pass and optimizer hooks; `post_update` receives this extension's hparams."""
-        return Hooks()
-
-    def init_state(self, key: jax.Array, params: Params, hparams: PyTree) -> PyTree:
-        """This extension's part of the training state (`state.ext[name]`), or None."""
-        return None
-
-    def loss_term(self, ctx: BuildContext) -> LossTerm | None:
-        """A term added to the algorithm's loss, or None. `ctx.apply` is set here."""
-        return None
-
-    def extras(self, ctx: BuildContext) -> ExtrasFn | None:
-        """Per-sample data for the loss term, computed once per update on the whole batch before
-        any minibatching, found by the term in `batch.extras[name]`."""
-        return None
-
-
-def check_extensions(extensions: tuple[Extension, ...]) -> None:
-    """Each entry is an Extension with a distinct name; each validates."""
-    seen: set[str] = set()
-    for ext in extensions:
-        if not isinstance(ext, Extension):
-            raise ValueError(f"extensions must be Extension instances, got {type(ext).__name__}")
-        if not ext.name:
-            raise ValueError(f"{type(ext).__name__} has no name")
-        if ext.name in seen:
-            raise ValueError(f"Two extensions are named {ext.name!r}")
-        seen.add(ext.name)
-        ext.validate()
-
-
-def complete_ext_hparams(extensions: tuple[Extension, ...], ext: Mapping[str, Any]) -> dict[str, Any]:
-    """`ext` with every extension's default hyperparameters filled in where they are missing."""
-    names = {e.name for e in extensions}
-    unknown = sorted(set(ext) - names)
-    if unknown:
-        raise ValueError(f"hparams.ext has entries {unknown} for no configured extension (have {sorted(names)})")
-    return {e.name: ext[e.name] if e.name in ext else e.default_hparams() for e in extensions}
 
 
 def combine_hooks(base: Hooks, extensions: tuple[Extension, ...], ctx: BuildContext) -> Hooks:

@@ -49,6 +49,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rlcx_jax.configs.compress import DISTRIBUTIONS as DISTRIBUTIONS
+from rlcx_jax.configs.compress import check_sparsity
 from rlcx_jax.nets import paths as paths_lib
 from rlcx_jax.nets.paths import Patterns, param_paths, path_str
 
@@ -76,7 +78,6 @@ __all__ = [
 
 Tree = Any  # a pytree (nested dicts of arrays for Flax params)
 
-DISTRIBUTIONS = ("uniform", "global", "erk")
 DEFAULT_INCLUDE: tuple[str, ...] = (r".*kernel",)
 
 
@@ -173,13 +174,7 @@ def validate_sparsity(sparsity: float | jax.Array) -> float | None:
         if sparsity.shape != ():
             raise ValueError(f"Sparsity must be a scalar, got shape {sparsity.shape}")
         return None
-    array = np.asarray(sparsity)
-    if array.shape != () or array.dtype.kind not in "biuf":
-        raise ValueError(f"Sparsity must be a real scalar, got {sparsity!r}")
-    value = float(array)
-    if not 0.0 <= value < 1.0:  # also rejects NaN
-        raise ValueError(f"Sparsity must be in [0, 1), got {value}")
-    return value
+    return check_sparsity(sparsity)
 
 
 def _num_pruned(sparsity: float | jax.Array, n: int) -> jax.Array:

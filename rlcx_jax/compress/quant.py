@@ -34,7 +34,6 @@ Everything here is jittable and vmappable; static configuration lives in the has
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -45,6 +44,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from rlcx_jax.configs.compress import DYNAMIC_RANGES as DYNAMIC_RANGES
+from rlcx_jax.configs.compress import KMEANS_INITS as KMEANS_INITS
+from rlcx_jax.configs.compress import MAX_BITS as MAX_BITS
+from rlcx_jax.configs.compress import MIN_BITS as MIN_BITS
+from rlcx_jax.configs.compress import RANGE_METHODS as RANGE_METHODS
+from rlcx_jax.configs.compress import SCHEMES as SCHEMES
+from rlcx_jax.configs.compress import QuantSpec as QuantSpec
 from rlcx_jax.nets.paths import Patterns, compile_patterns, flatten_with_paths, path_str, selected_paths
 
 __all__ = [
@@ -79,10 +85,6 @@ __all__ = [
 Params = Any
 Ranges = dict[str, tuple[jax.Array, jax.Array]]
 
-SCHEMES = ("uniform", "log", "kmeans")
-KMEANS_INITS = ("optimal", "linear")
-RANGE_METHODS = ("minmax", "percentile")
-MIN_BITS, MAX_BITS = 2, 16
 DEFAULT_INCLUDE = (r".*kernel",)
 LAYER_TYPES: tuple[type, ...] = (nn.Dense, nn.Conv)
 # Calibrated ranges of a layer's output are stored under "<module path>" + OUTPUT_SUFFIX.
@@ -100,67 +102,6 @@ _TINY = np.float32(np.finfo(np.float32).tiny)
 # ----------------------------------------------------------------------------------------------
 # Static configuration
 # ----------------------------------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class QuantSpec:
-    """How to quantize one kind of tensor (hashable: static under jit).
-
-    scheme: "uniform" (Jacob et al. 2018), "log" (Miyashita et al. 2016) or "kmeans" (Han et al. 2016).
-    bits: code width, 2..16.
-    symmetric: uniform only; zero point fixed at 0 (True) or an integer zero point (False).
-    per_channel: one range (scale, exponent) per output channel = last axis; else one per tensor.
-        k-means always uses one codebook per tensor.
-    range_method: how activation ranges are measured (dynamic ranges and `calibrate`): "minmax" or
-        "percentile" (the `percentile`-th percentile of |x|, or of x at both tails if asymmetric).
-        Weight ranges are always min/max.
-    kmeans_iters: number of Lloyd iterations (fixed, so the fit is deterministic and jittable).
-    kmeans_init: where Lloyd starts. "optimal": the exact 1-D clustering of the values grouped into
-        up to ~512 equal-weight atoms (dynamic programming; within 0.1% of the optimal squared error
-        on trained kernels; ~10 ms for a 64x64 kernel on CPU). "linear": evenly spaced over
-        [min, max] (Han et al.; ~0.5 ms, up to 2x the optimal error on small or heavy-tailed
-        kernels). k-means QAT fits from scratch once, then re-assigns by warm-started Lloyd steps
-        (`compress.training.kmeans_qat_transform`).
-    """
-
-    scheme: str = "uniform"
-    bits: int = 8
-    symmetric: bool = True
-    per_channel: bool = False
-    range_method: str = "minmax"
-    percentile: float = 99.99
-    kmeans_iters: int = 16
-    kmeans_init: str = "optimal"
-
-    def validate(self) -> None:
-        """Raise ValueError on an invalid spec (call before anything is compiled)."""
-        if self.scheme not in SCHEMES:
-            raise ValueError(f"Unknown quantization scheme {self.scheme!r}; expected one of {SCHEMES}")
-        if isinstance(self.bits, bool) or not isinstance(self.bits, (int, np.integer)):
-            raise ValueError(f"bits must be an int, got {self.bits!r}")
-        if not MIN_BITS <= self.bits <= MAX_BITS:
-            raise ValueError(f"bits must be in [{MIN_BITS}, {MAX_BITS}], got {self.bits}")
-        if self.range_method not in RANGE_METHODS:
-            raise ValueError(f"Unknown range_method {self.range_method!r}; expected one of {RANGE_METHODS}")
-        if not 0.0 < float(self.percentile) <= 100.0:
-            raise ValueError(f"percentile must be in (0, 100], got {self.percentile}")
-        if isinstance(self.kmeans_iters, bool) or not isinstance(self.kmeans_iters, (int, np.integer)):
-            raise ValueError(f"kmeans_iters must be an int, got {self.kmeans_iters!r}")
-        if self.kmeans_iters < 1:
-            raise ValueError(f"kmeans_iters must be >= 1, got {self.kmeans_iters}")
-        if self.kmeans_init not in KMEANS_INITS:
-            raise ValueError(f"Unknown kmeans_init {self.kmeans_init!r}; expected one of {KMEANS_INITS}")
-        if self.scheme == "kmeans" and self.per_channel:
-            raise ValueError("k-means weight sharing uses one codebook per tensor; set per_channel=False")
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> QuantSpec:
-        spec = cls(**dict(data))
-        spec.validate()
-        return spec
-
-
 def code_range(scheme: str, bits: int, symmetric: bool = True) -> tuple[int, int]:
     """(qmin, qmax): the integer codes a scheme produces at `bits`."""
     if scheme == "log" or (scheme == "uniform" and symmetric):
@@ -280,9 +221,6 @@ def activation_range(x: jax.Array, spec: QuantSpec) -> tuple[jax.Array, jax.Arra
     """
     x = jax.lax.stop_gradient(jnp.asarray(x, jnp.float32))
     return _range_over(x, spec, _reduce_axes(x, spec.per_channel))
-
-
-DYNAMIC_RANGES = ("sample", "tensor")
 
 
 def sample_range(x: jax.Array, spec: QuantSpec, feature_axes: int = 1) -> tuple[jax.Array, jax.Array]:

@@ -38,18 +38,22 @@ quantization-aware training, without the algorithm naming it (docs/architecture.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
-from flax import struct
 
 from rlcx_jax import nets
 from rlcx_jax.compress import masks as masks_lib
 from rlcx_jax.compress import quant
-from rlcx_jax.seams import BuildContext, Extension, Hooks, register_extension
+from rlcx_jax.configs.compress import DEFAULT_PRUNE_INCLUDE as DEFAULT_PRUNE_INCLUDE
+from rlcx_jax.configs.compress import DEFAULT_PRUNE_ROLES as DEFAULT_PRUNE_ROLES
+from rlcx_jax.configs.compress import PRUNE_SCHEDULES as PRUNE_SCHEDULES
+from rlcx_jax.configs.compress import QAT_INCLUDE, CompressConfig, CompressHParams
+from rlcx_jax.seams import BuildContext, Hooks
+
+RANKING_SCOPE = "prune_mask_ranking"
 
 Params = Any
 
@@ -67,153 +71,37 @@ __all__ = [
     "kmeans_project",
 ]
 
-PRUNE_SCHEDULES = ("none", "gradual", "oneshot", "fixed")
-DEFAULT_PRUNE_ROLES = ("torso",)  # output heads are never pruned by default: that removes whole actions
-DEFAULT_PRUNE_INCLUDE = (r".*kernel",)  # within those roles: kernels; biases stay dense
-QAT_INCLUDE = (r".*kernel",)
-RANKING_SCOPE = "prune_mask_ranking"
 
+def compress_hooks(config: CompressConfig, ctx: BuildContext) -> Hooks:
+    """The pruning transformation after the optimizer (its target sparsity read from this
+    extension's traced hyperparameters) and QAT's weight and activation fake-quantization."""
+    include = prune_selection(config, nets.layout_of(ctx.network)) if config.prunes else ()
+    steps = ctx.optimizer_steps
 
-@struct.dataclass
-class CompressHParams:
-    """Traced compression hyperparameters: the target sparsity of the pruning schedule, in [0, 1)."""
+    def post_update(hparams: CompressHParams) -> optax.GradientTransformation:
+        prune = prune_transform(config, hparams.sparsity, steps, include) if config.prunes else None
+        if config.shares_weights:
+            return kmeans_qat_transform(config, prune)
+        assert prune is not None  # installed only when pruning or sharing weights
+        return prune
 
-    sparsity: float = 0.0
-    """Target sparsity of the pruning schedule, in [0, 1)."""
-
-
-@register_extension
-@dataclasses.dataclass(frozen=True)
-class CompressConfig(Extension):
-    """Static compression settings of a training run (an extension on `config.extensions`).
-
-    The target sparsity itself is a traced hyperparameter (`CompressHParams.sparsity`); everything
-    here changes the compiled program. Fractions are of the run's optimizer steps.
-    """
-
-    name = "compress"
-
-    prune_schedule: str = "none"
-    """none, gradual (Zhu & Gupta 2017), oneshot, or fixed (the zeros training starts from stay zero)."""
-    prune_distribution: str = "erk"
-    """How sparsity spreads over layers: erk (Evci et al. 2020; the default), uniform or global. ERK keeps
-    small layers denser (density ~ (n_in + n_out) / (n_in n_out)): with uniform 90%, a layer with 4 inputs
-    leaves ~0.9^4 = 66% of its units without any input, which broke the 256x256 CartPole critic."""
-    prune_start: float = 0.0
-    """Fraction of the optimizer steps at which pruning starts."""
-    prune_end: float = 0.75
-    """Fraction of the optimizer steps at which the target sparsity is reached."""
-    prune_every: int = 16
-    """Optimizer steps between mask updates."""
-    prune_roles: tuple[str, ...] = DEFAULT_PRUNE_ROLES
-    """Network roles pruned (torso, actor, critic, q_head)."""
-    prune_include: tuple[str, ...] = DEFAULT_PRUNE_INCLUDE
-    """Regexes of the parameter paths pruned within those roles."""
-    prune_exclude: tuple[str, ...] = ()
-    """Regexes of parameter paths never pruned."""
-    qat_bits: int = 0
-    """Bits of quantization-aware training (0: off)."""
-    qat_scheme: str = "uniform"
-    """Quantizer: uniform, log or kmeans."""
-    qat_per_channel: bool = True
-    """One range per output channel instead of per tensor (uniform, log; k-means: one codebook per tensor)."""
-    qat_symmetric: bool = True
-    """Symmetric integer grid (int<b>); False: asymmetric with a zero point (uint<b>)."""
-    qat_activations: bool = True
-    """Also fake-quantize layer inputs."""
-    qat_activation_range: str = "sample"
-    """Activation ranges: sample (each observation its own: acting and learning see the same network) or tensor."""
-    qat_recluster_every: int = 16
-    """k-means QAT: optimizer steps between re-assignments of the clusters (centroids move every step)."""
-    qat_recluster_iters: int = 4
-    """k-means QAT: Lloyd steps of a re-assignment, started from the current codebook."""
-
-    @property
-    def prunes(self) -> bool:
-        return self.prune_schedule != "none"
-
-    def validate(self) -> None:
-        if self.prune_schedule not in PRUNE_SCHEDULES:
-            raise ValueError(f"Unknown prune_schedule {self.prune_schedule!r}; expected one of {PRUNE_SCHEDULES}")
-        if self.prune_distribution not in masks_lib.DISTRIBUTIONS:
-            raise ValueError(
-                f"Unknown prune_distribution {self.prune_distribution!r}; expected one of {masks_lib.DISTRIBUTIONS}"
-            )
-        if not 0.0 <= self.prune_start <= self.prune_end <= 1.0:
-            raise ValueError(
-                f"Need 0 <= prune_start <= prune_end <= 1, got prune_start={self.prune_start}, "
-                f"prune_end={self.prune_end}"
-            )
-        if self.prune_every < 1:
-            raise ValueError(f"prune_every must be >= 1, got {self.prune_every}")
-        if self.qat_bits != 0:
-            self.qat_spec().validate()
-            if self.shares_weights and self.qat_activations:
-                raise ValueError("qat_scheme='kmeans' shares weights only; set qat_activations=False")
-        for name in ("qat_recluster_every", "qat_recluster_iters"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-        if self.qat_activation_range not in quant.DYNAMIC_RANGES:
-            raise ValueError(
-                f"qat_activation_range must be one of {quant.DYNAMIC_RANGES}, got {self.qat_activation_range!r}"
-            )
-
-    def qat_spec(self) -> quant.QuantSpec:
-        """QAT's quantizer (k-means: the first fit is PTQ's, from the optimal clustering)."""
-        return quant.QuantSpec(
-            scheme=self.qat_scheme,
-            bits=self.qat_bits,
-            symmetric=self.qat_symmetric,
-            per_channel=self.qat_per_channel and self.qat_scheme != "kmeans",
+    hooks = Hooks()
+    if config.prunes or config.shares_weights:
+        hooks = Hooks(post_update=post_update, project_params=kmeans_project if config.shares_weights else None)
+    if config.qat_bits:
+        spec = config.qat_spec()
+        qat = Hooks(
+            param_transform=(
+                None if config.shares_weights else quant.weight_param_transform(spec, include=QAT_INCLUDE, exclude=())
+            ),
+            interceptor=(
+                quant.activation_interceptor(spec, dynamic=config.qat_activation_range)
+                if config.qat_activations
+                else None
+            ),
         )
-
-    @property
-    def shares_weights(self) -> bool:
-        """k-means QAT: the parameters are the shared weights (`kmeans_qat_transform`)."""
-        return self.qat_bits > 0 and self.qat_scheme == "kmeans"
-
-    def default_hparams(self) -> CompressHParams:
-        return CompressHParams()
-
-    def validate_hparams(self, hparams: CompressHParams) -> None:
-        masks_lib.validate_sparsity(hparams.sparsity)
-        if float(hparams.sparsity) > 0 and self.prune_schedule in ("none", "fixed"):
-            raise ValueError(
-                f"sparsity={float(hparams.sparsity)} needs prune_schedule 'gradual' or 'oneshot' "
-                f"(it is {self.prune_schedule!r})"
-            )
-
-    def hooks(self, ctx: BuildContext) -> Hooks:
-        """The pruning transformation after the optimizer (its target sparsity read from this
-        extension's traced hyperparameters) and QAT's weight and activation fake-quantization."""
-        include = prune_selection(self, nets.layout_of(ctx.network)) if self.prunes else ()
-        steps = ctx.optimizer_steps
-
-        def post_update(hparams: CompressHParams) -> optax.GradientTransformation:
-            prune = prune_transform(self, hparams.sparsity, steps, include) if self.prunes else None
-            if self.shares_weights:
-                return kmeans_qat_transform(self, prune)
-            assert prune is not None  # installed only when pruning or sharing weights
-            return prune
-
-        hooks = Hooks()
-        if self.prunes or self.shares_weights:
-            hooks = Hooks(post_update=post_update, project_params=kmeans_project if self.shares_weights else None)
-        if self.qat_bits:
-            spec = self.qat_spec()
-            qat = Hooks(
-                param_transform=(
-                    None if self.shares_weights else quant.weight_param_transform(spec, include=QAT_INCLUDE, exclude=())
-                ),
-                interceptor=(
-                    quant.activation_interceptor(spec, dynamic=self.qat_activation_range)
-                    if self.qat_activations
-                    else None
-                ),
-            )
-            hooks = hooks.merge(qat)
-        return hooks
+        hooks = hooks.merge(qat)
+    return hooks
 
 
 def prune_selection(config: CompressConfig, layout: nets.Layout) -> tuple[str, ...]:

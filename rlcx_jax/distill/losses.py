@@ -24,6 +24,7 @@ import chex
 import jax
 import jax.numpy as jnp
 
+from rlcx_jax.configs.pipeline import DISTILL_LOSSES
 from rlcx_jax.nets import ActionSpec
 from rlcx_jax.nets.policy import action_agreement, greedy_action
 
@@ -40,7 +41,7 @@ __all__ = [
     "policy_distillation_loss",
 ]
 
-LOSSES = ("kl", "nll", "mse")
+LOSSES = DISTILL_LOSSES
 
 
 def _check(fn: str, student: jax.Array, teacher: jax.Array) -> None:

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from rlcx_jax import nets, prng
+from rlcx_jax import nets, prng, pytree
 from rlcx_jax.distill import losses
 from rlcx_jax.envs.normalize import RunningStats
 from rlcx_jax.nets.paths import flatten_with_paths
@@ -102,7 +102,7 @@ class DistillConfig(TrainConfig):
             )
 
 
-@struct.dataclass
+@pytree.dataclass
 class DistillHParams(HParams):
     """Traced distillation hyperparameters (vmappable: a sweep over temperatures is one vmap)."""
 

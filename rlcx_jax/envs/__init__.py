@@ -7,12 +7,12 @@ parameters are an ordinary pytree, so a batch of tasks is one `vmap` over them (
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from collections.abc import Callable
 from typing import Any
 
 import gymnax
 
+from rlcx_jax.configs import envs as env_table
 from rlcx_jax.envs.wrappers import (
     ClipActionWrapper,
     EpisodeStats,
@@ -37,26 +37,24 @@ __all__ = [
 _EXTRA_ENVS: dict[str, Callable[[], tuple[Any, Any]]] = {}
 
 
-def register(name: str, factory: Callable[[], tuple[Any, Any]]) -> None:
-    """Register one of our own gymnax-compatible environments under `name`."""
-    if name in _EXTRA_ENVS or name in gymnax.registered_envs:
+def register(name: str, factory: Callable[[], tuple[Any, Any]], discrete: bool | None = None) -> None:
+    """Register one of our own gymnax-compatible environments under `name` (`discrete`: whether its
+    actions are, found from the environment when None)."""
+    if name in _EXTRA_ENVS or name in env_table.GYMNAX_ENVS:
         raise ValueError(f"Environment {name!r} is already registered")
     _EXTRA_ENVS[name] = factory
+    if discrete is None:
+        env, env_params = factory()
+        discrete = _discrete(env.action_space(env_params))
+    env_table.add_env(name, discrete)
 
 
 def list_envs() -> list[str]:
     """All environment ids that `make` accepts."""
-    return list(gymnax.registered_envs) + list(_EXTRA_ENVS)
+    return list(env_table.known_envs())
 
 
-def check_env_name(name: str) -> None:
-    """Raise a ValueError naming close matches when `name` is not a known environment id."""
-    known = list_envs()
-    if name in known:
-        return
-    close = difflib.get_close_matches(name, known, n=3, cutoff=0.4)
-    hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-    raise ValueError(f"Unknown environment {name!r}.{hint} Known: {', '.join(known)}")
+check_env_name = env_table.check_env_name
 
 
 def make(name: str, **param_overrides: Any) -> tuple[Any, Any]:

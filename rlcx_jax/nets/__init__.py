@@ -17,15 +17,16 @@
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from rlcx_jax.configs.nets import NetConfig, add_torso_name, unknown_name
 
 __all__ = [
     "NetConfig",
@@ -75,7 +76,9 @@ def _register(table: dict[str, type[nn.Module]], what: str, name: str) -> Callab
 def register_torso(name: str) -> Callable[[type[nn.Module]], type[nn.Module]]:
     """Class decorator: `NetConfig(torso=name)` builds this module as every torso of a network.
     The module takes the fields `config: NetConfig` and `obs_ndim: int`."""
-    return _register(TORSOS, "torso", name)
+    decorator = _register(TORSOS, "torso", name)
+    add_torso_name(name)
+    return decorator
 
 
 def register_head(name: str) -> Callable[[type[nn.Module]], type[nn.Module]]:
@@ -84,39 +87,7 @@ def register_head(name: str) -> Callable[[type[nn.Module]], type[nn.Module]]:
     return _register(HEADS, "head", name)
 
 
-def _unknown(what: str, name: str, known: Mapping[str, Any]) -> ValueError:
-    close = difflib.get_close_matches(name, list(known), n=1)
-    hint = f" Did you mean {close[0]!r}?" if close else ""
-    return ValueError(f"Unknown {what} {name!r}.{hint} Known: {sorted(known)}")
-
-
-@dataclasses.dataclass(frozen=True)
-class NetConfig:
-    """Static network description (hashable; part of an algorithm's config)."""
-
-    torso: str = "mlp"
-    """A registered torso: mlp (flattens any observation), cnn (MinAtar-style conv, then hidden) or one of yours."""
-    hidden: tuple[int, ...] = (64, 64)
-    """Widths of the dense layers."""
-    activation: str = "tanh"
-    """Activation of the dense layers: tanh, relu, gelu, elu or silu."""
-    separate_critic: bool = True
-    """Actor and critic get their own torsos (PureJaxRL default) or share one."""
-    conv_features: int = 16
-    """Channels of the CNN's conv layer (Young & Tian 2019, MinAtar)."""
-    conv_kernel: int = 3
-    """Kernel size of the CNN's conv layer."""
-
-    def validate(self) -> None:
-        if self.torso not in TORSOS:
-            raise _unknown("torso", self.torso, TORSOS)
-        if self.activation not in ACTIVATIONS:
-            raise _unknown("activation", self.activation, ACTIVATIONS)
-        if any(int(h) <= 0 for h in self.hidden):
-            raise ValueError(f"Hidden widths must be positive, got {self.hidden}")
-        for name in ("conv_features", "conv_kernel"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+_unknown = unknown_name
 
 
 @dataclasses.dataclass(frozen=True)

@@ -3,34 +3,11 @@ GAE(lambda) advantages (lambda = 1 gives the n-step returns of the paper, n = nu
 
 from __future__ import annotations
 
-import dataclasses
-
-from flax import struct
-
+from rlcx_jax.configs.algorithms import A2CConfig
+from rlcx_jax.configs.algorithms import A2CHParams as A2CHParams
 from rlcx_jax.rl import onpolicy
 from rlcx_jax.rl.common import Hooks, Trainer, TrainState
 from rlcx_jax.rl.onpolicy import OnPolicyMetrics
-
-
-@dataclasses.dataclass(frozen=True)
-class A2CConfig(onpolicy.OnPolicyConfig):
-    """Static A2C settings: short rollouts from many environments."""
-
-    num_envs: int = 16
-    """Parallel environments (the paper runs 16 actor-learner threads)."""
-    num_steps: int = 8
-    """Steps per environment per update: the n of the n-step returns (the paper uses 5)."""
-    normalize_advantages: bool = False
-    """Off as in the paper; on often helps with few environments."""
-
-
-@struct.dataclass
-class A2CHParams(onpolicy.GAEHParams):
-    """Traced A2C hyperparameters."""
-
-    lr: float = 2e-3
-    gae_lambda: float = 1.0
-    """1 gives the paper's n-step returns (n = num_steps)."""
 
 
 def _update(agent: onpolicy.Agent, state: TrainState) -> tuple[TrainState, OnPolicyMetrics]:

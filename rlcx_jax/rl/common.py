@@ -7,7 +7,6 @@ The seams themselves (`Hooks`, `Extension`, loss terms) live in `rlcx_jax.seams`
 
 from __future__ import annotations
 
-import abc
 import dataclasses
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, Self, TypeVar
@@ -18,16 +17,16 @@ import optax
 from flax import struct
 
 from rlcx_jax import envs, nets, prng
+from rlcx_jax.configs.algorithms import HParams as HParams
+from rlcx_jax.configs.algorithms import TrainConfig as TrainConfig
 from rlcx_jax.envs.normalize import RunningStats, init_stats, normalize_observation
 from rlcx_jax.rl import rollout
 from rlcx_jax.seams import (
     ApplyFn,
     BuildContext,
-    Extension,
     ExtensionTerms,
     Hooks,
     Params,
-    check_extensions,
     combine_hooks,
     complete_ext_hparams,
     make_apply,
@@ -91,146 +90,6 @@ class Trainer:
     num_updates: int
     log_every: int
     agent: Agent
-
-
-# ----------------------------------------------------------------------------------------------
-# Config and hyperparameter bases
-# ----------------------------------------------------------------------------------------------
-def largest_divisor_at_most(n: int, limit: int) -> int:
-    """The largest divisor of `n` that is <= `limit` (at least 1)."""
-    for d in range(min(n, max(limit, 1)), 0, -1):
-        if n % d == 0:
-            return d
-    return 1
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainConfig(abc.ABC):
-    """Static settings every algorithm has (hashable; not traced).
-
-    extensions: capabilities plugged into training (e.g. pruning, distillation), each bringing
-    its own static config, traced hyperparameters (`hparams.ext[name]`) and state (`state.ext[name]`).
-    A step count that does not divide into whole updates is rounded down to whole updates; a
-    `log_every` that does not divide the number of updates becomes its largest divisor below it.
-    """
-
-    env: str = "CartPole-v1"
-    """Environment id: a gymnax id (CartPole-v1, Breakout-MinAtar, ...) or a registered probe."""
-    env_kwargs: tuple[tuple[str, Any], ...] = ()
-    """Keyword arguments of the environment's constructor."""
-    num_envs: int = 4
-    """Environments stepped in parallel per seed."""
-    total_timesteps: int = 500_000
-    """Environment steps per seed, summed over the parallel environments."""
-    net: nets.NetConfig = nets.NetConfig()
-    anneal_lr: bool = False
-    """Decay the learning rate linearly to 0 over the run's optimizer steps."""
-    log_every: int = 1
-    """Updates averaged into one metrics row."""
-    prng_impl: str = "threefry2x32"
-    """PRNG implementation: threefry2x32 (JAX default), rbg or unsafe_rbg (faster on accelerators)."""
-    extensions: tuple[Extension, ...] = ()
-
-    HEAD: ClassVar[str] = "actor_critic"
-    DISCRETE_ONLY: ClassVar[bool] = False
-    """The algorithm needs a discrete action space (checked in `validate`, before any compilation)."""
-    POSITIVE: ClassVar[tuple[str, ...]] = ("num_envs", "total_timesteps", "log_every")
-
-    @property
-    @abc.abstractmethod
-    def steps_per_update(self) -> int:
-        """Env steps (summed over the vectorised envs) one update collects."""
-
-    @property
-    def num_updates(self) -> int:
-        return self.total_timesteps // self.steps_per_update
-
-    @property
-    @abc.abstractmethod
-    def optimizer_steps(self) -> int:
-        """Optimizer steps in a full run (learning-rate annealing, pruning schedules)."""
-
-    @property
-    def updates_per_row(self) -> int:
-        """Updates per metrics row: `log_every`, or its largest divisor of `num_updates` below it."""
-        return largest_divisor_at_most(self.num_updates, self.log_every)
-
-    def rounding_notice(self) -> str | None:
-        """A one-line note when the step count or log_every had to be adapted; None otherwise."""
-        notes = []
-        done = self.num_updates * self.steps_per_update
-        if done != self.total_timesteps:
-            notes.append(
-                f"total_timesteps {self.total_timesteps} rounded down to {done} "
-                f"({self.num_updates} updates of {self.steps_per_update} env steps)"
-            )
-        if self.updates_per_row != self.log_every:
-            notes.append(
-                f"log_every {self.log_every} -> {self.updates_per_row} (a divisor of {self.num_updates} updates)"
-            )
-        return "; ".join(notes) or None
-
-    def validate(self) -> None:
-        envs.check_env_name(self.env)
-        if self.DISCRETE_ONLY and not envs.has_discrete_actions(self.env, self.env_kwargs):
-            algorithm = type(self).__name__.removesuffix("Config")
-            raise ValueError(
-                f"{algorithm} needs a discrete action space; {self.env}'s actions are continuous "
-                "(ppo, a2c and reinforce train on both)"
-            )
-        for name in self.POSITIVE:
-            check_positive(name, getattr(self, name))
-        if self.num_updates < 1:
-            raise ValueError(
-                f"total_timesteps ({self.total_timesteps}) is smaller than one update "
-                f"({self.steps_per_update} env steps)"
-            )
-        self.net.validate()
-        check_prng_impl(self.prng_impl)
-        check_extensions(self.extensions)
-
-    def extension(self, name: str) -> Extension | None:
-        """The configured extension called `name`, or None."""
-        return next((e for e in self.extensions if e.name == name), None)
-
-
-@struct.dataclass
-class HParams:
-    """Traced hyperparameters every algorithm has (vmappable for sweeps).
-
-    ext: {extension name: that extension's hyperparameters}; filled with each configured
-    extension's defaults where missing when training starts. Subclasses list their fields'
-    valid ranges in POSITIVE / UNIT (closed [0, 1]) so one `validate` checks them all.
-    """
-
-    lr: float = 2.5e-4
-    """Adam learning rate."""
-    gamma: float = 0.99
-    """Discount factor."""
-    max_grad_norm: float = 0.5
-    """Global gradient-norm clip."""
-    ext: dict[str, Any] = struct.field(default_factory=dict)
-
-    POSITIVE: ClassVar[tuple[str, ...]] = ("lr", "max_grad_norm")
-    UNIT: ClassVar[tuple[str, ...]] = ("gamma",)
-
-    if TYPE_CHECKING:  # added by flax.struct.dataclass
-
-        def replace(self, **changes: Any) -> Self: ...
-
-    def validate(self, extensions: tuple[Extension, ...] = ()) -> None:
-        """Check concrete (non-traced) values; called by the CLI before compiling."""
-        for name in self.POSITIVE:
-            check_positive(name, getattr(self, name))
-        for name in self.UNIT:
-            check_range(name, getattr(self, name), 0.0, 1.0)
-        ext = complete_ext_hparams(extensions, self.ext)
-        for e in extensions:
-            e.validate_hparams(ext[e.name])
-
-    def with_ext(self, name: str, ext_hparams: Any) -> HParams:
-        """These hyperparameters with extension `name`'s replaced."""
-        return self.replace(ext={**self.ext, name: ext_hparams})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -506,10 +365,6 @@ def broadcast_tree(tree: Any, n: int) -> Any:
 PRNG_IMPLS = prng.IMPLS
 
 
-def check_prng_impl(impl: str) -> None:
-    prng.jax_impl(impl)  # raises for an unknown name
-
-
 def seed_key(key: jax.Array, impl: str) -> jax.Array:
     """A typed key of implementation `impl`, derived deterministically from the caller's key.
 
@@ -533,15 +388,3 @@ def next_keys(state_key: jax.Array, impl: str, n: int) -> tuple[jax.Array, jax.A
     other array."""
     keys = jax.random.split(jax.random.wrap_key_data(state_key, impl=prng.jax_impl(impl)), n + 1)
     return jax.random.key_data(keys[0]), keys[1:]
-
-
-def check_positive(name: str, value: int | float) -> None:
-    if not value > 0:
-        raise ValueError(f"{name} must be positive, got {value}")
-
-
-def check_range(name: str, value: float, low: float, high: float, high_inclusive: bool = True) -> None:
-    ok = low <= value <= high if high_inclusive else low <= value < high
-    if not ok:
-        bracket = "]" if high_inclusive else ")"
-        raise ValueError(f"{name} must be in [{low}, {high}{bracket}, got {value}")

@@ -15,94 +15,11 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from rlcx_jax import nets
+from rlcx_jax.configs.algorithms import DQNConfig, DQNHParams
 from rlcx_jax.envs.normalize import RunningStats
 from rlcx_jax.rl import common, replay, rollout
-from rlcx_jax.rl.common import Agent, Hooks, HParams, Params, TrainConfig, Trainer, TrainState
+from rlcx_jax.rl.common import Agent, Hooks, Params, Trainer, TrainState
 from rlcx_jax.rl.losses import QBatch, q_learning_loss
-
-
-@dataclasses.dataclass(frozen=True)
-class DQNConfig(TrainConfig):
-    """Static DQN settings. Counts are in environment steps (summed over the vectorised envs)."""
-
-    num_envs: int = 10
-    buffer_size: int = 10_000
-    """Replay capacity in transitions."""
-    batch_size: int = 128
-    """Transitions per gradient step."""
-    learning_starts: int = 10_000
-    """Environment steps collected before the first gradient step."""
-    train_frequency: int = 10
-    """Environment steps per gradient step (a multiple of num_envs)."""
-    target_update_period: int = 500
-    """Environment steps between target-network updates."""
-    eps_start: float = 1.0
-    """Initial exploration epsilon."""
-    eps_end: float = 0.05
-    """Final exploration epsilon."""
-    eps_decay_fraction: float = 0.5
-    """Fraction of the run over which epsilon decays linearly."""
-    double: bool = False
-    """Double DQN: the online network picks the bootstrap action (van Hasselt et al. 2016)."""
-    huber_delta: float | None = None
-    """Huber loss threshold; None for the squared TD error."""
-    net: nets.NetConfig = nets.NetConfig(hidden=(120, 84), activation="relu")
-    log_every: int = 50
-
-    HEAD = "q"
-    DISCRETE_ONLY = True
-    POSITIVE = TrainConfig.POSITIVE + ("buffer_size", "batch_size", "train_frequency", "target_update_period")
-
-    @property
-    def steps_per_update(self) -> int:
-        return self.train_frequency
-
-    @property
-    def optimizer_steps(self) -> int:
-        """Gradient steps in a full run: one per update once `learning_starts` is reached."""
-        return max(self.num_updates - self.learning_starts // self.train_frequency, 1)
-
-    def validate(self) -> None:
-        super().validate()
-        if self.learning_starts < 0:
-            raise ValueError(f"learning_starts must be >= 0, got {self.learning_starts}")
-        if self.train_frequency % self.num_envs != 0:
-            raise ValueError(
-                f"train_frequency ({self.train_frequency}) must be a multiple of num_envs ({self.num_envs}):"
-                " one update collects train_frequency / num_envs vectorised steps"
-            )
-        if self.buffer_size % self.train_frequency != 0:
-            raise ValueError(
-                f"buffer_size ({self.buffer_size}) must be a multiple of train_frequency ({self.train_frequency})"
-            )
-        if self.target_update_period % self.train_frequency != 0:
-            raise ValueError(
-                f"target_update_period ({self.target_update_period}) must be a multiple of "
-                f"train_frequency ({self.train_frequency})"
-            )
-        if self.learning_starts > self.buffer_size:
-            raise ValueError(
-                f"learning_starts ({self.learning_starts}) exceeds buffer_size ({self.buffer_size}): "
-                "the buffer never holds that many transitions, so no gradient step would ever be taken"
-            )
-        common.check_range("eps_start", self.eps_start, 0.0, 1.0)
-        common.check_range("eps_end", self.eps_end, 0.0, 1.0)
-        common.check_range("eps_decay_fraction", self.eps_decay_fraction, 0.0, 1.0)
-        if self.huber_delta is not None and not self.huber_delta > 0:
-            raise ValueError(f"huber_delta must be positive (or None for the squared loss), got {self.huber_delta}")
-
-
-@struct.dataclass
-class DQNHParams(HParams):
-    """Traced DQN hyperparameters; tau is the target network's Polyak step (1: hard copy)."""
-
-    lr: float = 2.5e-4
-    max_grad_norm: float = 10.0
-    tau: float = 1.0
-    """Target network's Polyak step at each target update (1: hard copy)."""
-
-    UNIT = HParams.UNIT + ("tau",)
 
 
 @struct.dataclass

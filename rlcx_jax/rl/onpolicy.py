@@ -6,7 +6,6 @@ takes; configuration checks, state, collection, bootstrapping and metrics live h
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -14,62 +13,17 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from rlcx_jax.configs.algorithms import ActorCriticHParams as ActorCriticHParams
+from rlcx_jax.configs.algorithms import GAEHParams as GAEHParams
+from rlcx_jax.configs.algorithms import OnPolicyConfig as OnPolicyConfig
 from rlcx_jax.envs.normalize import RunningStats, update_stats
 from rlcx_jax.nets.policy import distribution, greedy_action
 from rlcx_jax.rl import common, rollout
-from rlcx_jax.rl.common import Agent, Hooks, HParams, Params, TrainConfig, Trainer, TrainState
+from rlcx_jax.rl.common import Agent, Hooks, Params, Trainer, TrainState
 from rlcx_jax.rl.losses import ActorCriticAux, PolicyBatch, policy_gradient_loss
 from rlcx_jax.rl.returns import gae
 
-
-@dataclasses.dataclass(frozen=True)
-class OnPolicyConfig(TrainConfig):
-    """Static settings common to the on-policy algorithms (hashable; not traced)."""
-
-    num_envs: int = 4
-    num_steps: int = 128
-    """Steps per environment in one rollout."""
-    normalize_obs: bool = False
-    """Standardise observations with running mean and variance (updated from every rollout)."""
-    normalize_advantages: bool = True
-    """Standardise advantages over the batch before the policy loss."""
-
-    POSITIVE = TrainConfig.POSITIVE + ("num_steps",)
-
-    @property
-    def steps_per_update(self) -> int:
-        return self.num_envs * self.num_steps
-
-    @property
-    def optimizer_steps_per_update(self) -> int:
-        return 1
-
-    @property
-    def optimizer_steps(self) -> int:
-        return self.num_updates * self.optimizer_steps_per_update
-
-
 ActorCriticState = TrainState
-
-
-@struct.dataclass
-class ActorCriticHParams(HParams):
-    """Traced hyperparameters of the actor-critic losses: entropy bonus and value-loss weights."""
-
-    ent_coef: float = 0.01
-    """Weight of the entropy bonus."""
-    vf_coef: float = 0.5
-    """Weight of the value loss."""
-
-
-@struct.dataclass
-class GAEHParams(ActorCriticHParams):
-    """Actor-critic hyperparameters of the algorithms that estimate advantages with GAE(lambda)."""
-
-    gae_lambda: float = 0.95
-    """GAE lambda: 0 gives one-step TD advantages, 1 Monte-Carlo (n-step) ones."""
-
-    UNIT = ActorCriticHParams.UNIT + ("gae_lambda",)
 
 
 @struct.dataclass

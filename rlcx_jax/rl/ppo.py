@@ -8,57 +8,19 @@ Defaults are PureJaxRL's CartPole settings.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-from flax import struct
 
 from rlcx_jax import prng
+from rlcx_jax.configs.algorithms import PPOConfig, PPOHParams
 from rlcx_jax.rl import onpolicy
 from rlcx_jax.rl.common import Hooks, Trainer, TrainState, mean_ext_aux, minibatch_epochs, next_keys
 from rlcx_jax.rl.losses import PolicyBatch, ppo_loss
 from rlcx_jax.rl.onpolicy import OnPolicyMetrics
 
 PPOState = TrainState
-
-
-@dataclasses.dataclass(frozen=True)
-class PPOConfig(onpolicy.OnPolicyConfig):
-    """Static PPO settings. `num_envs * num_steps` must divide into `num_minibatches`."""
-
-    anneal_lr: bool = True
-    update_epochs: int = 4
-    """Passes over each rollout."""
-    num_minibatches: int = 4
-    """Minibatches per pass; num_envs * num_steps must divide by it."""
-    clip_value_loss: bool = True
-    """Clip the value update to clip_eps around the old value (PPO2)."""
-
-    POSITIVE = onpolicy.OnPolicyConfig.POSITIVE + ("update_epochs", "num_minibatches")
-
-    @property
-    def optimizer_steps_per_update(self) -> int:
-        return self.update_epochs * self.num_minibatches
-
-    def validate(self) -> None:
-        super().validate()
-        if self.steps_per_update % self.num_minibatches != 0:
-            raise ValueError(
-                f"num_envs * num_steps ({self.steps_per_update}) must be divisible by "
-                f"num_minibatches ({self.num_minibatches})"
-            )
-
-
-@struct.dataclass
-class PPOHParams(onpolicy.GAEHParams):
-    """Traced PPO hyperparameters (vmappable for sweeps)."""
-
-    clip_eps: float = 0.2
-    """Clipping radius of the probability ratio."""
-
-    POSITIVE = onpolicy.GAEHParams.POSITIVE + ("clip_eps",)
 
 
 def _epoch_permutations(key: jax.Array, config: PPOConfig) -> jax.Array:

@@ -7,34 +7,13 @@ critic at the rollout's end and at time-limit truncations, without it they are c
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
-from flax import struct
 
+from rlcx_jax.configs.algorithms import ReinforceConfig, ReinforceHParams
 from rlcx_jax.rl import onpolicy
 from rlcx_jax.rl.common import Hooks, Trainer, TrainState
 from rlcx_jax.rl.onpolicy import OnPolicyMetrics
 from rlcx_jax.rl.returns import discounted_returns
-
-
-@struct.dataclass
-class ReinforceHParams(onpolicy.ActorCriticHParams):
-    """Traced REINFORCE hyperparameters (no entropy bonus by default)."""
-
-    lr: float = 1e-3
-    max_grad_norm: float = 1.0
-    ent_coef: float = 0.0
-
-
-@dataclasses.dataclass(frozen=True)
-class ReinforceConfig(onpolicy.OnPolicyConfig):
-    """Static REINFORCE settings. `use_baseline` subtracts a learned V(s) from the return."""
-
-    num_envs: int = 8
-    num_steps: int = 256
-    use_baseline: bool = True
-    """Subtract a learned V(s) from the return (the critic is then trained too)."""
 
 
 def _make_estimator(use_baseline: bool) -> onpolicy.Estimator:

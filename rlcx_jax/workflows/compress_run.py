@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
-import re
 from typing import Any, NamedTuple
 
 import jax
@@ -23,7 +22,9 @@ from rlcx_jax import envs, nets, rl
 from rlcx_jax.compress import export as export_lib
 from rlcx_jax.compress import masks as masks_lib
 from rlcx_jax.compress import quant, size, structured
-from rlcx_jax.compress.training import DEFAULT_PRUNE_INCLUDE, DEFAULT_PRUNE_ROLES
+from rlcx_jax.configs.compress import QUANT_FORMAT as QUANT_FORMAT
+from rlcx_jax.configs.compress import CompressOptions as CompressOptions
+from rlcx_jax.configs.compress import parse_quant as parse_quant
 from rlcx_jax.envs.normalize import normalize_observation
 from rlcx_jax.nets.policy import action_agreement, action_gap, greedy_action
 from rlcx_jax.rl import rollout
@@ -34,85 +35,10 @@ from rlcx_jax.workflows import recipes
 
 Params = Any
 
-__all__ = ["CompressOptions", "parse_quant", "Variant", "compress_run", "policy_forward", "seed_slice"]
-
-QUANT_FORMAT = re.compile(r"(int|uint|log|kmeans)(\d+)")
 QUANT_INCLUDE = (r".*kernel", r".*bias")
+"""What post-training quantization quantizes: kernels and biases."""
 
-
-@dataclasses.dataclass(frozen=True)
-class CompressOptions:
-    """What to do to a trained policy (all off by default)."""
-
-    prune: float = 0.0
-    """Unstructured magnitude sparsity in [0, 1) of the prunable kernels (heads excluded)."""
-    distribution: str = "uniform"
-    """How the sparsity is spread over layers: uniform, global or erk."""
-    nm: str = ""
-    """N:M sparsity along each kernel's input axis, e.g. 2:4 (combined with --prune)."""
-    structured: float = 0.0
-    """Fraction of hidden units (neurons / conv filters) removed physically, ranked by L1 norm."""
-    quant: str = ""
-    """Weight quantization: int<b> (symmetric), uint<b> (asymmetric), log<b>, kmeans<b>; b in 2..16."""
-    per_channel: bool = False
-    """One scale per output channel (uniform schemes); costs 4 bytes per channel in the file."""
-    finetune_steps: int = 0
-    """After pruning, train on for this many env steps with the mask fixed (0: no fine-tuning)."""
-    activations: str = ""
-    """Also fake-quantize every layer's input with ranges calibrated on rollouts: minmax or percentile."""
-    roles: tuple[str, ...] = DEFAULT_PRUNE_ROLES
-    """Roles of the network's layout that may be pruned (torso, actor_head, critic_head, q_head, policy, critic)."""
-    include: tuple[str, ...] = DEFAULT_PRUNE_INCLUDE
-    """Regexes (by path, e.g. .*kernel) of the parameters pruned within those roles."""
-    exclude: tuple[str, ...] = ()
-    """Regexes of parameters never pruned."""
-    fold_dead_units: bool = True
-    """After pruning (mlp / cnn torsos): fold units left without inputs into the next layer's biases and
-    clear units nothing reads (Han et al. 2015); same function, fewer stored weights."""
-
-    def validate(self) -> None:
-        if self.prune:
-            masks_lib.validate_sparsity(self.prune)
-        if self.structured:
-            masks_lib.validate_sparsity(self.structured)
-        if self.distribution not in masks_lib.DISTRIBUTIONS:
-            raise ValueError(f"Unknown distribution {self.distribution!r}; expected one of {masks_lib.DISTRIBUTIONS}")
-        if self.nm:
-            self.nm_pair()
-        if self.quant:
-            parse_quant(self.quant, self.activations, self.per_channel).validate()
-        if self.activations and not self.quant:
-            raise ValueError("--activations needs --quant (the bit width and scheme of the activations)")
-        if self.finetune_steps < 0:
-            raise ValueError(f"--finetune-steps must be >= 0, got {self.finetune_steps}")
-        if self.finetune_steps and not (self.prune or self.nm):
-            raise ValueError("--finetune-steps needs --prune or --nm (it retrains the pruned network)")
-        if self.activations not in ("", "minmax", "percentile"):
-            raise ValueError(f"--activations must be minmax or percentile, got {self.activations!r}")
-
-    def nm_pair(self) -> tuple[int, int]:
-        match = re.fullmatch(r"(\d+):(\d+)", self.nm)
-        if not match:
-            raise ValueError(f"--nm must look like N:M (e.g. 2:4), got {self.nm!r}")
-        return int(match.group(1)), int(match.group(2))
-
-
-def parse_quant(text: str, range_method: str = "", per_channel: bool = False) -> quant.QuantSpec:
-    """'int8' -> uniform symmetric 8-bit; 'uint4' asymmetric; 'log4'; 'kmeans3'."""
-    match = QUANT_FORMAT.fullmatch(text)
-    if not match:
-        raise ValueError(f"--quant must be int<bits>, uint<bits>, log<bits> or kmeans<bits>, got {text!r}")
-    kind, bits = match.group(1), int(match.group(2))
-    scheme = {"int": "uniform", "uint": "uniform", "log": "log", "kmeans": "kmeans"}[kind]
-    spec = quant.QuantSpec(
-        scheme=scheme,
-        bits=bits,
-        symmetric=kind != "uint",
-        per_channel=per_channel and scheme == "uniform",
-        range_method=range_method or "minmax",
-    )
-    spec.validate()
-    return spec
+__all__ = ["CompressOptions", "parse_quant", "Variant", "compress_run", "policy_forward", "seed_slice"]
 
 
 class Variant(NamedTuple):

@@ -22,15 +22,13 @@ compiled, seed-vmapped program.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import pathlib
 import shutil
 import time
-import tomllib
 import warnings
 from collections.abc import Callable
-from typing import Any, NamedTuple, cast
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -40,10 +38,12 @@ from flax import serialization
 from rlcx_jax import checkpoint, envs, nets, rl
 from rlcx_jax import logging as rlog
 from rlcx_jax.compress import export as export_lib
-from rlcx_jax.compress import masks as masks_lib
 from rlcx_jax.compress import quant, size
 from rlcx_jax.compress.training import CompressConfig, CompressHParams, find_masks
-from rlcx_jax.distill import losses
+from rlcx_jax.configs.pipeline import STAGES as STAGES
+from rlcx_jax.configs.pipeline import PipelineError as PipelineError
+from rlcx_jax.configs.pipeline import Recipe as Recipe
+from rlcx_jax.configs.pipeline import load_recipe as load_recipe
 from rlcx_jax.distill import policy_distillation as pd
 from rlcx_jax.nets.policy import AGREEMENT_TOLERANCE, action_agreement, action_gap
 from rlcx_jax.rl.common import batched_learner
@@ -56,7 +56,6 @@ Params = Any
 
 __all__ = ["STAGES", "Recipe", "PipelineError", "load_recipe", "run_pipeline"]
 
-STAGES = ("teacher", "distill", "prune", "quantize", "export", "evaluate")
 STUDENT_STAGES = ("distill", "prune", "quantize")
 DONE_FILE = "done.json"
 STUDENT_FILE = "student.msgpack"
@@ -65,178 +64,45 @@ RECIPE_FILE = "recipe.json"
 PRUNE_ROLES = ("policy", "critic")  # heads too: the actor's output layer is part of the shipped file
 
 
-class PipelineError(ValueError):
-    """A bad recipe, or a run directory that does not fit it (one line, before any training)."""
+# ----------------------------------------------------------------------------------------------
+# The configurations of the stages
+# ----------------------------------------------------------------------------------------------
+def teacher_run_spec(recipe: Recipe) -> checkpoint.RunSpec:
+    spec = rl.get(recipe.teacher_algorithm)
+    defaults = spec.config_cls()
+    config = dataclasses.replace(
+        defaults,
+        env=recipe.env,
+        total_timesteps=recipe.teacher_steps,
+        net=dataclasses.replace(defaults.net, hidden=tuple(recipe.teacher_hidden)),
+    )
+    trainer = rl.make(recipe.teacher_algorithm, config)  # validates
+    hparams = spec.hparams_cls()
+    return checkpoint.RunSpec(recipe.teacher_algorithm, config, hparams, recipe.seeds, recipe.seed, trainer.num_updates)
 
 
-@dataclasses.dataclass(frozen=True)
-class Recipe:
-    """What the pipeline does: a TOML file (`--recipe`), flags, or both (flags win)."""
-
-    env: str = "CartPole-v1"
-    """Environment id."""
-    seeds: int = 4
-    """Seeds trained at once (vmapped); student i learns from teacher seed i."""
-    seed: int = 0
-    """Base PRNG seed."""
-    stages: tuple[str, ...] = STAGES
-    """Stages to run, in pipeline order (teacher, distill, prune, quantize, export, evaluate)."""
-    teacher: str = ""
-    """An existing run directory (from `rlcx train`) to use as the teacher instead of the teacher stage."""
-    teacher_algorithm: str = "ppo"
-    """Algorithm of the teacher stage."""
-    teacher_hidden: tuple[int, ...] = (256, 256)
-    """Hidden widths of the teacher."""
-    teacher_steps: int = 500_000
-    """Environment steps per seed of the teacher stage."""
-    student_hidden: tuple[int, ...] = (64, 64)
-    """Hidden widths of the student (same torso kind and activation as the teacher)."""
-    distill_steps: int = 100_000
-    """Environment steps per seed of distillation."""
-    loss: str = "kl"
-    """Distillation loss: kl, nll or mse."""
-    temperature: float = 1.0
-    """Temperature of the kl loss."""
-    teacher_fraction_start: float = 1.0
-    """Probability that the teacher acts while collecting, at the start of distillation."""
-    teacher_fraction_end: float = 0.0
-    """... and at its end (linear in between)."""
-    sparsity: float = 0.9
-    """Target sparsity of the student's kernels (actor and critic, heads included)."""
-    prune_steps: int = 200_000
-    """Environment steps per seed of gradual pruning under distillation."""
-    quant: str = "int8"
-    """Weight quantization of the shipped student: int<b>, uint<b>, log<b> or kmeans<b>."""
-    qat_steps: int = 0
-    """Steps of quantization-aware distillation before quantizing (0: post-training only); kernels train on
-    the shipped grid, biases are quantized after training."""
-    eval_episodes: int = 32
-    """Evaluation episodes per seed."""
-
-    # -- validation (plain Python: runs before anything is traced) ------------------------------
-    def validate(self) -> None:
-        check_types(self)
-        check_stages(self.stages)
-        envs.check_env_name(self.env)
-        rl.get(self.teacher_algorithm)
-        for name in ("seeds", "teacher_steps", "distill_steps", "prune_steps", "eval_episodes"):
-            if getattr(self, name) < 1:
-                raise PipelineError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.qat_steps < 0:
-            raise PipelineError(f"qat_steps must be >= 0, got {self.qat_steps}")
-        for name in ("teacher_hidden", "student_hidden"):
-            widths = getattr(self, name)
-            if not widths or min(widths) < 1:
-                raise PipelineError(f"{name} needs at least one layer of width >= 1, got {tuple(widths)}")
-        if self.loss not in losses.LOSSES:
-            raise PipelineError(f"Unknown distillation loss {self.loss!r}; expected one of {losses.LOSSES}")
-        if not self.temperature > 0:
-            raise PipelineError(f"temperature must be > 0, got {self.temperature}")
-        for name in ("teacher_fraction_start", "teacher_fraction_end"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise PipelineError(f"{name} must be in [0, 1], got {getattr(self, name)}")
-        if "prune" in self.stages:
-            masks_lib.validate_sparsity(self.sparsity)
-        if "quantize" in self.stages:
-            parse_quant(self.quant)
-        if self.teacher and "teacher" in self.stages:
-            raise PipelineError("teacher is an existing run directory: leave the teacher stage out of stages")
-        if self.teacher:
-            teacher_dir = pathlib.Path(self.teacher)
-            if not (teacher_dir / checkpoint.CONFIG_FILE).is_file():
-                raise PipelineError(f"teacher {self.teacher!r} is not a run directory (no {checkpoint.CONFIG_FILE})")
-
-    # -- the configurations of the stages -------------------------------------------------------
-    def teacher_run_spec(self) -> checkpoint.RunSpec:
-        spec = rl.get(self.teacher_algorithm)
-        defaults = spec.config_cls()
-        config = dataclasses.replace(
-            defaults,
-            env=self.env,
-            total_timesteps=self.teacher_steps,
-            net=dataclasses.replace(defaults.net, hidden=tuple(self.teacher_hidden)),
-        )
-        trainer = rl.make(self.teacher_algorithm, config)  # validates
-        hparams = spec.hparams_cls()
-        return checkpoint.RunSpec(self.teacher_algorithm, config, hparams, self.seeds, self.seed, trainer.num_updates)
-
-    def distill_config(self, teacher: checkpoint.RunSpec, steps: int, extensions: tuple = ()) -> pd.DistillConfig:
-        tconfig = teacher.config
-        return pd.DistillConfig(
-            env=tconfig.env,
-            env_kwargs=tconfig.env_kwargs,
-            teacher_algorithm=teacher.algorithm,
-            teacher_net=tconfig.net,
-            normalize_obs=bool(getattr(tconfig, "normalize_obs", False)),
-            net=dataclasses.replace(tconfig.net, hidden=tuple(self.student_hidden)),
-            loss=self.loss,
-            total_timesteps=steps,
-            log_every=8,
-            extensions=extensions,
-        )
-
-    def distill_hparams(self) -> pd.DistillHParams:
-        return pd.DistillHParams(
-            temperature=self.temperature,
-            teacher_fraction_start=self.teacher_fraction_start,
-            teacher_fraction_end=self.teacher_fraction_end,
-        )
+def distill_config(recipe: Recipe, teacher: checkpoint.RunSpec, steps: int, extensions: tuple = ()) -> pd.DistillConfig:
+    tconfig = teacher.config
+    return pd.DistillConfig(
+        env=tconfig.env,
+        env_kwargs=tconfig.env_kwargs,
+        teacher_algorithm=teacher.algorithm,
+        teacher_net=tconfig.net,
+        normalize_obs=bool(getattr(tconfig, "normalize_obs", False)),
+        net=dataclasses.replace(tconfig.net, hidden=tuple(recipe.student_hidden)),
+        loss=recipe.loss,
+        total_timesteps=steps,
+        log_every=8,
+        extensions=extensions,
+    )
 
 
-def check_types(recipe: Recipe) -> None:
-    """Each field has its default's type (a TOML file can hold anything): one-line error otherwise."""
-    for f in dataclasses.fields(recipe):
-        value, default = getattr(recipe, f.name), cast(Any, f.default)
-        if isinstance(default, bool) or isinstance(default, str):
-            ok = isinstance(value, type(default))
-        elif isinstance(default, int):
-            ok = isinstance(value, int) and not isinstance(value, bool)
-        elif isinstance(default, float):
-            ok = isinstance(value, int | float) and not isinstance(value, bool)
-        else:  # a tuple of ints or of strings
-            kind = type(default[0]) if default else int
-            ok = isinstance(value, tuple) and all(isinstance(v, kind) and not isinstance(v, bool) for v in value)
-        if not ok:
-            raise PipelineError(f"recipe field {f.name} must look like {default!r}, got {value!r}")
-
-
-def check_stages(stages: tuple[str, ...]) -> None:
-    """Known stage names, each once, in pipeline order."""
-    if not stages:
-        raise PipelineError("stages is empty")
-    for s in stages:
-        if s not in STAGES:
-            close = difflib.get_close_matches(s, STAGES, n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise PipelineError(f"Unknown stage {s!r}.{hint} Stages: {', '.join(STAGES)}")
-    order = [STAGES.index(s) for s in stages]
-    if order != sorted(set(order)):
-        raise PipelineError(f"stages must be in pipeline order ({' -> '.join(STAGES)}), each once; got {list(stages)}")
-
-
-def load_recipe(path: pathlib.Path | None, overrides: dict[str, Any] | None = None) -> Recipe:
-    """A Recipe from a TOML file (keys are Recipe fields) with `overrides` applied on top."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        try:
-            data = tomllib.loads(pathlib.Path(path).read_text())
-        except FileNotFoundError:
-            raise PipelineError(f"No recipe file at {path}") from None
-        except tomllib.TOMLDecodeError as e:
-            raise PipelineError(f"{path} is not valid TOML: {e}") from None
-    data.update(overrides or {})
-    names = [f.name for f in dataclasses.fields(Recipe)]
-    for key in data:
-        if key not in names:
-            close = difflib.get_close_matches(key, names, n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise PipelineError(f"Unknown recipe key {key!r}.{hint}")
-    try:
-        recipe = checkpoint.from_jsonable(Recipe, data)
-    except (TypeError, ValueError) as e:
-        raise PipelineError(f"Bad recipe value: {e}") from None
-    check_types(recipe)
-    return recipe
+def distill_hparams(recipe: Recipe) -> pd.DistillHParams:
+    return pd.DistillHParams(
+        temperature=recipe.temperature,
+        teacher_fraction_start=recipe.teacher_fraction_start,
+        teacher_fraction_end=recipe.teacher_fraction_end,
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -368,7 +234,7 @@ def _train_student(
 
 
 def stage_teacher(ctx: Context) -> dict[str, Any]:
-    spec = ctx.recipe.teacher_run_spec()
+    spec = teacher_run_spec(ctx.recipe)
     out = ctx.stage_dir("teacher")
     if out.exists():
         shutil.rmtree(out)  # an unfinished teacher stage: start it again
@@ -390,8 +256,8 @@ def stage_teacher(ctx: Context) -> dict[str, Any]:
 
 def stage_distill(ctx: Context) -> dict[str, Any]:
     spec, _, state = load_teacher(ctx)
-    config = ctx.recipe.distill_config(spec, ctx.recipe.distill_steps)
-    student = _train_student(ctx, spec, state, config, ctx.recipe.distill_hparams(), None, None, 1, "distill")
+    config = distill_config(ctx.recipe, spec, ctx.recipe.distill_steps)
+    student = _train_student(ctx, spec, state, config, distill_hparams(ctx.recipe), None, None, 1, "distill")
     save_student(ctx.stage_dir("distill"), student.params, None, {"net": checkpoint.to_jsonable(config.net)})
     return {}
 
@@ -400,8 +266,8 @@ def stage_prune(ctx: Context) -> dict[str, Any]:
     spec, _, state = load_teacher(ctx)
     params = load_student(ctx.stage_dir(latest_student_stage(ctx, "prune"))).params
     compress = CompressConfig(prune_schedule="gradual", prune_roles=PRUNE_ROLES, prune_end=0.75)
-    config = ctx.recipe.distill_config(spec, ctx.recipe.prune_steps, (compress,))
-    hparams = ctx.recipe.distill_hparams().with_ext(compress.name, CompressHParams(sparsity=ctx.recipe.sparsity))
+    config = distill_config(ctx.recipe, spec, ctx.recipe.prune_steps, (compress,))
+    hparams = distill_hparams(ctx.recipe).with_ext(compress.name, CompressHParams(sparsity=ctx.recipe.sparsity))
     student = _train_student(ctx, spec, state, config, hparams, params, None, 2, "prune")
     info = {"net": checkpoint.to_jsonable(config.net)}
     save_student(ctx.stage_dir("prune"), student.params, find_masks(student), info)
@@ -423,8 +289,8 @@ def stage_quantize(ctx: Context) -> dict[str, Any]:
             qat_symmetric=qspec.symmetric,
             qat_activations=False,  # the artifact holds weights; activations stay float
         )
-        config = recipe.distill_config(spec, recipe.qat_steps, (compress,))
-        student = _train_student(ctx, spec, state, config, recipe.distill_hparams(), params, masks, 3, "quantize")
+        config = distill_config(recipe, spec, recipe.qat_steps, (compress,))
+        student = _train_student(ctx, spec, state, config, distill_hparams(recipe), params, masks, 3, "quantize")
         params = student.params
     quantize = jax.jit(lambda p, m: quant.quantize_tree(p, qspec, include=QUANT_INCLUDE, masks=m))
     per_seed = [quantize(seed_slice(params, i), seed_slice(masks, i)) for i in range(recipe.seeds)]
@@ -567,7 +433,7 @@ def stage_evaluate(ctx: Context) -> dict[str, Any]:
         }
 
     rows = [row("teacher", teacher_trainer, state.params, None, spec.config.net, None)]
-    student_trainer = pd.make(recipe.distill_config(spec, recipe.distill_steps))
+    student_trainer = pd.make(distill_config(recipe, spec, recipe.distill_steps))
     for stage in STUDENT_STAGES:
         if stage not in recipe.stages:
             continue
@@ -766,7 +632,7 @@ def _check_inputs(ctx: Context, will_run: list[str]) -> None:
     """Every input a stage needs exists or is produced earlier in this run (checked before training)."""
     recipe = ctx.recipe
     if "teacher" in will_run:
-        teacher_spec = recipe.teacher_run_spec()
+        teacher_spec = teacher_run_spec(recipe)
     else:
         teacher_dir = ctx.teacher_dir()
         if not (teacher_dir / checkpoint.CONFIG_FILE).is_file():
@@ -781,7 +647,7 @@ def _check_inputs(ctx: Context, will_run: list[str]) -> None:
     for stage, n in steps.items():
         if stage in will_run and n > 0:
             try:
-                recipe.distill_config(teacher_spec, n).validate()
+                distill_config(recipe, teacher_spec, n).validate()
             except ValueError as e:
                 raise PipelineError(f"Stage {stage}: {e}") from None
     for stage in will_run:

@@ -1,0 +1,276 @@
+"""The CLI answers before jax loads: jax-free config modules, the static env table, pytree
+registration after the fact, presets as flag defaults, and random input thrown at every command."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import statistics
+import subprocess
+import sys
+import time
+import types
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from rlcx_jax import cli, presets
+from rlcx_jax.configs import envs as env_table
+from rlcx_jax.configs import nets as net_names
+
+HEAVY = ("jax", "flax", "gymnax", "optax", "orbax", "distrax", "chex")
+JAX_FREE = (
+    "rlcx_jax.cli",
+    "rlcx_jax.configs.base",
+    "rlcx_jax.configs.envs",
+    "rlcx_jax.configs.nets",
+    "rlcx_jax.configs.algorithms",
+    "rlcx_jax.configs.compress",
+    "rlcx_jax.configs.pipeline",
+    "rlcx_jax.presets",
+    "rlcx_jax.plot",
+    "rlcx_jax.loggers",
+    "rlcx_jax.logging",
+)
+BAD_INPUT = [
+    ["--help"],
+    ["train", "ppo", "--help"],
+    ["frobnicate"],
+    ["train", "ppoo"],
+    ["train", "ppo", "--env", "CartPol-v1"],
+    ["train", "ppo", "--lr", "-1"],
+    ["train", "ppo", "--gamma", "1.5"],
+    ["train", "dqn", "--env", "Pendulum-v1"],
+    ["train", "ppo", "--net-torso", "attn"],
+    ["train", "ppo", "--preset", "tuned"],
+    ["train", "ppo", "--log", "tensorbord"],
+    ["train", "ppo", "--prune-schedule", "gradual", "--sparsity", "1.0"],
+    ["eval", "/nonexistent/run"],
+    ["compress", "/nonexistent/run", "--quant", "int1"],
+    ["pipeline", "--sparsity", "1.5"],
+    ["pipeline", "--stages", "teacher", "prune", "distill"],
+    ["plot", "/nonexistent/run"],
+]
+
+
+def _python(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+
+
+def test_cli_and_config_modules_import_without_jax() -> None:
+    code = f"import sys\nfor m in {JAX_FREE!r}: __import__(m)\nprint(sorted(m for m in sys.modules if m.split('.')[0] in {HEAVY!r}))"
+    proc = _python(code)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]", proc.stdout
+
+
+def test_help_and_every_refused_input_are_answered_before_jax_is_imported() -> None:
+    """Each case runs `main` in one fresh process and reports its exit code and whether jax got loaded."""
+    code = (
+        "import io, sys, contextlib\nfrom rlcx_jax.cli import main\n"
+        f"for argv in {BAD_INPUT!r}:\n"
+        "    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):\n"
+        "        try:\n            rc = main(argv)\n        except SystemExit as e:\n            rc = e.code\n"
+        "    print(rc, 'jax' in sys.modules)\n"
+    )
+    proc = _python(code)
+    assert proc.returncode == 0, proc.stderr
+    answers = [line.split() for line in proc.stdout.splitlines()]
+    assert len(answers) == len(BAD_INPUT)
+    for argv, (rc, jax_loaded) in zip(BAD_INPUT, answers):
+        assert rc == ("0" if "--help" in argv else "2"), argv
+        assert jax_loaded == "False", f"{argv} imported jax before answering"
+
+
+def test_help_takes_less_time_than_importing_jax() -> None:
+    """Medians of 5 alternating runs: `rlcx --help` in a fresh interpreter against `import jax` alone
+    (the relative split holds on any host, however loaded)."""
+    times: dict[str, list[float]] = {"help": [], "jax": []}
+    commands = {"help": [sys.executable, "-m", "rlcx_jax.cli", "--help"], "jax": [sys.executable, "-c", "import jax"]}
+    for _ in range(5):
+        for name, command in commands.items():
+            t = time.perf_counter()
+            subprocess.run(command, capture_output=True, check=True, timeout=300)
+            times[name].append(time.perf_counter() - t)
+    assert statistics.median(times["help"]) < statistics.median(times["jax"]), times
+
+
+def test_env_table_is_gymnax_registry_and_action_spaces() -> None:
+    import gymnax
+
+    from rlcx_jax import envs
+
+    assert list(env_table.GYMNAX_ENVS) == list(gymnax.registered_envs)
+    for name, discrete in env_table.known_envs().items():
+        if name == "MNISTBandit-bsuite":  # downloads MNIST on construction
+            continue
+        env, params = envs.make(name)
+        assert hasattr(env.action_space(params), "n") == discrete, name
+
+
+def test_static_torso_and_activation_names_are_the_registered_ones() -> None:
+    from rlcx_jax import nets
+
+    assert set(nets.TORSOS) == net_names.TORSO_NAMES
+    assert tuple(nets.ACTIVATIONS) == net_names.ACTIVATION_NAMES
+
+
+def test_pytree_dataclass_declared_before_jax_is_registered_once_jax_loads() -> None:
+    code = (
+        "import sys\nfrom rlcx_jax import pytree\n"
+        "@pytree.dataclass\nclass H:\n    lr: float = 1.0\n    n: int = pytree.field(static=True, default=3)\n"
+        "assert 'jax' not in sys.modules and not pytree.is_registered(H)\n"
+        "import jax, jax.numpy as jnp\n"
+        "h = H(lr=jnp.arange(3.0))\n"
+        "print(jax.tree.leaves(h), jax.vmap(lambda h: h.lr * h.n)(h).tolist(), h.replace(n=4).n)\n"
+    )
+    proc = _python(code)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[Array([0., 1., 2.], dtype=float32)] [0.0, 3.0, 6.0] 4", proc.stdout
+
+
+def test_hparams_are_pytrees_whose_leaves_are_the_traced_values() -> None:
+    import jax
+
+    from rlcx_jax.rl import ppo
+
+    hp = ppo.PPOHParams(lr=1e-3, clip_eps=0.3)
+    names = [str(k[0].name) for k, _ in jax.tree_util.tree_flatten_with_path(hp)[0]]
+    assert names == ["lr", "gamma", "max_grad_norm", "ent_coef", "vf_coef", "gae_lambda", "clip_eps"]
+    assert jax.tree.leaves(hp)[0] == 1e-3 and jax.tree.leaves(hp)[-1] == 0.3
+
+
+# ----------------------------------------------------------------------------------------------
+# Presets as flag defaults
+# ----------------------------------------------------------------------------------------------
+def test_train_starts_from_the_environments_preset_and_flags_override_it() -> None:
+    preset = presets.get("ppo", "Pendulum-v1")
+    assert preset is not None
+    args = cli.parse_train_args("ppo", ["--env", "Pendulum-v1"])
+    for name, value in preset.values.items():
+        assert getattr(args, name) == value, name
+    config, hparams = cli.build_run("ppo", args)
+    assert config.total_timesteps == preset.total_steps and hparams.gamma == preset.values["gamma"]
+
+    overridden = cli.parse_train_args("ppo", ["--env=Pendulum-v1", "--gamma", "0.9"])
+    assert overridden.gamma == 0.9 and overridden.lr == preset.values["lr"]
+
+    raw = cli.parse_train_args("ppo", ["--env", "Pendulum-v1", "--preset", "none"])
+    defaults = cli.train_args_class("ppo")()
+    assert dataclasses.asdict(raw) == {**dataclasses.asdict(defaults), "env": "Pendulum-v1", "preset": "none"}
+
+
+def test_cartpole_presets_are_the_algorithm_defaults() -> None:
+    """The suite's CLI runs on CartPole rely on the defaults; the presets must not move them."""
+    for algorithm in ("ppo", "dqn"):
+        preset_args = dataclasses.asdict(cli.parse_train_args(algorithm, []))
+        raw_args = dataclasses.asdict(cli.parse_train_args(algorithm, ["--preset", "none"]))
+        changed = {k for k in preset_args if preset_args[k] != raw_args[k] and k not in ("preset", "total_steps")}
+        assert not changed, (algorithm, changed)
+
+
+# ----------------------------------------------------------------------------------------------
+# Random input thrown at every command
+# ----------------------------------------------------------------------------------------------
+class _Recorder(types.ModuleType):
+    """Stands in for `rlcx_jax.runs`: records what a command would run, so no input reaches jax."""
+
+    def __init__(self) -> None:
+        super().__init__("rlcx_jax.runs")
+        self.calls: list[tuple[str, tuple]] = []
+        for name in ("run_train", "run_eval", "run_compress", "run_pipeline"):
+            setattr(self, name, lambda *a, _name=name: self.calls.append((_name, a)))
+
+
+def _flags(command: str) -> list[str]:
+    fields = {
+        "train": dataclasses.fields(cli.train_args_class("ppo")) + dataclasses.fields(cli.train_args_class("dqn")),
+        "compress": dataclasses.fields(cli.CompressArgs),
+        "pipeline": dataclasses.fields(cli.PipelineArgs),
+        "eval": dataclasses.fields(cli.EvalArgs),
+        "plot": (),
+    }[command]
+    return sorted({"--" + f.name.replace("_", "-") for f in fields} | {"--help", "--out", "--label"})
+
+
+VALUES = st.one_of(
+    st.integers(-(10**12), 10**12).map(str),
+    st.floats(allow_nan=True, allow_infinity=True).map(repr),
+    st.sampled_from(
+        [
+            "0",
+            "-1",
+            "1e400",
+            "nan",
+            "inf",
+            "",
+            "x",
+            "True",
+            "2:4",
+            "int8",
+            "uniform",
+            "gradual",
+            "tensorboard",
+            "CartPole-v1",
+            "Pendulum-v1",
+            "cnn",
+            "relu",
+            "none",
+            "auto",
+            "64",
+            "64 64",
+        ]
+    ),
+    st.text(max_size=12),
+)
+
+
+@st.composite
+def _argv(draw: st.DrawFn) -> list[str]:
+    command = draw(st.sampled_from([*cli.COMMANDS, "", "trian", "-h"]))
+    argv = [command] if command else []
+    if command == "train":
+        argv.append(draw(st.sampled_from([*cli.ALGORITHMS, "ppoo", "--env"])))
+    if command in ("eval", "compress", "plot"):
+        argv.append(draw(st.sampled_from(["RUN", "/nonexistent", "", "--episodes"])))
+    flags = _flags(command) if command in cli.COMMANDS else ["--x"]
+    for _ in range(draw(st.integers(0, 4))):
+        argv += [draw(st.sampled_from(flags)), draw(VALUES)]
+    return argv
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("fuzz") / "run"
+    path.mkdir()
+    (path / "metrics.jsonl").write_text('{"seed": 0, "update": 1, "episode/episode_return": 1.0}\n')
+    return str(path)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(argv=_argv())
+def test_random_input_to_every_command_exits_0_or_2_with_at_most_one_line_of_error(
+    argv: list[str], run_dir: str, monkeypatch, capsys
+) -> None:
+    argv = [run_dir if a == "RUN" else a for a in argv]
+    recorder = _Recorder()
+    monkeypatch.setitem(sys.modules, "rlcx_jax.runs", recorder)
+    monkeypatch.setattr("rlcx_jax.plot._draw", lambda *a, **k: None)  # no figure files while fuzzing
+    try:
+        rc = cli.main(argv)
+    except SystemExit as e:  # tyro's own parse errors and --help
+        rc = e.code
+    err = capsys.readouterr().err
+    assert rc in (0, 2), (argv, rc, err)
+    assert "Traceback" not in err, (argv, err)
+    if rc == 2 and err.startswith("rlcx: error:"):
+        assert len(err.strip().splitlines()) == 1, (argv, err)
+    for name, args in recorder.calls:  # what would have run holds valid, finite settings
+        if name == "run_train":
+            _, _, config, hparams = args
+            config.validate()
+            hparams.validate(config.extensions)
+            assert all(math.isfinite(v) for v in dataclasses.astuple(hparams) if isinstance(v, float)), hparams
+        elif name == "run_pipeline":
+            args[0].validate()
