@@ -15,6 +15,8 @@ in each of that many parallel environments, `rlcx_jax.rl.evaluate.make_evaluator
 with its stochastic policy otherwise (`default_greedy`), with keys `split(PRNGKey(10_000), seeds)` as
 `rlcx eval` uses. A seed's score is its mean return; scores are aggregated over seeds with the
 interquartile mean (IQM) and a 95% percentile-bootstrap CI (`rlcx_jax.logging`, Agarwal et al. 2021).
+Also recorded: `train_return_last5pct`, the mean return of the training episodes (behaviour policy) that
+ended in the last 5% of updates, per seed.
 
 Each result is compared with a threshold: issue 18's acceptance bars where it sets one (PPO:
 Pendulum-v1 >= -300 within 1M steps, Acrobot-v1 >= -100, Breakout-MinAtar with the conv torso >= 15),
@@ -157,8 +159,12 @@ def measure(algorithm: str, env: str, values: dict[str, Any], seeds: int, episod
     per_seed = returns.mean(axis=1)
     point, lo, hi = rlog.bootstrap_ci(per_seed, "iqm")
     steps = trainer.num_updates * config.steps_per_update
-    curve = np.asarray(out.metrics.episode.episode_return)  # (seeds, rows); NaN where no episode ended
-    last = curve[:, -max(1, curve.shape[1] // 20) :]
+    episode = out.metrics.episode  # (seeds, rows): mean return of the episodes that ended in a row, and their count
+    tail = max(1, np.shape(episode.episode_return)[1] // 20)
+    returns_tail = np.asarray(episode.episode_return)[:, -tail:]
+    counts_tail = np.asarray(episode.episode_count)[:, -tail:]
+    ended = counts_tail.sum(axis=1)
+    train_tail = (returns_tail * counts_tail).sum(axis=1) / np.maximum(ended, 1)
     return {
         "per_seed": [float(x) for x in per_seed],
         "per_seed_min": [float(x) for x in returns.min(axis=1)],
@@ -166,7 +172,7 @@ def measure(algorithm: str, env: str, values: dict[str, Any], seeds: int, episod
         "iqm": point,
         "ci": [lo, hi],
         "mean": float(per_seed.mean()),
-        "train_return_last5pct": [None if np.all(np.isnan(row)) else float(np.nanmean(row)) for row in last],
+        "train_return_last5pct": [float(r) if n > 0 else None for r, n in zip(train_tail, ended)],
         "evaluation": f"{episodes} episodes per seed, {'greedy' if greedy else 'stochastic policy'}",
         "total_steps_per_seed": steps,
         "num_updates": trainer.num_updates,
@@ -235,6 +241,16 @@ def key_settings(values: dict[str, Any]) -> str:
     return f"{net.strip()}; {rollout}; {', '.join(extra)}"
 
 
+def is_current(entry: dict[str, Any]) -> bool:
+    """Did the entry run the preset as it is now (same values, same env steps per seed after rounding)?"""
+    preset = presets.get(entry["algorithm"], entry["env"])
+    if preset is None:
+        return False
+    now = {k: list(v) if isinstance(v, tuple) else v for k, v in preset.values.items() if k != "total_steps"}
+    ran = {k: v for k, v in entry["values"].items() if k != "total_steps"}
+    return now == ran and entry["total_steps_per_seed"] == preset.total_steps
+
+
 def fmt_return(entry: dict[str, Any]) -> str:
     return f"{entry['iqm']:.1f} [{entry['ci'][0]:.1f}, {entry['ci'][1]:.1f}]"
 
@@ -256,15 +272,20 @@ def markdown(record: dict[str, Any]) -> str:
         e = entries[name]
         bar = e.get("threshold")
         bar_text = "-" if not bar else f">= {bar['value']:g} ({'A' if bar['source'].startswith('issue') else 'G'})"
-        per_seed = ", ".join(f"{x:.0f}" if abs(x) >= 10 else f"{x:.1f}" for x in e["per_seed"])
+        per_seed = ", ".join(f"{x:.0f}" if abs(x) >= 10 else f"{x:.3g}" for x in e["per_seed"])
+        settings = key_settings(e["values"]) + ("" if is_current(e) else " (**not the current preset**)")
         lines.append(
-            f"| {e['algorithm']} | {e['env']} | {key_settings(e['values'])} | {e['total_steps_per_seed']:,} | "
+            f"| {e['algorithm']} | {e['env']} | {settings} | {e['total_steps_per_seed']:,} | "
             f"{len(e['per_seed'])} | {fmt_return(e)} | {per_seed} | {bar_text} | {verdict(e)} | {e['rejax']} | "
             f"{e['compile_s']:.0f} | {e['run_s']:.0f} | {e['env_steps_per_s']:,.0f} | {e['source']} |"
         )
-    missing = [f"{a}/{env}" for a, env in presets.available() if f"{a}/{env}" not in entries]
+    names = [f"{a}/{env}" for a, env in presets.available()]
+    missing = [n for n in names if n not in entries or not is_current(entries[n])]
     if missing:
-        lines += ["", "Not measured: " + ", ".join(missing) + "."]
+        lines += [
+            "",
+            "Current presets not measured (or measured only with other settings): " + ", ".join(missing) + ".",
+        ]
     commits = sorted({e["commit"]["head"][:12] + (" (dirty)" * e["commit"]["dirty"]) for e in entries.values()})
     lines += ["", f"Commits: {', '.join(commits)}; commands per entry in the JSON."]
     return "\n".join(lines)

@@ -47,24 +47,29 @@ def _scalars(row: dict[str, Any], x_key: str) -> dict[str, float]:
 
 class TensorBoardSink:
     """One tensorboardX writer per seed under `run_dir/tensorboard/seed_<i>`, so TensorBoard shows
-    the seeds as runs over one another; each metric key is a scalar tag at global step `x_of(row)`."""
+    the seeds as runs over one another; each metric key is a scalar tag at global step `x_of(row)`.
 
-    def __init__(self, run_dir: pathlib.Path, subdir: str = "tensorboard") -> None:
+    resumed: the run continues from a checkpoint, so every event a killed run logged at or after the
+    first step written now is stale; TensorBoard discards it (the writer's `purge_step`)."""
+
+    def __init__(self, run_dir: pathlib.Path, subdir: str = "tensorboard", resumed: bool = False) -> None:
         from tensorboardX import SummaryWriter
 
         self._writer_cls = SummaryWriter
         self.root = pathlib.Path(run_dir) / subdir
+        self.resumed = resumed
         self._writers: dict[int, Any] = {}
 
-    def _writer(self, seed: int) -> Any:
+    def _writer(self, seed: int, step: int) -> Any:
         if seed not in self._writers:
-            self._writers[seed] = self._writer_cls(logdir=str(self.root / f"seed_{seed}"))
+            purge = step if self.resumed else None
+            self._writers[seed] = self._writer_cls(logdir=str(self.root / f"seed_{seed}"), purge_step=purge)
         return self._writers[seed]
 
     def write(self, rows: list[dict[str, Any]]) -> None:
         for row in rows:
             x_key, step = x_of(row)
-            writer = self._writer(int(row["seed"]))
+            writer = self._writer(int(row["seed"]), step)
             for key, value in _scalars(row, x_key).items():
                 writer.add_scalar(key, value, global_step=step)
         for writer in self._writers.values():
@@ -159,14 +164,17 @@ def check_kinds(kinds: Sequence[str]) -> None:
             raise ValueError(f"the {kind} logger needs the {_MODULES[kind]} package: {INSTALL_HINT}")
 
 
-def make_sinks(kinds: Sequence[str], run_dir: pathlib.Path, config: dict[str, Any]) -> list[MetricSink]:
+def make_sinks(
+    kinds: Sequence[str], run_dir: pathlib.Path, config: dict[str, Any], resumed: bool = False
+) -> list[MetricSink]:
     """The sinks named in `kinds` (each once, in order) for a run directory; `config` (the run's
-    config.json content) goes to W&B, whose project is $WANDB_PROJECT or "rlcx_jax"."""
+    config.json content) goes to W&B, whose project is $WANDB_PROJECT or "rlcx_jax"; `resumed`: the run
+    continues from a checkpoint (TensorBoard drops what a killed run logged after it)."""
     check_kinds(kinds)
     sinks: list[MetricSink] = []
     for kind in dict.fromkeys(kinds):
         if kind == "tensorboard":
-            sinks.append(TensorBoardSink(run_dir))
+            sinks.append(TensorBoardSink(run_dir, resumed=resumed))
         else:
             sinks.append(WandbSink(run_dir, os.environ.get("WANDB_PROJECT", "rlcx_jax"), config))
     return sinks

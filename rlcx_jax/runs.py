@@ -171,7 +171,7 @@ def run_train(algorithm: str, args: Any, config: Any, hparams: Any, note: str | 
         TextColumn("ETA"),
         TimeRemainingColumn(),
     )
-    sinks = loggers.make_sinks(args.log, run_dir, run_spec.to_json()) if args.log else []
+    sinks = loggers.make_sinks(args.log, run_dir, run_spec.to_json(), resumed=done > 0) if args.log else []
     with Progress(*columns, transient=False) as progress, contextlib.ExitStack() as closing:
         for sink in sinks:
             closing.callback(sink.close)

@@ -268,7 +268,7 @@ def test_random_input_to_every_command_exits_0_or_2_with_at_most_one_line_of_err
         assert len(err.strip().splitlines()) == 1, (argv, err)
     for name, args in recorder.calls:  # what would have run holds valid, finite settings
         if name == "run_train":
-            _, _, config, hparams = args
+            _, _, config, hparams, _ = args
             config.validate()
             hparams.validate(config.extensions)
             assert all(math.isfinite(v) for v in dataclasses.astuple(hparams) if isinstance(v, float)), hparams

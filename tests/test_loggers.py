@@ -68,6 +68,21 @@ def test_tensorboard_steps_are_updates_without_env_steps(tmp_path) -> None:
     assert _scalars(tmp_path / "tb" / "seed_0") == {RET: [(6, 0.25)], "loss": [(3, 0.5), (6, 1.5)]}
 
 
+def test_tensorboard_after_resume_drops_what_the_killed_run_logged_past_the_checkpoint(tmp_path) -> None:
+    """A run killed after logging updates 5..20 but checkpointed at 10 logs 15 and 20 again on --resume;
+    TensorBoard must show each step once, with the resumed run's values."""
+    pytest.importorskip("tensorboardX", reason=_SKIP)
+    pytest.importorskip("tensorboard", reason=_SKIP)
+    killed = loggers.TensorBoardSink(tmp_path)
+    killed.write([{"seed": 0, "update": u, "loss": float(u)} for u in (5, 10, 15, 20)])
+    killed.close()
+    time.sleep(1.1)  # tensorboardX names event files by the second: the resumed writer gets a new file
+    resumed = loggers.TensorBoardSink(tmp_path, resumed=True)
+    resumed.write([{"seed": 0, "update": u, "loss": u + 0.5} for u in (15, 20)])
+    resumed.close()
+    assert _scalars(tmp_path / "tensorboard" / "seed_0")["loss"] == [(5, 5.0), (10, 10.0), (15, 15.5), (20, 20.5)]
+
+
 def _wandb_records(path: pathlib.Path) -> list:
     """The protobuf records of a .wandb file: a 7-byte header (":W&B", 0xBEE1, version 0), then
     LevelDB-log records (crc32 4, length 2, type 1: full/first/middle/last) in 32 KiB blocks."""

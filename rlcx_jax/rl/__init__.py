@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from types import ModuleType
 from typing import Any
 
+from rlcx_jax.configs import algorithms as configs
 from rlcx_jax.rl import a2c, dqn, ppo, reinforce
 
 
@@ -19,20 +19,17 @@ class AlgorithmSpec:
     hparams_cls: type
 
 
+_MODULES: dict[str, ModuleType] = {"dqn": dqn, "reinforce": reinforce, "a2c": a2c, "ppo": ppo}
 ALGORITHMS: dict[str, AlgorithmSpec] = {
-    "dqn": AlgorithmSpec(dqn, dqn.DQNConfig, dqn.DQNHParams),
-    "reinforce": AlgorithmSpec(reinforce, reinforce.ReinforceConfig, reinforce.ReinforceHParams),
-    "a2c": AlgorithmSpec(a2c, a2c.A2CConfig, a2c.A2CHParams),
-    "ppo": AlgorithmSpec(ppo, ppo.PPOConfig, ppo.PPOHParams),
+    name: AlgorithmSpec(_MODULES[name], *classes) for name, classes in configs.ALGORITHMS.items()
 }
+"""Name -> module and classes; the names and classes come from `configs.algorithms.ALGORITHMS` (what
+the CLI reads before jax loads)."""
 
 
 def get(name: str) -> AlgorithmSpec:
     """The AlgorithmSpec for `name`, or a ValueError listing the known algorithms."""
-    if name not in ALGORITHMS:
-        close = difflib.get_close_matches(name, list(ALGORITHMS), n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"Unknown algorithm {name!r}.{hint} Known: {', '.join(ALGORITHMS)}")
+    configs.config_classes(name)  # unknown name: the one error message, with the closest match
     return ALGORITHMS[name]
 
 
