@@ -273,7 +273,12 @@ def markdown(record: dict[str, Any]) -> str:
         bar = e.get("threshold")
         bar_text = "-" if not bar else f">= {bar['value']:g} ({'A' if bar['source'].startswith('issue') else 'G'})"
         per_seed = ", ".join(f"{x:.0f}" if abs(x) >= 10 else f"{x:.3g}" for x in e["per_seed"])
-        settings = key_settings(e["values"]) + ("" if is_current(e) else " (**not the current preset**)")
+        stale = (
+            " (**no such preset now**)"
+            if presets.get(e["algorithm"], e["env"]) is None
+            else " (**not the current preset**)"
+        )
+        settings = key_settings(e["values"]) + ("" if is_current(e) else stale)
         lines.append(
             f"| {e['algorithm']} | {e['env']} | {settings} | {e['total_steps_per_seed']:,} | "
             f"{len(e['per_seed'])} | {fmt_return(e)} | {per_seed} | {bar_text} | {verdict(e)} | {e['rejax']} | "
