@@ -17,6 +17,7 @@ from rlcx_jax import pytree
 from rlcx_jax.configs.base import (
     Extension,
     check_extensions,
+    check_minibatches,
     check_positive,
     check_prng_impl,
     check_range,
@@ -377,11 +378,7 @@ class PPOConfig(OnPolicyConfig):
 
     def validate(self) -> None:
         super().validate()
-        if self.steps_per_update % self.num_minibatches != 0:
-            raise ValueError(
-                f"num_envs * num_steps ({self.steps_per_update}) must be divisible by "
-                f"num_minibatches ({self.num_minibatches})"
-            )
+        check_minibatches(self.steps_per_update, self.num_minibatches)
 
 
 @pytree.dataclass

@@ -29,6 +29,7 @@ __all__ = [
     "PRNG_IMPLS",
     "check_positive",
     "check_range",
+    "check_minibatches",
     "check_prng_impl",
     "largest_divisor_at_most",
     "Extension",
@@ -58,6 +59,14 @@ def check_range(name: str, value: float, low: float, high: float, high_inclusive
     if not ok:
         bracket = "]" if high_inclusive else ")"
         raise ValueError(f"{name} must be in [{low}, {high}{bracket}, got {value}")
+
+
+def check_minibatches(steps_per_update: int, num_minibatches: int) -> None:
+    """A rollout of `steps_per_update` samples (num_envs * num_steps) splits into equal minibatches."""
+    if steps_per_update % num_minibatches != 0:
+        raise ValueError(
+            f"num_envs * num_steps ({steps_per_update}) must be divisible by num_minibatches ({num_minibatches})"
+        )
 
 
 def check_prng_impl(impl: str) -> None:

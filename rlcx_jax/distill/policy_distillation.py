@@ -35,6 +35,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from rlcx_jax import nets, prng, pytree
+from rlcx_jax.configs.base import check_minibatches
 from rlcx_jax.distill import losses
 from rlcx_jax.envs.normalize import RunningStats
 from rlcx_jax.nets.paths import flatten_with_paths
@@ -95,11 +96,7 @@ class DistillConfig(TrainConfig):
             raise ValueError(f"The student needs at least one hidden layer of width >= 1, got hidden={self.net.hidden}")
         if self.loss not in losses.LOSSES:
             raise ValueError(f"Unknown distillation loss {self.loss!r}; expected one of {losses.LOSSES}")
-        if self.steps_per_update % self.num_minibatches != 0:
-            raise ValueError(
-                f"num_envs * num_steps ({self.steps_per_update}) must be divisible by "
-                f"num_minibatches ({self.num_minibatches})"
-            )
+        check_minibatches(self.steps_per_update, self.num_minibatches)
 
 
 @pytree.dataclass

@@ -55,6 +55,7 @@ def list_envs() -> list[str]:
 
 
 check_env_name = env_table.check_env_name
+has_discrete_actions = env_table.has_discrete_actions
 
 
 def make(name: str, **param_overrides: Any) -> tuple[Any, Any]:
@@ -83,12 +84,6 @@ def make(name: str, **param_overrides: Any) -> tuple[Any, Any]:
             )
         env_params = env_params.replace(**param_overrides)
     return env, env_params
-
-
-def has_discrete_actions(name: str, env_kwargs: tuple[tuple[str, Any], ...] = ()) -> bool:
-    """Whether environment `name` has a discrete (gymnax `Discrete`) action space."""
-    env, env_params = make(name, **dict(env_kwargs))
-    return _discrete(env.action_space(env_params))
 
 
 def _discrete(space: Any) -> bool:
