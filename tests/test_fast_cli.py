@@ -15,6 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import rlcx_jax
 from rlcx_jax import cli, presets
 from rlcx_jax.configs import envs as env_table
 from rlcx_jax.configs import nets as net_names
@@ -255,7 +256,10 @@ def test_random_input_to_every_command_exits_0_or_2_with_at_most_one_line_of_err
 ) -> None:
     argv = [run_dir if a == "RUN" else a for a in argv]
     recorder = _Recorder()
+    # `from rlcx_jax import runs` reads the package attribute first, which exists once any earlier test in
+    # this worker imported the real module; replace both or a random recipe really trains.
     monkeypatch.setitem(sys.modules, "rlcx_jax.runs", recorder)
+    monkeypatch.setattr(rlcx_jax, "runs", recorder, raising=False)
     monkeypatch.setattr("rlcx_jax.plot._draw", lambda *a, **k: None)  # no figure files while fuzzing
     try:
         rc = cli.main(argv)
