@@ -403,14 +403,19 @@ class OurPoint:
         self.eval_key = jax.random.fold_in(jax.random.PRNGKey(seed), 1_000_003)
         self.hps = jax.tree.map(lambda x: jnp.broadcast_to(jnp.asarray(x), (n_seeds,) + jnp.shape(x)), hp)
         t1 = time.perf_counter()
-        lowered = jax.jit(jax.vmap(train)).lower(self.keys, self.hps)
+        # rlcx_jax.xla.jit is the documented way to compile our programs (jax.jit + per-backend XLA
+        # options); --compiler-options off compiles with plain jax.jit for the ablation.
+        from rlcx_jax import xla
+
+        self.compiler_options = {} if os.environ.get("RLCX_BENCH_COMPILER_OPTIONS") == "off" else xla.compiler_options()
+        lowered = jax.jit(jax.vmap(train), compiler_options=self.compiler_options or None).lower(self.keys, self.hps)
         t2 = time.perf_counter()
         self.compiled = lowered.compile()
         t3 = time.perf_counter()
         self.compile_info = {"build_s": t1 - t0, "trace_lower_s": t2 - t1, "xla_compile_s": t3 - t2,
                              "compile_s": t3 - t1}
         self.settings = {"config": _jsonable(cfg), "hparams": _jsonable(hp),
-                         "env_steps_per_seed": self.env_steps_per_seed}
+                         "env_steps_per_seed": self.env_steps_per_seed, "compiler_options": self.compiler_options}
         self.out = None
 
     def run(self) -> dict:
@@ -538,11 +543,24 @@ def summarize(side_runs: list[dict]) -> dict:
         "min_steps_per_s": float(np.min(sps)),
         "max_other_cpu_frac": max((r.get("other_cpu_frac", 0.0) for r in side_runs), default=None),
         "max_steps_per_s": float(np.max(sps)),
+        "median_cpu_s_per_m_steps": cpu_s_per_m_steps(side_runs),
     }
+
+
+def cpu_s_per_m_steps(side_runs: list[dict]) -> float | None:
+    """Median over runs of the worker's own CPU seconds (all its threads) per million env steps:
+    the work a run costs, whatever the number of cores it kept busy."""
+    per = [r["own_cpu_s"] / r["env_steps"] * 1e6 for r in side_runs if r.get("own_cpu_s") and r.get("env_steps")]
+    return float(np.median(per)) if per else None
 
 
 def fmt_int(x: float | None) -> str:
     return "-" if x is None else f"{x:,.0f}"
+
+
+def fmt_cpu(side: dict | None) -> str:
+    x = side and side.get("median_cpu_s_per_m_steps")
+    return "-" if not x else f"{x:.1f}"
 
 
 def fmt_ret(r: dict | None) -> str:
@@ -551,7 +569,8 @@ def fmt_ret(r: dict | None) -> str:
 
 def print_table(points: list[dict]) -> None:
     head = (f"{'algo':<5}{'seeds':>6} | {'ours steps/s':>13}{'rejax steps/s':>14}{'ours/rejax':>11} | "
-            f"{'compile s ours':>15}{'rejax':>7} | {'return mean/min ours':>21}{'rejax':>10}")
+            f"{'compile s ours':>15}{'rejax':>7} | {'CPU s/1M ours':>14}{'rejax':>7} | "
+            f"{'return mean/min ours':>21}{'rejax':>10}")
     print(head)
     print("-" * len(head))
     for p in points:
@@ -563,6 +582,7 @@ def print_table(points: list[dict]) -> None:
               f"{fmt_int(o and o['median_steps_per_s']):>13}{fmt_int(r and r['median_steps_per_s']):>14}"
               f"{'-' if ratio is None else f'{ratio:.2f}x':>11} | "
               f"{'-' if oc is None else f'{oc:.1f}':>15}{'-' if rc is None else f'{rc:.1f}':>7} | "
+              f"{fmt_cpu(o):>14}{fmt_cpu(r):>7} | "
               f"{fmt_ret(o and o['returns']):>21}{fmt_ret(r and r['returns']):>10}")
     busy = [(p["algo"], p["n_seeds"], name, side["max_other_cpu_frac"]) for p in points
             for name, side in p["sides"].items() if side.get("max_other_cpu_frac") is not None]
@@ -571,18 +591,29 @@ def print_table(points: list[dict]) -> None:
         print(f"[warn] other processes used up to {100 * worst[3]:.0f}% of the machine's CPU during timed runs "
               f"({worst[0]} seeds={worst[1]}, {worst[2]}): these figures are contended; rerun on a quiet machine")
     print("steps/s: median over repeats of n_seeds * env steps per seed / run seconds (compile excluded); "
+          "CPU s/1M: the worker's CPU seconds per million env steps (all threads); "
           "return: mean over seeds / min over seeds of each seed's mean final-policy return")
+
+
+def compile_pair(o: dict | None, r: dict | None) -> str:
+    def one(side: dict | None) -> str:
+        c = side and side.get("compile")
+        return "-" if not c else f"{c['compile_s']:.1f}"
+
+    return f"{one(o)} / {one(r)}"
 
 
 def markdown_table(points: list[dict]) -> str:
     """README's throughput table: speeds, their ratio and the returns beside them, from the JSON."""
-    lines = ["| algorithm | seeds | ours env steps/s | rejax env steps/s | ours / rejax | final return ours mean/min "
-             "| rejax mean/min |", "|---|---|---|---|---|---|---|"]
+    lines = ["| algorithm | seeds | ours env steps/s | rejax env steps/s | ours / rejax | compile s ours / rejax "
+             "| CPU s per 1M steps ours / rejax | final return ours mean/min | rejax mean/min |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for p in points:
         o, r = p["sides"].get("ours"), p["sides"].get("rejax")
         ratio = p.get("ratio_ours_over_rejax")
         lines.append(f"| {p['algo'].upper()} | {p['n_seeds']} | {fmt_int(o and o['median_steps_per_s'])} | "
                      f"{fmt_int(r and r['median_steps_per_s'])} | {'-' if ratio is None else f'{ratio:.2f}x'} | "
+                     f"{compile_pair(o, r)} | {fmt_cpu(o)} / {fmt_cpu(r)} | "
                      f"{fmt_ret(o and o['returns']).replace('/', ' / ')} | {fmt_ret(r and r['returns']).replace('/', ' / ')} |")
     return "\n".join(lines)
 
@@ -603,6 +634,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="XLA_FLAGS for both workers (default: inherited), e.g. --xla-flags=--xla_cpu_multi_thread_eigen=false")
     p.add_argument("--prng-impl", default=None, choices=("threefry2x32", "unsafe_rbg", "rbg"),
                    help="our side's PRNG implementation (config field prng_impl; default: the config's)")
+    p.add_argument("--compiler-options", choices=("default", "off"), default="default",
+                   help="our side's XLA compiler options: rlcx_jax.xla's per-backend defaults, or none (ablation)")
     p.add_argument("--timeout", type=float, default=900.0,
                    help="seconds a worker may take for one request (compile + run + eval) before it counts "
                         "as hung, is killed, restarted and the request retried; later repeats of a point "
@@ -618,6 +651,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.prng_impl:
         os.environ["RLCX_BENCH_PRNG_IMPL"] = args.prng_impl  # inherited by our worker process
+    os.environ["RLCX_BENCH_COMPILER_OPTIONS"] = args.compiler_options
     if args.algos is None:
         args.algos = ["ppo", "dqn"]
     if args.seeds is None:
@@ -740,12 +774,14 @@ def main(argv: list[str] | None = None) -> dict | None:
             "algos": args.algos, "seeds": args.seeds, "repeats": args.repeats,
             "total_timesteps": totals, "eval_episodes": args.eval_episodes, "seed": args.seed,
             "quick": args.quick, "sides": names if workers else [],
+            "ours_compiler_options": args.compiler_options,
             "ours": _jsonable({a: OUR_SETTINGS[a] for a in args.algos}),
             "rejax": rejax_ready and {a: rejax_ready["settings"][a] for a in args.algos},
             "rejax_notes": rejax_ready and {a: rejax_ready["notes"][a] for a in args.algos},
         },
         "method": ("each side runs in its own worker process (the other is idle meanwhile); "
-                   "jax.jit(jax.vmap(train)) over n_seeds keys; .lower().compile() timed apart (compile_s); "
+                   "jax.jit(jax.vmap(train)) over n_seeds keys (ours: with rlcx_jax.xla.compiler_options(), "
+                   "as rlcx_jax.xla.jit compiles, unless --compiler-options off); .lower().compile() timed apart (compile_s); "
                    "each run = compiled call + block_until_ready; env steps/s = n_seeds * env steps per seed / "
                    "run_s; median over repeats; sides alternate each repeat (order 0 = ran first); returns "
                    "= untimed evaluation of each seed's final policy after the first timed run"),

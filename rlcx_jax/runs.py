@@ -20,7 +20,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from rlcx_jax import checkpoint, envs, loggers, nets, rl
+from rlcx_jax import checkpoint, envs, loggers, nets, rl, xla
 from rlcx_jax import logging as rlog
 from rlcx_jax.cli import CLIError, compile_cache_dir
 from rlcx_jax.configs.compress import CompressOptions
@@ -146,7 +146,7 @@ def run_train(algorithm: str, args: Any, config: Any, hparams: Any, note: str | 
 
     def learn_fn(n: int) -> Any:
         if n not in compiled:
-            lowered = timed("trace", lambda: jax.jit(vmap_learn(trainer, n, abstract)).lower(abstract))
+            lowered = timed("trace", lambda: xla.jit(vmap_learn(trainer, n, abstract)).lower(abstract))
             compiled[n] = timed("compile", lowered.compile)
         return compiled[n]
 

@@ -207,7 +207,7 @@ def test_out_that_is_a_file_is_one_line_error(
 
 def test_second_identical_run_loads_its_programs_from_the_compilation_cache(tmp_path: pathlib.Path) -> None:
     cache = tmp_path / "cache"
-    flags = ["train", "ppo", "--seeds", "1", "--total-steps", "50000", "--chunks", "2", "--eval-episodes", "1",
+    flags = ["train", "ppo", "--seeds", "1", "--total-steps", "8192", "--chunks", "2", "--eval-episodes", "1",
              "--compile-cache", str(cache)]
     summaries = []
     for i in range(2):

@@ -93,10 +93,11 @@ def np_lloyd(x: np.ndarray, k: int, iters: int) -> np.ndarray:
     return c
 
 
-def np_optimal_kmeans_sse(x: np.ndarray, k: int) -> float:
-    """The least squared error of any k-level codebook for the values x: 1-D k-means solved
+def np_optimal_kmeans_sse_per_level(x: np.ndarray, k: int) -> list[float]:
+    """The least squared error of any 1-, 2-, ..., k-level codebook for the values x: 1-D k-means solved
     exactly by dynamic programming over the sorted values in float64 (Wang & Song 2011), brute force
-    over every split point of every layer (O(k n^2)), sharing nothing with the implementation."""
+    over every split point of every layer (O(k n^2)), sharing nothing with the implementation.
+    (Layer m of the program is the optimum with m + 1 levels, so one pass answers every k' <= k.)"""
     s = np.sort(np.asarray(x, np.float64).reshape(-1))
     n = s.size
     c1, c2 = np.concatenate([[0.0], np.cumsum(s)]), np.concatenate([[0.0], np.cumsum(s * s)])
@@ -107,14 +108,21 @@ def np_optimal_kmeans_sse(x: np.ndarray, k: int) -> float:
         return np.where(cnt > 0, (c2[j] - c2[i]) - (c1[j] - c1[i]) ** 2 / np.maximum(cnt, 1), 0.0)
 
     best = sse(0, ends)  # one level for s[:j]
+    per_level = [max(float(best[n]), 0.0)]
     for _ in range(min(k, n) - 1):
         nxt = np.empty(n + 1)
         for lo in range(0, n + 1, 256):
-            j = ends[lo:lo + 256][None, :]
-            i = ends[:, None]
-            nxt[lo:lo + 256] = np.where(i <= j, best[:, None] + sse(i, j), np.inf).min(axis=0)
+            j = ends[lo : lo + 256][None, :]
+            i = ends[: lo + 256, None]  # split points i <= j only (i > j is no split)
+            nxt[lo : lo + 256] = np.where(i <= j, best[: lo + 256, None] + sse(i, j), np.inf).min(axis=0)
         best = nxt
-    return max(float(best[n]), 0.0)
+        per_level.append(max(float(best[n]), 0.0))
+    return per_level + per_level[-1:] * (k - len(per_level))  # more levels than values: error 0 stays
+
+
+def np_optimal_kmeans_sse(x: np.ndarray, k: int) -> float:
+    """The least squared error of any k-level codebook for the values x (see the function above)."""
+    return np_optimal_kmeans_sse_per_level(x, k)[k - 1]
 
 
 def kmeans_sse(x: np.ndarray, spec: QuantSpec, mask=None) -> float:
@@ -169,16 +177,31 @@ def test_bad_calls_raise_clear_errors() -> None:
 def _probe_points(lo: float, hi: float) -> tuple[np.ndarray, np.ndarray]:
     """Points at, just inside and just outside both bounds, with the expected STE gradient."""
     lo32, hi32 = F32(lo), F32(hi)
-    x = np.array([lo - 0.5, np.nextafter(lo32, F32(-np.inf)), lo32, np.nextafter(lo32, F32(np.inf)),
-                  (lo32 + hi32) / 2, np.nextafter(hi32, F32(-np.inf)), hi32, np.nextafter(hi32, F32(np.inf)),
-                  hi + 0.5], F32)
+    x = np.array(
+        [
+            lo - 0.5,
+            np.nextafter(lo32, F32(-np.inf)),
+            lo32,
+            np.nextafter(lo32, F32(np.inf)),
+            (lo32 + hi32) / 2,
+            np.nextafter(hi32, F32(-np.inf)),
+            hi32,
+            np.nextafter(hi32, F32(np.inf)),
+            hi + 0.5,
+        ],
+        F32,
+    )
     return x, np.array([0, 0, 1, 1, 1, 1, 1, 0, 0], F32)
 
 
 @pytest.mark.parametrize(
     "spec, lo, hi",
-    [(QuantSpec("uniform", 4), -1.0, 1.0), (QuantSpec("uniform", 4, symmetric=False), -1.0, 2.0),
-     (QuantSpec("log", 4), -0.75, 0.75), (QuantSpec("uniform", 16, symmetric=False), -3.0, 0.5)],
+    [
+        (QuantSpec("uniform", 4), -1.0, 1.0),
+        (QuantSpec("uniform", 4, symmetric=False), -1.0, 2.0),
+        (QuantSpec("log", 4), -0.75, 0.75),
+        (QuantSpec("uniform", 16, symmetric=False), -3.0, 0.5),
+    ],
 )
 def test_ste_gradient_is_one_inside_inclusive_and_zero_outside(spec: QuantSpec, lo: float, hi: float) -> None:
     x, expected = _probe_points(lo, hi)
@@ -340,17 +363,24 @@ def test_kmeans_of_a_trained_policy_is_within_5_percent_of_the_optimum(runs) -> 
     of k-means weight sharing is within 1.05x of the exact optimum (the issue's acceptance; measured
     1.0002x at worst on the 64x64 kernels, which the program groups into 512 atoms)."""
     params = runs.get("ppo-cartpole").out.state.params
-    kernels = {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(params)
-               if "kernel" in jax.tree_util.keystr(p)}
+    kernels = {
+        jax.tree_util.keystr(p): np.asarray(v)
+        for p, v in jax.tree_util.tree_leaves_with_path(params)
+        if "kernel" in jax.tree_util.keystr(p)
+    }
     assert len(kernels) == 6 and any(v.size == 4096 for v in kernels.values())
     for name, w in kernels.items():
+        optimum = np_optimal_kmeans_sse_per_level(w, 2**4)  # one exact program for 4, 8 and 16 levels
         for bits in (2, 3, 4):
-            ratio = kmeans_sse(w, QuantSpec("kmeans", bits)) / np_optimal_kmeans_sse(w, 2**bits)
+            ratio = kmeans_sse(w, QuantSpec("kmeans", bits)) / optimum[2**bits - 1]
             assert ratio <= 1.05, (name, bits, ratio)
 
 
-@pytest.mark.parametrize("spec", SPECS + [QuantSpec("uniform", 16, symmetric=False, per_channel=True)],
-                         ids=lambda s: f"{s.scheme}{s.bits}{'s' if s.symmetric else 'a'}{'c' if s.per_channel else ''}")
+@pytest.mark.parametrize(
+    "spec",
+    SPECS + [QuantSpec("uniform", 16, symmetric=False, per_channel=True)],
+    ids=lambda s: f"{s.scheme}{s.bits}{'s' if s.symmetric else 'a'}{'c' if s.per_channel else ''}",
+)
 def test_constant_and_zero_tensors_stay_finite(spec: QuantSpec) -> None:
     grad = jax.grad(lambda v: jnp.sum(fake_quant(v, spec)))
     for value in (0.0, 3.0, -2.0, 1e-30):
@@ -437,8 +467,10 @@ def test_quantize_tree_applies_masks(actor_critic) -> None:
     _, params, _ = actor_critic
     rng = np.random.default_rng(0)
     kernel = params["actor_torso"]["Dense_1"]["kernel"]
-    masks = {"actor_torso": {"Dense_1": {"kernel": rng.random(kernel.shape) < 0.2}},
-             "policy_head": {"bias": np.array([True, False])}}
+    masks = {
+        "actor_torso": {"Dense_1": {"kernel": rng.random(kernel.shape) < 0.2}},
+        "policy_head": {"bias": np.array([True, False])},
+    }
     out = quantize_tree(params, QuantSpec("uniform", 8, symmetric=False), masks=masks)
     assert np.all(np.asarray(out["actor_torso"]["Dense_1"]["kernel"])[~masks["actor_torso"]["Dense_1"]["kernel"]] == 0)
     np.testing.assert_array_equal(out["policy_head"]["bias"], [params["policy_head"]["bias"][0], 0.0])
@@ -473,8 +505,13 @@ def test_qat_gradient_is_the_float_gradient_at_the_quantized_weights(actor_criti
 
 def test_qat_with_activations_has_finite_gradients(actor_critic) -> None:
     net, params, obs = actor_critic
-    apply = make_apply(net, Hooks(param_transform=weight_param_transform(QuantSpec("uniform", 4)),
-                                  interceptor=activation_interceptor(QuantSpec("uniform", 8))))
+    apply = make_apply(
+        net,
+        Hooks(
+            param_transform=weight_param_transform(QuantSpec("uniform", 4)),
+            interceptor=activation_interceptor(QuantSpec("uniform", 8)),
+        ),
+    )
     grads = jax.jit(jax.grad(lambda p: sum(jnp.mean(o**2) for o in apply(p, obs))))(params)
     for g in jax.tree.leaves(grads):
         assert np.all(np.isfinite(g))
@@ -501,8 +538,9 @@ def test_interceptor_changes_activations_at_low_bits_only(actor_critic) -> None:
     net, params, obs = actor_critic
     ref = make_apply(net)(params, obs)
     low = make_apply(net, Hooks(interceptor=activation_interceptor(QuantSpec("uniform", 2))))(params, obs)
-    high = make_apply(net, Hooks(interceptor=activation_interceptor(QuantSpec("uniform", 16, per_channel=True),
-                                                                    outputs=True)))(params, obs)
+    high = make_apply(
+        net, Hooks(interceptor=activation_interceptor(QuantSpec("uniform", 16, per_channel=True), outputs=True))
+    )(params, obs)
     assert not np.allclose(low[0], ref[0], atol=1e-3) and not np.allclose(low[1], ref[1], atol=1e-3)
     for a, b in zip(high, ref):
         np.testing.assert_allclose(a, b, atol=2e-3)
@@ -518,10 +556,10 @@ def test_sample_ranges_make_the_quantized_network_batch_independent(actor_critic
     per_tensor = jax.jit(make_apply(net, Hooks(interceptor=activation_interceptor(spec, dynamic="tensor"))))
     batch_logits, batch_values = per_sample(params, obs)
     for i in range(4):
-        alone_logits, alone_values = per_sample(params, obs[i:i + 1])
-        np.testing.assert_allclose(batch_logits[i:i + 1], alone_logits, rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(batch_values[i:i + 1], alone_values, rtol=1e-5, atol=1e-6)
-        one_logits, _ = per_tensor(params, obs[i:i + 1])
+        alone_logits, alone_values = per_sample(params, obs[i : i + 1])
+        np.testing.assert_allclose(batch_logits[i : i + 1], alone_logits, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(batch_values[i : i + 1], alone_values, rtol=1e-5, atol=1e-6)
+        one_logits, _ = per_tensor(params, obs[i : i + 1])
         np.testing.assert_allclose(alone_logits, one_logits, rtol=1e-5, atol=1e-6)
     # under vmap over samples (each a batch of one) the result is the same again
     vmapped_logits, _ = jax.vmap(lambda o: per_sample(params, o[None]))(obs[:4])
@@ -541,9 +579,12 @@ def test_calibrate_records_numpy_minmax_and_percentiles(actor_critic) -> None:
         x = np.concatenate([v.reshape(-1, v.shape[-1]) for v in inputs])
         assert float(ranges[key][0]) == x.min() and float(ranges[key][1]) == x.max()
 
-    pct = calibrate(make_apply(net), params, obs,
-                    QuantSpec("uniform", 8, symmetric=False, per_channel=True, range_method="percentile",
-                              percentile=90.0))
+    pct = calibrate(
+        make_apply(net),
+        params,
+        obs,
+        QuantSpec("uniform", 8, symmetric=False, per_channel=True, range_method="percentile", percentile=90.0),
+    )
     x = seen["critic_torso/Dense_1"][0]
     np.testing.assert_allclose(pct["critic_torso/Dense_1"][0], np.percentile(x, 10.0, axis=0), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(pct["critic_torso/Dense_1"][1], np.percentile(x, 90.0, axis=0), rtol=1e-5, atol=1e-6)
@@ -566,7 +607,8 @@ def test_calibrated_interceptor_uses_the_ranges(actor_critic) -> None:
     assert set(dense_ranges) == {""}  # the root module's path is empty
     np.testing.assert_array_equal(
         make_apply(dense, Hooks(interceptor=activation_interceptor(spec, dense_ranges)))(dense_params, obs),
-        make_apply(dense, Hooks(interceptor=activation_interceptor(spec, dynamic="tensor")))(dense_params, obs))
+        make_apply(dense, Hooks(interceptor=activation_interceptor(spec, dynamic="tensor")))(dense_params, obs),
+    )
     # A narrow range for the first actor layer clips observations: the policy changes.
     narrow = dict(ranges, **{"actor_torso/Dense_0": (jnp.float32(-0.1), jnp.float32(0.1))})
     clipped = make_apply(net, Hooks(interceptor=activation_interceptor(spec, narrow)))(params, obs)

@@ -249,7 +249,7 @@ def run_dir(tmp_path_factory) -> str:
     return str(path)
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(argv=_argv())
 def test_random_input_to_every_command_exits_0_or_2_with_at_most_one_line_of_error(
     argv: list[str], run_dir: str, monkeypatch, capsys

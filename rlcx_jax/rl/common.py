@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from rlcx_jax import envs, nets, prng
+from rlcx_jax import envs, nets, prng, xla
 from rlcx_jax.configs.algorithms import HParams as HParams
 from rlcx_jax.configs.algorithms import TrainConfig as TrainConfig
 from rlcx_jax.envs.normalize import RunningStats, init_stats, normalize_observation
@@ -274,7 +274,7 @@ def batched_learner(trainer: Trainer) -> Callable[[Any, int], tuple[Any, Any]]:
 
     def learn(state: Any, n_updates: int) -> tuple[Any, Any]:
         if n_updates not in compiled:
-            compiled[n_updates] = jax.jit(vmap_learn(trainer, n_updates, state))
+            compiled[n_updates] = xla.jit(vmap_learn(trainer, n_updates, state))
         return compiled[n_updates](state)
 
     return learn

@@ -2,7 +2,8 @@
 
 `make(config)` builds a `Trainer`; `make_train(config)` returns the pure `train(key, hparams)`:
     train = ppo.make_train(ppo.PPOConfig())
-    out = jax.jit(jax.vmap(train))(keys, hparams)      # many seeds / settings in one call
+    out = xla.jit(jax.vmap(train))(keys, hparams)      # many seeds / settings in one call
+(`rlcx_jax.xla.jit` is `jax.jit` with the XLA options rlcx_jax compiles with; same results.)
 Defaults are PureJaxRL's CartPole settings.
 """
 
