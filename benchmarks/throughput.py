@@ -559,7 +559,7 @@ def fmt_int(x: float | None) -> str:
 
 
 def fmt_cpu(side: dict | None) -> str:
-    x = side and side.get("median_cpu_s_per_m_steps")
+    x = side and (side.get("median_cpu_s_per_m_steps") or cpu_s_per_m_steps(side.get("runs", [])))
     return "-" if not x else f"{x:.1f}"
 
 
@@ -603,18 +603,31 @@ def compile_pair(o: dict | None, r: dict | None) -> str:
     return f"{one(o)} / {one(r)}"
 
 
+def merged_points(paths: list[Path]) -> list[dict]:
+    """The points of several result files, later files replacing the same (algo, n_seeds); each point
+    gets `measured` (the run's date and our commit) so a table says which run each row is from."""
+    points: dict[tuple[str, int], dict] = {}
+    for path in paths:
+        doc = json.loads(path.read_text())
+        commit = ((doc.get("versions") or {}).get("ours") or {}).get("rlcx_jax_git") or "?"
+        for p in doc["points"]:
+            points[(p["algo"], p["n_seeds"])] = {**p, "measured": f"{doc['timestamp_utc'][:10]} {commit[:7]}"}
+    return sorted(points.values(), key=lambda p: (p["algo"] != "ppo", p["algo"], p["n_seeds"]))
+
+
 def markdown_table(points: list[dict]) -> str:
     """README's throughput table: speeds, their ratio and the returns beside them, from the JSON."""
     lines = ["| algorithm | seeds | ours env steps/s | rejax env steps/s | ours / rejax | compile s ours / rejax "
-             "| CPU s per 1M steps ours / rejax | final return ours mean/min | rejax mean/min |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| CPU s per 1M steps ours / rejax | final return ours mean/min | rejax mean/min | measured |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for p in points:
         o, r = p["sides"].get("ours"), p["sides"].get("rejax")
         ratio = p.get("ratio_ours_over_rejax")
         lines.append(f"| {p['algo'].upper()} | {p['n_seeds']} | {fmt_int(o and o['median_steps_per_s'])} | "
                      f"{fmt_int(r and r['median_steps_per_s'])} | {'-' if ratio is None else f'{ratio:.2f}x'} | "
                      f"{compile_pair(o, r)} | {fmt_cpu(o)} / {fmt_cpu(r)} | "
-                     f"{fmt_ret(o and o['returns']).replace('/', ' / ')} | {fmt_ret(r and r['returns']).replace('/', ' / ')} |")
+                     f"{fmt_ret(o and o['returns']).replace('/', ' / ')} | {fmt_ret(r and r['returns']).replace('/', ' / ')} | "
+                     f"{p.get('measured', '-')} |")
     return "\n".join(lines)
 
 
@@ -645,8 +658,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rejax-pin", action="append", metavar="NAME==VER",
                    help="override a version pinned in the rejax venv (repeatable)")
     p.add_argument("--out", type=Path, default=None, help="JSON path (default: benchmarks/results/throughput_<cpu>.json)")
-    p.add_argument("--markdown", type=Path, default=None, metavar="JSON",
-                   help="print README's table from a result JSON and exit (runs nothing)")
+    p.add_argument("--markdown", type=Path, nargs="+", default=None, metavar="JSON",
+                   help="print README's table from result JSONs and exit (runs nothing); a point (algo, seeds) "
+                        "of a later file replaces that of an earlier one, each row names the run it comes from")
     p.add_argument("--worker", choices=("ours",), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.prng_impl:
@@ -686,7 +700,7 @@ def request_with_retries(worker: Worker, req: dict, timeout_s: float, retries: i
 def main(argv: list[str] | None = None) -> dict | None:
     args = parse_args(argv)
     if args.markdown is not None:
-        print(markdown_table(json.loads(args.markdown.read_text())["points"]))
+        print(markdown_table(merged_points(args.markdown)))
         return None
     if args.worker == "ours":
         serve_ours()
