@@ -5,6 +5,9 @@
   rlcx eval DIR [--episodes N]
   rlcx compress DIR [--prune 0.9] [--quant int8] ...
   rlcx plot RUN [RUN ...] [--out FILE.png]
+  rlcx sweep {dqn,reinforce,a2c,ppo} --grid NAME=V1,V2 [--random NAME=DIST:LO:HI --samples N] [train flags]
+  rlcx sweep-merge PART_DIR [PART_DIR ...] --out DIR
+  rlcx info
 
 This module parses and validates every command's flags without importing jax (the config classes
 live in the jax-free `rlcx_jax.configs`), so `--help`, a typo or an out-of-range value is answered in
@@ -38,13 +41,14 @@ from rlcx_jax.configs.compress import CompressConfig, CompressOptions
 from rlcx_jax.configs.envs import check_env_name
 from rlcx_jax.configs.nets import NetConfig
 from rlcx_jax.configs.pipeline import Recipe, load_recipe
+from rlcx_jax.configs.sweep import SweepSpec, parse_chunk_size, parse_grid, parse_part, parse_random
 
 # Config fields that the CLI exposes under other names (or not at all).
 _RENAMED = {"env", "total_timesteps", "env_kwargs", "net", "extensions", "ext"}
 # Extensions whose config and hyperparameter fields are flags of `rlcx train`; an extension is
 # switched on when any of its flags differs from its default.
 CLI_EXTENSIONS: tuple[type[Extension], ...] = (CompressConfig,)
-COMMANDS = ("pipeline", "train", "eval", "compress", "plot")
+COMMANDS = ("pipeline", "train", "eval", "compress", "plot", "sweep", "sweep-merge", "info")
 
 
 class CLIError(ValueError):
@@ -86,6 +90,52 @@ class RunOptions:
     ~/.cache/rlcx_jax/jax. A second identical run loads its compiled programs instead of compiling."""
 
 
+@dataclasses.dataclass
+class SweepOptions:
+    grid: Annotated[tuple[str, ...], tyro.conf.UseAppendAction] = ()
+    """A swept hyperparameter and its values, NAME=V1,V2,... (repeat the flag for more: their product is swept)."""
+    random: Annotated[tuple[str, ...], tyro.conf.UseAppendAction] = ()
+    """A hyperparameter drawn at random, NAME=DIST:LOW:HIGH with DIST uniform or loguniform (repeatable)."""
+    samples: int = 0
+    """Random settings drawn (each with every grid point)."""
+    env: str = "CartPole-v1"
+    """Environment id (gymnax, or one of ours)."""
+    preset: str = "auto"
+    """Settings to start from: auto (the tuned preset of this algorithm and environment, if there is one) or none."""
+    seeds: int = 4
+    """Seeds per setting (seed i of every setting uses the key of seed i of `rlcx train`)."""
+    seed: int = 0
+    """Base PRNG seed (also seeds the random draws)."""
+    total_steps: int = -1
+    """Environment steps per run (-1: the preset's, else the algorithm's default)."""
+    eval_episodes: int = 32
+    """Evaluation episodes of each run's final policy."""
+    env_param: tuple[str, ...] = ()
+    """Environment parameter overrides, e.g. --env-param max_steps_in_episode=200."""
+    chunk_size: str = "auto"
+    """Runs (settings x seeds) per compiled call: a number, or auto (all that fit in memory, by XLA's estimate)."""
+    part: str = ""
+    """I/N: run only the settings s with s % N == I (one of N independent jobs; join them with sweep-merge)."""
+    out: str = ""
+    """Run directory (default: runs/sweep-<algo>-<env>-<timestamp>)."""
+    resume: bool = False
+    """Run only the runs missing from --out (finished chunks are kept)."""
+    overwrite: bool = False
+    """Delete an existing sweep in --out first."""
+    distributed: bool = False
+    """Join a multi-process run (jax.distributed.initialize(); Slurm, Open MPI and TPU pods are detected)."""
+    coordinator: str = ""
+    """HOST:PORT of process 0, for a multi-process run on a cluster jax does not detect (with --num-processes and
+    --process-id)."""
+    num_processes: int = 0
+    """Processes in the multi-process run (with --coordinator)."""
+    process_id: int = -1
+    """This process's index in the multi-process run (with --coordinator)."""
+    compile_cache: str = ""
+    """JAX's persistent compilation cache: a directory, 'off', or '' for $RLCX_COMPILE_CACHE or else
+    ~/.cache/rlcx_jax/jax."""
+
+
 CACHE_VARIABLE = "RLCX_COMPILE_CACHE"
 PRESET_CHOICES = ("auto", "none")
 
@@ -124,8 +174,9 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
-def train_args_class(algorithm: str) -> type:
-    """A flat dataclass of run options + the algorithm's config, network and hyperparameters."""
+def train_args_class(algorithm: str, options: type = RunOptions, command: str = "Train") -> type:
+    """A flat dataclass of run options (`options`: RunOptions, or SweepOptions for `rlcx sweep`) + the
+    algorithm's config, network and hyperparameters."""
     config_cls, hparams_cls = config_classes(algorithm)
     config0 = config_cls()
     fields: list[tuple[str, Any, Any]] = []
@@ -134,9 +185,10 @@ def train_args_class(algorithm: str) -> type:
         flag_type = Annotated[hint, tyro.conf.arg(help=doc)] if doc else hint
         fields.append((name, flag_type, dataclasses.field(default=default)))
 
-    run_docs = field_docs(RunOptions)
-    for f in dataclasses.fields(RunOptions):
-        add(f.name, typing.get_type_hints(RunOptions)[f.name], f.default, run_docs.get(f.name))
+    run_docs = field_docs(options)
+    hints = typing.get_type_hints(options, include_extras=True)
+    for f in dataclasses.fields(options):
+        add(f.name, hints[f.name], f.default, run_docs.get(f.name))
     parts: list[tuple[Any, str]] = [(config0, ""), (config0.net, "net_"), (hparams_cls(), "")]
     for ext_cls in CLI_EXTENSIONS:
         ext0 = ext_cls()
@@ -148,7 +200,7 @@ def train_args_class(algorithm: str) -> type:
             if prefix == "" and f.name in _RENAMED:
                 continue
             add(prefix + f.name, hints[f.name], getattr(obj, f.name), docs.get(f.name))
-    return dataclasses.make_dataclass(f"Train{algorithm.upper()}", fields)
+    return dataclasses.make_dataclass(f"{command}{algorithm.upper()}", fields)
 
 
 def _flag_value(argv: Sequence[str], flag: str) -> str | None:
@@ -171,9 +223,10 @@ def preset_for(algorithm: str, argv: Sequence[str]) -> presets.Preset | None:
     return presets.get(algorithm, env) if choice == "auto" else None
 
 
-def parse_train_args(algorithm: str, argv: Sequence[str]) -> Any:
-    """The flat flags of `rlcx train ALG`, starting from the preset of the algorithm and environment."""
-    args_cls = train_args_class(algorithm)
+def parse_train_args(algorithm: str, argv: Sequence[str], options: type = RunOptions, command: str = "train") -> Any:
+    """The flat flags of `rlcx train ALG` (or `rlcx sweep ALG`), starting from the preset of the algorithm
+    and environment."""
+    args_cls = train_args_class(algorithm, options, command.capitalize())
     preset = preset_for(algorithm, argv)
     default = args_cls()
     if preset is not None:
@@ -183,7 +236,7 @@ def parse_train_args(algorithm: str, argv: Sequence[str]) -> Any:
         if unknown:
             raise CLIError(f"the {algorithm} preset for {preset.env} sets unknown flags {unknown}")
         default = dataclasses.replace(default, **values)
-    return tyro.cli(args_cls, args=list(argv), default=default, prog=f"rlcx train {algorithm}")
+    return tyro.cli(args_cls, args=list(argv), default=default, prog=f"rlcx {command} {algorithm}")
 
 
 def _parse_env_params(items: Sequence[str]) -> tuple[tuple[str, Any], ...]:
@@ -224,13 +277,13 @@ def build_run(algorithm: str, args: Any) -> tuple[Any, Any]:
     config.validate()
     hparams.validate(config.extensions)
     for name in ("seeds", "chunks", "eval_episodes"):
-        if getattr(args, name) < 1:
+        if getattr(args, name, 1) < 1:
             raise CLIError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.preset not in PRESET_CHOICES:
         raise CLIError(f"--preset must be one of {', '.join(PRESET_CHOICES)}, got {args.preset!r}")
     from rlcx_jax import loggers
 
-    loggers.check_kinds(args.log)
+    loggers.check_kinds(getattr(args, "log", ()))
     if args.out:
         check_directory_path(pathlib.Path(args.out))
     return config, hparams
@@ -248,6 +301,86 @@ def _cli_extensions(values: dict[str, Any]) -> tuple[tuple[Extension, ...], dict
             if hp is not None:
                 ext_hparams[ext.name] = hp
     return tuple(extensions), ext_hparams
+
+
+def build_sweep(algorithm: str, args: Any) -> tuple[SweepSpec, int | None, tuple[int, int] | None]:
+    """(spec, chunk size or None for auto, part or None) from the flags of `rlcx sweep`; every check
+    (axes, names, values of every setting, counts) runs here, before jax is imported."""
+    config, hparams = build_run(algorithm, args)
+    spec = SweepSpec(
+        algorithm=algorithm,
+        config=config,
+        hparams=hparams,
+        grid=tuple(parse_grid(g) for g in args.grid),
+        random=tuple(parse_random(r) for r in args.random),
+        samples=args.samples,
+        seeds=args.seeds,
+        seed=args.seed,
+        eval_episodes=args.eval_episodes,
+    )
+    spec.validate()
+    chunk_size = parse_chunk_size(args.chunk_size)
+    part = parse_part(args.part) if args.part else None
+    check_distributed(args)
+    return spec, chunk_size, part
+
+
+def check_distributed(args: Any) -> None:
+    """--coordinator needs --num-processes >= 1 and 0 <= --process-id < it; the two only with it."""
+    if args.coordinator:
+        host, sep, port = args.coordinator.rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise CLIError(f"--coordinator expects HOST:PORT, got {args.coordinator!r}")
+        if args.num_processes < 1 or not 0 <= args.process_id < args.num_processes:
+            raise CLIError(
+                "--coordinator needs --num-processes N (>= 1) and --process-id I (0 <= I < N), "
+                f"got {args.num_processes} and {args.process_id}"
+            )
+    elif args.num_processes or args.process_id != -1:
+        raise CLIError("--num-processes and --process-id go with --coordinator HOST:PORT")
+
+
+def start_distributed(args: Any) -> None:
+    """Join a multi-process run (`--coordinator`, or `--distributed` for a cluster jax detects: Slurm,
+    Open MPI, TPU pods). It must precede everything that starts a jax backend, so it runs before
+    `rlcx_jax.runs` (which imports gymnax) is imported."""
+    if not (args.coordinator or args.distributed):
+        return
+    import jax
+
+    try:
+        if args.coordinator:
+            jax.distributed.initialize(
+                coordinator_address=args.coordinator, num_processes=args.num_processes, process_id=args.process_id
+            )
+        else:
+            jax.distributed.initialize()
+    except Exception as e:  # unreachable coordinator, undetected cluster: one line, not a traceback
+        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CLIError(f"could not join the multi-process run: {message}") from None
+
+
+@dataclasses.dataclass
+class MergeArgs:
+    parts: tyro.conf.Positional[tuple[str, ...]]
+    """Run directories of the parts (`rlcx sweep ... --part I/N --out DIR`)."""
+    out: str = ""
+    """Where the joined sweep is written."""
+    overwrite: bool = False
+    """Delete an existing directory at --out first."""
+
+
+def parse_merge(argv: Sequence[str]) -> MergeArgs:
+    args = tyro.cli(MergeArgs, args=list(argv), prog="rlcx sweep-merge")
+    if not args.parts:
+        raise CLIError("sweep-merge needs the part directories")
+    for part in args.parts:
+        if not pathlib.Path(part).is_dir():
+            raise CLIError(f"No sweep directory at {part}")
+    if not args.out:
+        raise CLIError("sweep-merge needs --out DIR")
+    check_directory_path(pathlib.Path(args.out))
+    return args
 
 
 # ----------------------------------------------------------------------------------------------
@@ -324,7 +457,7 @@ def parse_pipeline(argv: Sequence[str]) -> tuple[Recipe, pathlib.Path, str]:
 # ----------------------------------------------------------------------------------------------
 # Entry point
 # ----------------------------------------------------------------------------------------------
-USAGE = """usage: rlcx {pipeline,train,eval,compress,plot} ...
+USAGE = """usage: rlcx {pipeline,train,eval,compress,plot,sweep,sweep-merge,info} ...
 
   rlcx pipeline [--recipe FILE.toml] [--out DIR] [--from STAGE] [flags]
                                 train a teacher, distil, prune, quantize, export, evaluate
@@ -336,6 +469,13 @@ USAGE = """usage: rlcx {pipeline,train,eval,compress,plot} ...
   rlcx compress RUN_DIR [--prune 0.9] [--structured 0.5] [--nm 2:4] [--quant int8] [--activations minmax]
   rlcx plot RUN_DIR [RUN_DIR ...] [--out FILE.png] [--label NAME ...]
                                 learning curves of several runs: IQM over seeds with 95% bootstrap bands
+  rlcx sweep {dqn,reinforce,a2c,ppo} --grid lr=1e-4,3e-4 [--grid NAME=...] [--random NAME=loguniform:LO:HI
+             --samples N] [--seeds 4] [--chunk-size auto] [--part I/N] [any flag of rlcx train]
+                                every setting x seed in one jitted, vmapped program over all devices; writes
+                                results.csv/json (one row per setting and seed), summary.csv and sweep.png
+  rlcx sweep-merge PART_DIR [PART_DIR ...] --out DIR
+                                join the parts of a sweep run as independent jobs (--part I/N)
+  rlcx info                     jax version, backend, devices and their memory (paste it into bug reports)
 """
 
 
@@ -346,12 +486,12 @@ def _dispatch(argv: list[str]) -> None:
             raise CLIError(f"missing command ({', '.join(COMMANDS)})")
         return
     command, rest = argv[0], argv[1:]
+    if command in ("train", "sweep") and (not rest or rest[0] in ("-h", "--help")):
+        print(USAGE)
+        if not rest:
+            raise CLIError(f"missing algorithm: one of {', '.join(ALGORITHMS)}")
+        return
     if command == "train":
-        if not rest or rest[0] in ("-h", "--help"):
-            print(USAGE)
-            if not rest:
-                raise CLIError(f"missing algorithm: one of {', '.join(ALGORITHMS)}")
-            return
         algorithm = rest[0]
         args = parse_train_args(algorithm, rest[1:])
         config, hparams = build_run(algorithm, args)
@@ -379,6 +519,28 @@ def _dispatch(argv: list[str]) -> None:
         from rlcx_jax import plot
 
         plot.run_plot(rest)
+    elif command == "sweep":
+        algorithm = rest[0]
+        args = parse_train_args(algorithm, rest[1:], SweepOptions, "sweep")
+        spec, chunk_size, part = build_sweep(algorithm, args)
+        start_distributed(args)
+        from rlcx_jax import runs
+
+        runs.run_sweep(spec, args, chunk_size, part)
+    elif command == "sweep-merge":
+        merge_args = parse_merge(rest)
+        from rlcx_jax import runs
+
+        runs.run_sweep_merge(merge_args)
+    elif command == "info":
+        if rest and rest[0] not in ("-h", "--help"):
+            raise CLIError(f"info takes no arguments, got {rest[0]!r}")
+        if rest:
+            print("usage: rlcx info\n\njax version, backend, devices and their memory, on one line each")
+            return
+        from rlcx_jax import runs
+
+        runs.run_info()
     else:
         raise CLIError(f"unknown command {command!r}; expected {', '.join(COMMANDS)}")
 

@@ -205,3 +205,19 @@ def plot_learning_curves(rows: list[dict[str, Any]], path: pathlib.Path, title: 
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def progress_bar(unit: str = "") -> Any:
+    """A rich progress bar with count, elapsed time and ETA (`unit` after the count, e.g. "updates")."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn()]
+    columns += [TextColumn(unit)] if unit else []
+    return Progress(*columns, TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), transient=False)

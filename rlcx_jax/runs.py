@@ -11,6 +11,7 @@ import dataclasses
 import datetime
 import json
 import math
+import os
 import pathlib
 import shutil
 import sys
@@ -106,15 +107,6 @@ def _print_table(title: str, returns: np.ndarray, extra: dict[str, str]) -> None
 def run_train(algorithm: str, args: Any, config: Any, hparams: Any, note: str | None = None) -> dict[str, Any]:
     """Train `config` / `hparams` (validated by the CLI) for `args.seeds` seeds in chunks; `note` (the
     preset used) is printed once the environment is built."""
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
     started = time.perf_counter()
     envs.make(config.env, **dict(config.env_kwargs))  # unknown environment parameter: clear error now
     if note:
@@ -162,17 +154,8 @@ def run_train(algorithm: str, args: Any, config: Any, hparams: Any, note: str | 
     start_done = done
     run_s = 0.0
     first_chunk_s = float("nan")
-    columns = (
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("updates"),
-        TimeElapsedColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-    )
     sinks = loggers.make_sinks(args.log, run_dir, run_spec.to_json(), resumed=done > 0) if args.log else []
-    with Progress(*columns, transient=False) as progress, contextlib.ExitStack() as closing:
+    with rlog.progress_bar("updates") as progress, contextlib.ExitStack() as closing:
         for sink in sinks:
             closing.callback(sink.close)
         task = progress.add_task(f"{algorithm} {config.env} x{args.seeds}", total=trainer.num_updates, completed=done)
@@ -394,3 +377,108 @@ def _print_pipeline_table(rows: list[dict[str, Any]], recipe: pipeline.Recipe) -
     console.print(table)
     for line in pipeline.verdicts(rows):
         console.print(line)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sweeps, device report
+# ----------------------------------------------------------------------------------------------
+def run_sweep(spec: Any, args: Any, chunk_size: int | None, part: tuple[int, int] | None) -> Any:
+    """Run the sweep `spec` (validated by the CLI) into `args.out`, print the best settings."""
+    from rlcx_jax import sweep
+
+    envs.make(spec.config.env, **dict(spec.config.env_kwargs))  # unknown environment parameter: clear error now
+    enable_compile_cache(args.compile_cache)
+    notice = spec.config.rounding_notice()
+    if notice and jax.process_index() == 0:
+        print(f"rlcx: note: {notice}", file=sys.stderr)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    out = pathlib.Path(args.out or f"runs/sweep-{spec.algorithm}-{spec.config.env}-{stamp}")
+    if jax.process_index() == 0:
+        which = "" if part is None else f" (part {part[0]}/{part[1]})"
+        print(
+            f"rlcx: sweep of {spec.num_settings} settings x {spec.seeds} seeds{which} over "
+            f"{jax.device_count()} {jax.devices()[0].platform} device(s) -> {out}",
+            file=sys.stderr,
+        )
+    try:
+        result = sweep.run(spec, out, chunk_size=chunk_size, part=part, resume=args.resume, overwrite=args.overwrite)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    if jax.process_index() == 0:
+        _print_sweep(spec, result)
+    return result
+
+
+def run_sweep_merge(args: Any) -> Any:
+    from rlcx_jax import sweep
+
+    try:
+        result = sweep.merge(args.parts, args.out, overwrite=args.overwrite)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    spec, _ = sweep.spec_from_json(json.loads((pathlib.Path(args.out) / sweep.SPEC_FILE).read_text()))
+    _print_sweep(spec, result)
+    return result
+
+
+def _print_sweep(spec: Any, result: Any) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from rlcx_jax import sweep
+
+    best = sweep.top_settings(result.summary)
+    table = Table(title=f"{spec.algorithm} on {spec.config.env}: best of {len(result.summary)} settings")
+    names = [a.name for a in spec.axes]
+    for col in ("setting", *names, "return IQM [95% CI] over seeds", "mean", "min"):
+        table.add_column(col, justify="right")
+    for s in best:
+        table.add_row(
+            str(s["setting"]),
+            *(f"{s[n]:.4g}" for n in names),
+            f"{s['return_iqm']:.1f} [{s['ci_low']:.1f}, {s['ci_high']:.1f}]",
+            f"{s['return_mean']:.1f}",
+            f"{s['return_min']:.1f}",
+        )
+    console = Console()
+    console.print(table)
+    t = result.timing
+    if t.get("run_s"):
+        console.print(
+            f"{t['rows']} runs in {t['chunks']} chunk(s) of {t['chunk_rows']} on {t['devices']} device(s): "
+            f"{t['env_steps_per_s']:,.0f} env steps/s, compile {t['compile_s']:.1f} s, run {t['run_s']:.1f} s"
+        )
+    if result.out_dir is not None:
+        console.print(f"tables and plot: {result.out_dir}/{{results.csv,summary.csv,sweep.png}}")
+
+
+def device_report() -> list[str]:
+    """One line each: jax and jaxlib versions, backend, process, and every local device with its memory."""
+    import jaxlib
+
+    lines = [
+        f"jax {jax.__version__}, jaxlib {jaxlib.__version__}, backend {jax.default_backend()}, "
+        f"process {jax.process_index()} of {jax.process_count()}, {jax.device_count()} device(s) in all"
+    ]
+    for d in jax.local_devices():
+        try:
+            stats = d.memory_stats() or {}
+        except Exception:
+            stats = {}
+        limit = stats.get("bytes_limit")
+        memory = f"{limit / 2**30:.1f} GiB" if limit else _host_memory()
+        lines.append(f"  {d.id}: {d.device_kind} ({d.platform}), memory {memory}")
+    return lines
+
+
+def _host_memory() -> str:
+    try:
+        return f"{os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') / 2**30:.1f} GiB (host)"
+    except (ValueError, OSError):
+        return "host memory"
+
+
+def run_info() -> list[str]:
+    lines = device_report()
+    print("\n".join(lines))
+    return lines

@@ -85,10 +85,19 @@ def place(tree: Any, mesh: Mesh) -> Any:
 
 
 def gather(tree: Any) -> Any:
-    """Sharded outputs as host NumPy arrays on every process (an all-gather when there are several)."""
-    if jax.process_count() > 1:
-        return multihost_utils.process_allgather(tree, tiled=True)
-    return jax.device_get(tree)
+    """Sharded outputs as host NumPy arrays on every process (an all-gather when there are several).
+
+    Typed PRNG keys cannot become NumPy arrays: they are gathered as their key data and come back
+    as keys (single process: `jax.device_get` returns them as they are)."""
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+
+    def one(x: Any) -> Any:
+        if _is_key(x):
+            return jax.random.wrap_key_data(one(jax.random.key_data(x)), impl=jax.random.key_impl(x))
+        return multihost_utils.process_allgather(x, tiled=True)
+
+    return jax.tree.map(one, tree)
 
 
 def sharded(fn: Callable[..., Any], mesh: Mesh | None = None) -> Callable[..., Any]:

@@ -29,6 +29,7 @@ JAX_FREE = (
     "rlcx_jax.configs.algorithms",
     "rlcx_jax.configs.compress",
     "rlcx_jax.configs.pipeline",
+    "rlcx_jax.configs.sweep",
     "rlcx_jax.presets",
     "rlcx_jax.plot",
     "rlcx_jax.loggers",
@@ -52,6 +53,19 @@ BAD_INPUT = [
     ["pipeline", "--sparsity", "1.5"],
     ["pipeline", "--stages", "teacher", "prune", "distill"],
     ["plot", "/nonexistent/run"],
+    ["sweep", "ppo", "--help"],
+    ["sweep", "ppo"],
+    ["sweep", "ppo", "--grid", "lr="],
+    ["sweep", "ppo", "--grid", "lrr=1e-3,1e-4"],
+    ["sweep", "ppo", "--grid", "num_envs=4,8"],
+    ["sweep", "ppo", "--grid", "gamma=0.9,1.5"],
+    ["sweep", "ppo", "--grid", "sparsity=0.5,0.9"],
+    ["sweep", "ppo", "--grid", "lr=1e-3", "--chunk-size", "0"],
+    ["sweep", "ppo", "--random", "lr=loguniform:0:1e-3", "--samples", "4"],
+    ["sweep", "ppo", "--grid", "lr=1e-3", "--part", "2/2"],
+    ["sweep", "ppo", "--grid", "lr=1e-3", "--coordinator", "host:1234"],
+    ["sweep-merge", "/nonexistent/part-0", "--out", "merged"],
+    ["info", "--devices"],
 ]
 
 
@@ -180,7 +194,15 @@ class _Recorder(types.ModuleType):
     def __init__(self) -> None:
         super().__init__("rlcx_jax.runs")
         self.calls: list[tuple[str, tuple]] = []
-        for name in ("run_train", "run_eval", "run_compress", "run_pipeline"):
+        for name in (
+            "run_train",
+            "run_eval",
+            "run_compress",
+            "run_pipeline",
+            "run_sweep",
+            "run_sweep_merge",
+            "run_info",
+        ):
             setattr(self, name, lambda *a, _name=name: self.calls.append((_name, a)))
 
 
@@ -191,6 +213,9 @@ def _flags(command: str) -> list[str]:
         "pipeline": dataclasses.fields(cli.PipelineArgs),
         "eval": dataclasses.fields(cli.EvalArgs),
         "plot": (),
+        "sweep": dataclasses.fields(cli.train_args_class("ppo", cli.SweepOptions, "Sweep")),
+        "sweep-merge": dataclasses.fields(cli.MergeArgs),
+        "info": (),
     }[command]
     return sorted({"--" + f.name.replace("_", "-") for f in fields} | {"--help", "--out", "--label"})
 
@@ -231,9 +256,14 @@ VALUES = st.one_of(
 def _argv(draw: st.DrawFn) -> list[str]:
     command = draw(st.sampled_from([*cli.COMMANDS, "", "trian", "-h"]))
     argv = [command] if command else []
-    if command == "train":
+    if command in ("train", "sweep"):
         argv.append(draw(st.sampled_from([*cli.ALGORITHMS, "ppoo", "--env"])))
-    if command in ("eval", "compress", "plot"):
+    if command == "sweep":
+        argv += [
+            draw(st.sampled_from(["--grid", "--random"])),
+            draw(st.sampled_from(["lr=1e-3,1e-4", "lr=uniform:0.1:0.2", "gamma=", "x=1"])),
+        ]
+    if command in ("eval", "compress", "plot", "sweep-merge"):
         argv.append(draw(st.sampled_from(["RUN", "/nonexistent", "", "--episodes"])))
     flags = _flags(command) if command in cli.COMMANDS else ["--x"]
     for _ in range(draw(st.integers(0, 4))):
@@ -278,3 +308,5 @@ def test_random_input_to_every_command_exits_0_or_2_with_at_most_one_line_of_err
             assert all(math.isfinite(v) for v in dataclasses.astuple(hparams) if isinstance(v, float)), hparams
         elif name == "run_pipeline":
             args[0].validate()
+        elif name == "run_sweep":
+            args[0].validate()  # the spec: every setting's values in range
