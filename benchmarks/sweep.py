@@ -51,7 +51,7 @@ def run(total_steps: int, seeds: int) -> dict:
         shutil.copy(out / "sweep.png", RESULTS / f"sweep_{name}.png")
     record = {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "command": " ".join(argv[:-3]) + " --out DIR --compile-cache off",
+        "command": " ".join(argv[:-4]) + " --out DIR --compile-cache off",
         "hardware": cpu,
         "versions": local_versions(),
         "git": git_state(),

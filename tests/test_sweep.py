@@ -16,7 +16,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from rlcx_jax.configs.algorithms import DQNConfig, DQNHParams, PPOConfig, PPOHParams
+from rlcx_jax.configs.algorithms import A2CConfig, DQNConfig, PPOConfig, PPOHParams, ReinforceConfig
 from rlcx_jax.configs.compress import CompressConfig
 from rlcx_jax.configs.nets import NetConfig
 from rlcx_jax.configs.sweep import Axis, SweepSpec, parse_chunk_size, parse_grid, parse_part, parse_random
@@ -246,13 +246,24 @@ def test_a_pruning_sweep_prunes_as_much_as_each_setting_asks() -> None:
     assert 0.4 < zeros[1] < 0.5 < 0.7 < zeros[2] < 0.8, zeros  # biases and small layers stay dense
 
 
-def test_a_dqn_sweep_runs() -> None:
+@pytest.mark.parametrize(
+    ("algorithm", "config", "axis"),
+    [
+        ("dqn", DQNConfig(total_timesteps=2000, learning_starts=500, buffer_size=1000, log_every=10), "tau=0.5,1"),
+        ("a2c", A2CConfig(total_timesteps=16 * 8 * 4, net=NetConfig(hidden=(16,))), "gae_lambda=0.9,1"),
+        ("reinforce", ReinforceConfig(num_envs=4, num_steps=64, total_timesteps=4 * 64 * 2), "vf_coef=0.25,0.5"),
+    ],
+)
+def test_every_algorithm_sweeps(algorithm: str, config, axis: str) -> None:
     from rlcx_jax import sweep
+    from rlcx_jax.configs.algorithms import config_classes
 
-    config = DQNConfig(total_timesteps=2000, learning_starts=500, buffer_size=1000, log_every=10)
-    spec = SweepSpec("dqn", config, DQNHParams(), grid=(parse_grid("tau=0.5,1"),), seeds=1, eval_episodes=2)
+    spec = SweepSpec(
+        algorithm, config, config_classes(algorithm)[1](), grid=(parse_grid(axis),), seeds=1, eval_episodes=2
+    )
     rows = sweep.run(spec, None, progress=False).rows
-    assert [r["tau"] for r in rows] == [0.5, 1.0]
+    name, values = axis.split("=")
+    assert [r[name] for r in rows] == [float(v) for v in values.split(",")]
     assert all(math.isfinite(r["return_mean"]) and r["return_mean"] > 0 for r in rows)
 
 
