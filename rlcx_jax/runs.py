@@ -405,7 +405,7 @@ def run_sweep(spec: Any, args: Any, chunk_size: int | None, part: tuple[int, int
     except ValueError as e:
         raise CLIError(str(e)) from None
     if jax.process_index() == 0:
-        _print_sweep(spec, result)
+        _print_sweep(result)
     return result
 
 
@@ -416,17 +416,17 @@ def run_sweep_merge(args: Any) -> Any:
         result = sweep.merge(args.parts, args.out, overwrite=args.overwrite)
     except ValueError as e:
         raise CLIError(str(e)) from None
-    spec, _ = sweep.spec_from_json(json.loads((pathlib.Path(args.out) / sweep.SPEC_FILE).read_text()))
-    _print_sweep(spec, result)
+    _print_sweep(result)
     return result
 
 
-def _print_sweep(spec: Any, result: Any) -> None:
+def _print_sweep(result: Any) -> None:
     from rich.console import Console
     from rich.table import Table
 
     from rlcx_jax import sweep
 
+    spec = result.spec
     best = sweep.top_settings(result.summary)
     table = Table(title=f"{spec.algorithm} on {spec.config.env}: best of {len(result.summary)} settings")
     names = [a.name for a in spec.axes]

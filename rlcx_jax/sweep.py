@@ -42,7 +42,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from rlcx_jax import logging as rlog
 from rlcx_jax import rl, shard, xla
 from rlcx_jax.checkpoint import RunSpec, atomic_write_text
-from rlcx_jax.configs.sweep import Axis, SweepSpec, describe
+from rlcx_jax.configs.sweep import Axis, SweepSpec
 from rlcx_jax.rl.common import Trainer
 from rlcx_jax.rl.evaluate import default_greedy, make_evaluator
 
@@ -84,8 +84,9 @@ class RowOutput:
 
 @dataclasses.dataclass
 class SweepResult:
-    """Rows (one per setting and seed), the per-setting summary, and timings."""
+    """The sweep, its rows (one per setting and seed), the per-setting summary, and timings."""
 
+    spec: SweepSpec
     rows: list[dict[str, Any]]
     summary: list[dict[str, Any]]
     timing: dict[str, Any]
@@ -389,7 +390,7 @@ def read_chunk_rows(out_dir: pathlib.Path) -> list[dict[str, Any]]:
 def _prepare(out_dir: pathlib.Path, spec_json: dict[str, Any], resume: bool, overwrite: bool) -> None:
     spec_json = json.loads(json.dumps(spec_json))  # tuples as lists, as read back
     if (out_dir / SPEC_FILE).is_file() and resume:
-        if not _same_sweep(_read_spec(out_dir), spec_json) or _read_spec(out_dir)["part"] != spec_json["part"]:
+        if _read_spec(out_dir) != spec_json:  # the same sweep and the same part
             raise ValueError(f"--resume: {out_dir} holds a different sweep; pass the same flags as the original run")
         return
     if out_dir.exists() and any(out_dir.iterdir()):
@@ -416,7 +417,7 @@ def finish(
         atomic_write_text(out_dir / RESULTS_JSON, json.dumps(payload, indent=1))
         if rows:
             plot(spec, rows, summary, out_dir / PLOT_FILE)
-    return SweepResult(rows, summary, timing, out_dir)
+    return SweepResult(spec, rows, summary, timing, out_dir)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -570,10 +571,6 @@ def top_settings(summary: Sequence[dict[str, Any]], n: int = 10) -> list[dict[st
         return tuple(-s[k] if math.isfinite(s[k]) else math.inf for k in ("return_iqm", "return_mean", "return_min"))
 
     return sorted(summary, key=rank)[:n]
-
-
-def describe_setting(spec: SweepSpec, setting: int) -> str:
-    return describe(spec.setting_values()[setting])
 
 
 def run_with_ray(
