@@ -7,6 +7,7 @@
   rlcx plot RUN [RUN ...] [--out FILE.png]
   rlcx sweep {dqn,reinforce,a2c,ppo} --grid NAME=V1,V2 [--random NAME=DIST:LO:HI --samples N] [train flags]
   rlcx sweep-merge PART_DIR [PART_DIR ...] --out DIR
+  rlcx meta {maml,fomaml,reptile,platipus,pretrain} [--family point-nav-uniform] [--seeds N] [--out DIR] [flags]
   rlcx info
 
 This module parses and validates every command's flags without importing jax (the config classes
@@ -39,6 +40,7 @@ from rlcx_jax.configs.algorithms import ALGORITHMS, config_classes
 from rlcx_jax.configs.base import Extension, check_directory_path
 from rlcx_jax.configs.compress import CompressConfig, CompressOptions
 from rlcx_jax.configs.envs import check_env_name
+from rlcx_jax.configs.meta import METHODS, MetaConfig, MetaHParams, check_method
 from rlcx_jax.configs.nets import NetConfig
 from rlcx_jax.configs.pipeline import Recipe, load_recipe
 from rlcx_jax.configs.sweep import SweepSpec, parse_chunk_size, parse_grid, parse_part, parse_random
@@ -48,7 +50,7 @@ _RENAMED = {"env", "total_timesteps", "env_kwargs", "net", "extensions", "ext"}
 # Extensions whose config and hyperparameter fields are flags of `rlcx train`; an extension is
 # switched on when any of its flags differs from its default.
 CLI_EXTENSIONS: tuple[type[Extension], ...] = (CompressConfig,)
-COMMANDS = ("pipeline", "train", "eval", "compress", "plot", "sweep", "sweep-merge", "info")
+COMMANDS = ("pipeline", "train", "eval", "compress", "plot", "sweep", "sweep-merge", "meta", "info")
 
 
 class CLIError(ValueError):
@@ -384,6 +386,68 @@ def parse_merge(argv: Sequence[str]) -> MergeArgs:
 
 
 # ----------------------------------------------------------------------------------------------
+# rlcx meta
+# ----------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class MetaOptions:
+    seeds: int = 4
+    """Number of seeds meta-trained at once (vmapped)."""
+    seed: int = 0
+    """Base PRNG seed; seed i uses split(PRNGKey(seed), seeds)[i]."""
+    range: Annotated[tuple[str, ...], tyro.conf.UseAppendAction] = ()
+    """Override a sampled range of the task family, NAME=LOW:HIGH (repeatable), e.g. --range length=0.25:1.0."""
+    out: str = ""
+    """Run directory (default: runs/meta-<method>-<family>-<timestamp>)."""
+    resume: bool = False
+    """Continue the run in --out from its last checkpoint."""
+    overwrite: bool = False
+    """Delete an existing run in --out first."""
+    chunks: int = 10
+    """Number of chunks (progress / checkpoint points) the run is split into."""
+
+
+_META_RENAMED = {"method", "net", "family_ranges"}
+
+
+def meta_args_class() -> type:
+    """A flat dataclass of `rlcx meta` flags: run options + MetaConfig + its network + MetaHParams."""
+    fields: list[tuple[str, Any, Any]] = []
+    for cls, obj, prefix in (
+        (MetaOptions, MetaOptions(), ""),
+        (MetaConfig, MetaConfig(), ""),
+        (NetConfig, MetaConfig().net, "net_"),
+        (MetaHParams, MetaHParams(), ""),
+    ):
+        hints = typing.get_type_hints(cls, include_extras=True)
+        docs = field_docs(cls)
+        for f in dataclasses.fields(obj):
+            if prefix == "" and f.name in _META_RENAMED:
+                continue
+            hint = Annotated[hints[f.name], tyro.conf.arg(help=docs[f.name])] if f.name in docs else hints[f.name]
+            fields.append((prefix + f.name, hint, dataclasses.field(default=getattr(obj, f.name))))
+    return dataclasses.make_dataclass("MetaArgs", fields)
+
+
+def parse_meta(method: str, argv: Sequence[str]) -> tuple[Any, MetaConfig, MetaHParams]:
+    """(run options, config, hyperparameters) of `rlcx meta METHOD`, all validated before jax loads."""
+    check_method(method)
+    args: Any = tyro.cli(meta_args_class(), args=list(argv), prog=f"rlcx meta {method}")
+    values = dataclasses.asdict(args)
+    net = NetConfig(**{f.name: values["net_" + f.name] for f in dataclasses.fields(NetConfig)})
+    config_values = {f.name: values[f.name] for f in dataclasses.fields(MetaConfig) if f.name not in _META_RENAMED}
+    config = MetaConfig(method=method, net=net, family_ranges=tuple(args.range), **config_values)
+    hparams = MetaHParams(**{f.name: values[f.name] for f in dataclasses.fields(MetaHParams)})
+    config.validate()
+    hparams.validate()
+    for name in ("seeds", "chunks"):
+        if getattr(args, name) < 1:
+            raise CLIError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.out:
+        check_directory_path(pathlib.Path(args.out))
+    return args, config, hparams
+
+
+# ----------------------------------------------------------------------------------------------
 # The other commands' flags
 # ----------------------------------------------------------------------------------------------
 @dataclasses.dataclass
@@ -457,7 +521,7 @@ def parse_pipeline(argv: Sequence[str]) -> tuple[Recipe, pathlib.Path, str]:
 # ----------------------------------------------------------------------------------------------
 # Entry point
 # ----------------------------------------------------------------------------------------------
-USAGE = """usage: rlcx {pipeline,train,eval,compress,plot,sweep,sweep-merge,info} ...
+USAGE = """usage: rlcx {pipeline,train,eval,compress,plot,sweep,sweep-merge,meta,info} ...
 
   rlcx pipeline [--recipe FILE.toml] [--out DIR] [--from STAGE] [flags]
                                 train a teacher, distil, prune, quantize, export, evaluate
@@ -475,6 +539,11 @@ USAGE = """usage: rlcx {pipeline,train,eval,compress,plot,sweep,sweep-merge,info
                                 results.csv/json (one row per setting and seed), summary.csv and sweep.png
   rlcx sweep-merge PART_DIR [PART_DIR ...] --out DIR
                                 join the parts of a sweep run as independent jobs (--part I/N)
+  rlcx meta {maml,fomaml,reptile,platipus,pretrain} [--family point-nav-uniform] [--seeds 4] [--iterations 500]
+            [--inner-steps 1] [--inner-lr 0.1] [--range NAME=LO:HI] [--out DIR] [--resume]
+                                meta-train over a task family, then the table of returns after 0..3 adaptation
+                                steps on 40 test tasks (families: point-nav-uniform, point-nav-circle,
+                                point-nav-sparse, cartpole, cartpole-flip, pendulum, acrobot, bandit, meta-maze)
   rlcx info                     jax version, backend, devices and their memory (paste it into bug reports)
 """
 
@@ -486,10 +555,15 @@ def _dispatch(argv: list[str]) -> None:
             raise CLIError(f"missing command ({', '.join(COMMANDS)})")
         return
     command, rest = argv[0], argv[1:]
-    if command in ("train", "sweep") and (not rest or rest[0] in ("-h", "--help")):
+    if command in ("train", "sweep", "meta") and (not rest or rest[0] in ("-h", "--help")):
         print(USAGE)
         if not rest:
-            raise CLIError(f"missing algorithm: one of {', '.join(ALGORITHMS)}")
+            what = (
+                "method: one of " + ", ".join(METHODS)
+                if command == "meta"
+                else "algorithm: one of " + ", ".join(ALGORITHMS)
+            )
+            raise CLIError(f"missing {what}")
         return
     if command == "train":
         algorithm = rest[0]
@@ -532,6 +606,11 @@ def _dispatch(argv: list[str]) -> None:
         from rlcx_jax import runs
 
         runs.run_sweep_merge(merge_args)
+    elif command == "meta":
+        meta_args, meta_config, meta_hparams = parse_meta(rest[0], rest[1:])
+        from rlcx_jax import runs
+
+        runs.run_meta(meta_args, meta_config, meta_hparams)
     elif command == "info":
         if rest and rest[0] not in ("-h", "--help"):
             raise CLIError(f"info takes no arguments, got {rest[0]!r}")

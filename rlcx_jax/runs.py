@@ -1,7 +1,7 @@
 """What the `rlcx` commands run once their flags have been parsed and validated (`rlcx_jax.cli`):
 training in chunks with progress, checkpoints and a final evaluation; evaluation of a run;
-post-training compression; the pipeline. This module imports jax; the CLI imports it only after
-every check that needs no jax has passed.
+post-training compression; the pipeline; meta-learning (`workflows.meta_run.run_meta`). This module
+imports jax; the CLI imports it only after every check that needs no jax has passed.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from rlcx_jax.rl.common import vmap_learn
 from rlcx_jax.rl.evaluate import default_greedy, make_evaluator
 from rlcx_jax.workflows import pipeline
 from rlcx_jax.workflows.compress_run import compress_run
+from rlcx_jax.workflows.meta_run import run_meta as run_meta
 
 
 def enable_compile_cache(setting: str = "") -> pathlib.Path | None:

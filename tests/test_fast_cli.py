@@ -30,6 +30,8 @@ JAX_FREE = (
     "rlcx_jax.configs.compress",
     "rlcx_jax.configs.pipeline",
     "rlcx_jax.configs.sweep",
+    "rlcx_jax.configs.meta",
+    "rlcx_jax.configs.tasks",
     "rlcx_jax.presets",
     "rlcx_jax.plot",
     "rlcx_jax.loggers",
@@ -66,6 +68,18 @@ BAD_INPUT = [
     ["sweep", "ppo", "--grid", "lr=1e-3", "--coordinator", "host:1234"],
     ["sweep-merge", "/nonexistent/part-0", "--out", "merged"],
     ["info", "--devices"],
+    ["meta", "maml", "--help"],
+    ["meta"],
+    ["meta", "mamll"],
+    ["meta", "maml", "--family", "point-nav"],
+    ["meta", "maml", "--inner-steps", "-1"],
+    ["meta", "maml", "--meta-batch", "0"],
+    ["meta", "maml", "--inner-lr", "0"],
+    ["meta", "reptile", "--inner-steps", "0"],
+    ["meta", "maml", "--family", "cartpole", "--range", "masspole=-0.1:0.5"],
+    ["meta", "maml", "--family", "cartpole", "--range", "length=0:1"],
+    ["meta", "maml", "--family", "cartpole", "--range", "mass=1:2"],
+    ["meta", "platipus", "--kl-weight", "-1"],
 ]
 
 
@@ -202,6 +216,7 @@ class _Recorder(types.ModuleType):
             "run_sweep",
             "run_sweep_merge",
             "run_info",
+            "run_meta",
         ):
             setattr(self, name, lambda *a, _name=name: self.calls.append((_name, a)))
 
@@ -215,6 +230,7 @@ def _flags(command: str) -> list[str]:
         "plot": (),
         "sweep": dataclasses.fields(cli.train_args_class("ppo", cli.SweepOptions, "Sweep")),
         "sweep-merge": dataclasses.fields(cli.MergeArgs),
+        "meta": dataclasses.fields(cli.meta_args_class()),
         "info": (),
     }[command]
     return sorted({"--" + f.name.replace("_", "-") for f in fields} | {"--help", "--out", "--label"})
@@ -239,6 +255,9 @@ VALUES = st.one_of(
             "gradual",
             "tensorboard",
             "CartPole-v1",
+            "point-nav-circle",
+            "cartpole",
+            "length=0.1:2",
             "Pendulum-v1",
             "cnn",
             "relu",
@@ -258,6 +277,8 @@ def _argv(draw: st.DrawFn) -> list[str]:
     argv = [command] if command else []
     if command in ("train", "sweep"):
         argv.append(draw(st.sampled_from([*cli.ALGORITHMS, "ppoo", "--env"])))
+    if command == "meta":
+        argv.append(draw(st.sampled_from([*cli.METHODS, "mam", "--family"])))
     if command == "sweep":
         argv += [
             draw(st.sampled_from(["--grid", "--random"])),
@@ -310,3 +331,7 @@ def test_random_input_to_every_command_exits_0_or_2_with_at_most_one_line_of_err
             args[0].validate()
         elif name == "run_sweep":
             args[0].validate()  # the spec: every setting's values in range
+        elif name == "run_meta":
+            _, config, hparams = args
+            config.validate()
+            hparams.validate()

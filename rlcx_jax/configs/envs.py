@@ -43,7 +43,7 @@ GYMNAX_ENVS: Mapping[str, bool] = {
 """gymnax 1.0.1's registry, in its order: id -> discrete action space."""
 
 # Our own environments: id -> discrete action space (`rlcx_jax.envs` holds their factories).
-# Probe environments are listed here so that the CLI knows them before `rlcx_jax.envs` is imported.
+# Probe and task environments are listed here so that the CLI knows them before `rlcx_jax.envs` is imported.
 _EXTRA_ENVS: dict[str, bool] = {
     "Probe-ConstantReward-v0": True,
     "Probe-ObsReward-v0": True,
@@ -52,6 +52,7 @@ _EXTRA_ENVS: dict[str, bool] = {
     "Probe-ObsActionReward-v0": True,
     "Probe-Truncation-v0": True,
     "Probe-TruncationReset-v0": True,
+    "PointNavigation-v0": False,  # rlcx_jax.envs.tasks (2D point navigation, MAML)
 }
 
 

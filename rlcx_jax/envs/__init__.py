@@ -18,11 +18,13 @@ from rlcx_jax.envs.wrappers import (
     EpisodeStats,
     EpisodeStatsWrapper,
     FlattenObservationWrapper,
+    RescaleActionWrapper,
 )
 
 __all__ = [
     "register",
     "make_training_env",
+    "wrap_for_training",
     "make",
     "list_envs",
     "check_env_name",
@@ -94,10 +96,21 @@ def make_training_env(name: str, env_kwargs: tuple[tuple[str, Any], ...] = ()) -
     """`make` plus the episode-statistics wrapper that every rollout reads (and action clipping for
     continuous action spaces)."""
     env, env_params = make(name, **dict(env_kwargs))
+    return wrap_for_training(env, env_params), env_params
+
+
+def wrap_for_training(env: Any, env_params: Any, rescale_actions: bool = False) -> Any:
+    """The wrappers every rollout reads: episode statistics, and action clipping for continuous
+    action spaces (also for environments built outside `make`, e.g. a task family's). With
+    `rescale_actions`, continuous actions are taken in [-1, 1] and scaled to the space's bounds."""
     if not _discrete(env.action_space(env_params)):
+        if rescale_actions:
+            env = RescaleActionWrapper(env)
         env = ClipActionWrapper(env)
-    return EpisodeStatsWrapper(env), env_params
+    return EpisodeStatsWrapper(env)
 
 
-# Probe environments with known answers register themselves on import (kept last: they use `register`).
+# Probe environments with known answers and PointNavigation-v0 register themselves on import (kept last:
+# they use `register`).
 from rlcx_jax.envs import probes as probes  # noqa: E402,F401
+from rlcx_jax.envs import tasks as tasks  # noqa: E402,F401  (PointNavigation-v0; task families)

@@ -109,3 +109,23 @@ class ClipActionWrapper(Wrapper):
     def step(self, key, state, action, params):
         space = self._env.action_space(params)
         return self._env.step(key, state, jnp.clip(action, space.low, space.high), params)
+
+
+class RescaleActionWrapper(Wrapper):
+    """The agent acts in [-1, 1]^d; the environment receives low + (a + 1) (high - low) / 2.
+
+    Its action space is Box(-1, 1) (so a `ClipActionWrapper` outside it clips to [-1, 1]): a
+    Gaussian policy with unit standard deviation then explores the whole range, whatever the
+    environment's units (rllab's `normalize`, which Finn et al. 2017 used for point navigation,
+    whose actions are +-0.1)."""
+
+    def action_space(self, params: Any) -> Any:
+        from gymnax.environments import spaces
+
+        space = self._env.action_space(params)
+        return spaces.Box(-1.0, 1.0, space.shape, jnp.float32)
+
+    def step(self, key, state, action, params):
+        space = self._env.action_space(params)
+        low, high = jnp.asarray(space.low, jnp.float32), jnp.asarray(space.high, jnp.float32)
+        return self._env.step(key, state, low + (action + 1.0) * 0.5 * (high - low), params)

@@ -42,6 +42,7 @@ __all__ = [
     "action_spec",
     "ActorCritic",
     "QNetwork",
+    "PolicyNetwork",
     "MLPTorso",
     "CNNTorso",
     "TORSOS",
@@ -350,6 +351,45 @@ class ActorCritic(nn.Module):
         else:
             critic_features = actor_features
         return self._policy_from_features(actor_features), self.value_head(critic_features)[..., 0]
+
+
+@register_head("policy")
+class PolicyNetwork(nn.Module):
+    """A policy alone, no critic (meta-learning's policies, whose baseline is fitted per task): one
+    torso and `policy_head` (+ `log_std` for a diagonal Gaussian), outputs as `ActorCritic.policy`."""
+
+    config: NetConfig
+    spec: ActionSpec
+    obs_ndim: int
+
+    @classmethod
+    def layout(cls, config: NetConfig) -> Layout:
+        actor_head = ("policy_head", "log_std")
+        roles = (
+            ("torso", ("torso",)),
+            ("actor_head", actor_head),
+            ("critic_head", ()),
+            ("q_head", ()),
+            ("head", actor_head),
+            ("policy", ("torso",) + actor_head),
+            ("critic", ()),
+        )
+        return Layout(roles=roles, feeds=(("torso", ("policy_head",)),))
+
+    def setup(self) -> None:
+        self.torso = _torso(self.config, self.obs_ndim, "torso")
+        self.policy_head = dense(self.spec.dim, 0.01)
+        if not self.spec.discrete:
+            self.log_std = self.param("log_std", nn.initializers.zeros, (self.spec.dim,))
+
+    def policy(self, obs: jax.Array, task: jax.Array | None = None) -> jax.Array:
+        out = self.policy_head(_with_task(self.torso(obs), task))
+        if not self.spec.discrete:
+            out = jnp.concatenate([out, jnp.broadcast_to(self.log_std, out.shape)], axis=-1)
+        return out
+
+    def __call__(self, obs: jax.Array, task: jax.Array | None = None) -> jax.Array:
+        return self.policy(obs, task)
 
 
 @register_head("q")
