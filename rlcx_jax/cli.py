@@ -404,6 +404,9 @@ class MetaOptions:
     """Delete an existing run in --out first."""
     chunks: int = 10
     """Number of chunks (progress / checkpoint points) the run is split into."""
+    compile_cache: str = ""
+    """JAX's persistent compilation cache: a directory, 'off', or '' for $RLCX_COMPILE_CACHE or else
+    ~/.cache/rlcx_jax/jax."""
 
 
 _META_RENAMED = {"method", "net", "family_ranges"}

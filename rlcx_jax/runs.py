@@ -29,9 +29,8 @@ from rlcx_jax.configs.pipeline import Recipe
 from rlcx_jax.nets.policy import AGREEMENT_TOLERANCE, agreement_label
 from rlcx_jax.rl.common import vmap_learn
 from rlcx_jax.rl.evaluate import default_greedy, make_evaluator
-from rlcx_jax.workflows import pipeline
+from rlcx_jax.workflows import meta_run, pipeline
 from rlcx_jax.workflows.compress_run import compress_run
-from rlcx_jax.workflows.meta_run import run_meta as run_meta
 
 
 def enable_compile_cache(setting: str = "") -> pathlib.Path | None:
@@ -216,6 +215,12 @@ def run_train(algorithm: str, args: Any, config: Any, hparams: Any, note: str | 
         },
     )
     return summary
+
+
+def run_meta(args: Any, config: Any, hparams: Any) -> dict[str, Any]:
+    """`rlcx meta` (`workflows.meta_run`), with the persistent compilation cache of `--compile-cache`."""
+    enable_compile_cache(args.compile_cache)
+    return meta_run.run_meta(args, config, hparams)
 
 
 def run_eval(args: Any) -> dict[str, Any]:

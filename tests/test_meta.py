@@ -19,7 +19,7 @@ import pytest
 from rlcx_jax import cli
 from rlcx_jax.configs.meta import MetaConfig, MetaHParams
 from rlcx_jax.configs.nets import NetConfig
-from rlcx_jax.meta import make_trainer
+from rlcx_jax.meta import MAML, make_trainer
 from rlcx_jax.meta.compressed import compressed_adaptation, compression_transform
 from rlcx_jax.meta.policy_gradient import baseline_features
 from tests.conftest import assert_trees_equal
@@ -98,7 +98,7 @@ def test_discrete_family_trajectories_stop_at_the_first_termination() -> None:
 # ----------------------------------------------------------------------------------------------
 # Every method: jit, vmap over seeds, determinism
 # ----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("method", ["maml", "fomaml", "reptile", "platipus", "pretrain"])
+@pytest.mark.parametrize("method", ["maml", "fomaml", "reptile", "platipus"])
 def test_every_method_trains_vmapped_over_seeds_deterministically(method: str) -> None:
     trainer = _trainer(method, inner_steps=2 if method == "reptile" else 1)
     keys = jax.random.split(jax.random.key(0), 2)
@@ -134,6 +134,19 @@ def test_chunked_learning_is_bit_identical_to_one_train_call() -> None:
     state, second = learn(state, 2)
     assert_trees_equal(_plain(whole.state), _plain(state))
     assert_trees_equal(whole.metrics, jax.tree.map(lambda a, b: jnp.concatenate([a, b]), first, second))
+
+
+def test_a_non_finite_meta_update_is_skipped_and_counted() -> None:
+    class Broken(MAML):
+        def meta_gradient(self, meta_params, tasks, key, ctx, hparams):
+            direction, aux = super().meta_gradient(meta_params, tasks, key, ctx, hparams)
+            return jax.tree.map(lambda g: g * jnp.nan, direction), aux
+
+    config = MetaConfig(method="fomaml", **SMALL)
+    trainer = make_trainer(config, method=Broken(first_order=True))
+    out = jax.jit(trainer.train)(jax.random.key(0), HP)
+    np.testing.assert_array_equal(np.asarray(out.metrics.skipped), [1.0, 1.0])
+    assert_trees_equal(out.state.meta_params, trainer.policy_params(jax.random.split(jax.random.key(0))[0]))
 
 
 def test_meta_training_improves_the_return_after_adaptation() -> None:
@@ -190,23 +203,24 @@ FLAGS = [
 ]  # fmt: skip
 
 
-def test_cli_meta_writes_a_run_directory_and_resumes_bit_identically(tmp_path, capsys) -> None:
+def test_cli_meta_writes_a_run_directory_and_resumes_bit_identically(tmp_path, capsys, monkeypatch) -> None:
+    monkeypatch.setenv("RLCX_COMPILE_CACHE", str(tmp_path / "cache"))  # the resumed run loads the programs
     out = tmp_path / "run"
-    assert cli.main(["meta", "fomaml", *FLAGS, "--out", str(out)]) == 0
+    assert cli.main(["meta", "pretrain", *FLAGS, "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "random init" in printed and "fomaml" in printed
+    assert "random init" in printed and "pretrain" in printed
     summary = json.loads((out / "summary.json").read_text())
     assert [row["step"] for row in summary["adaptation"]] == [0, 1, 2] and summary["oracle"] < 0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 4 and {r["seed"] for r in rows} == {0, 1}
-    assert cli.main(["meta", "fomaml", *FLAGS, "--out", str(out)]) == 2
+    assert cli.main(["meta", "pretrain", *FLAGS, "--out", str(out)]) == 2
     assert "already holds a run" in capsys.readouterr().err
     # Lose the last chunk: --resume retrains it from the first checkpoint, to the same bits.
     resumed = tmp_path / "resumed"
     shutil.copytree(out, resumed)
     shutil.rmtree(resumed / "checkpoints" / "4")
-    assert cli.main(["meta", "fomaml", *FLAGS, "--out", str(resumed), "--resume"]) == 0
+    assert cli.main(["meta", "pretrain", *FLAGS, "--out", str(resumed), "--resume"]) == 0
     assert (resumed / "adaptation.json").read_text() == (out / "adaptation.json").read_text()
     assert (resumed / "metrics.jsonl").read_text() == (out / "metrics.jsonl").read_text()
-    assert cli.main(["meta", "fomaml", *FLAGS, "--inner-lr", "0.2", "--out", str(resumed), "--resume"]) == 2
+    assert cli.main(["meta", "pretrain", *FLAGS, "--inner-lr", "0.2", "--out", str(resumed), "--resume"]) == 2
     assert "settings differ" in capsys.readouterr().err

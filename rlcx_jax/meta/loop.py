@@ -72,13 +72,15 @@ class MetaState:
 
 @struct.dataclass
 class MetaMetrics(BlockMetrics):
-    """Per-iteration metrics (means over a row's iterations; `env_steps` is the running count)."""
+    """Per-iteration metrics (means over a row's iterations; `env_steps` is the running count).
+    `skipped`: the fraction of iterations whose update was skipped because its direction was not finite."""
 
     return_before: jax.Array
     return_after: jax.Array
     loss: jax.Array
     kl: jax.Array
     grad_norm: jax.Array
+    skipped: jax.Array
     env_steps: jax.Array
 
     LAST: ClassVar[tuple[str, ...]] = ("env_steps",)
@@ -166,14 +168,14 @@ def make_trainer(
     def init(key: jax.Array, hparams: MetaHParams) -> MetaState:
         init_key, run_key = jax.random.split(key)
         meta_params = method.init(policy_params(init_key), hparams)
-        opt_state = method.optimizer(hparams, config.iterations).init(meta_params)
+        opt_state = _guarded(method.optimizer(hparams, config.iterations)).init(meta_params)
         return MetaState(meta_params, opt_state, run_key, jnp.zeros((), jnp.int32), hparams)
 
     def update(state: MetaState) -> tuple[MetaState, MetaMetrics]:
         key, task_key, method_key = jax.random.split(state.key, 3)
         tasks = family.sample(task_key, config.meta_batch)
         direction, aux = method.meta_gradient(state.meta_params, tasks, method_key, ctx, state.hparams)
-        optimizer = method.optimizer(state.hparams, config.iterations)
+        optimizer = _guarded(method.optimizer(state.hparams, config.iterations))
         updates, opt_state = optimizer.update(direction, state.opt_state, state.meta_params)
         meta_params = optax.apply_updates(state.meta_params, updates)
         iteration = state.iteration + 1
@@ -209,6 +211,13 @@ def make_trainer(
     return MetaTrainer(config, family, learner, method, ctx, init, learn, train, evaluate, policy_params)
 
 
+def _guarded(optimizer: optax.GradientTransformation) -> optax.GradientTransformation:
+    """The outer optimizer, skipping any update whose direction is not finite (the parameters and the
+    optimizer state stay as they were; `MetaMetrics.skipped` counts it), so one bad meta-batch never
+    turns the meta-parameters into NaN."""
+    return optax.apply_if_finite(optimizer, max_consecutive_errors=2**30)
+
+
 def _metrics(aux: MetaAux, grad_norm: jax.Array, env_steps: jax.Array) -> MetaMetrics:
     return MetaMetrics(
         return_before=aux.return_before,
@@ -216,5 +225,6 @@ def _metrics(aux: MetaAux, grad_norm: jax.Array, env_steps: jax.Array) -> MetaMe
         loss=aux.loss,
         kl=aux.kl,
         grad_norm=grad_norm,
+        skipped=jnp.logical_not(jnp.isfinite(grad_norm)).astype(jnp.float32),
         env_steps=env_steps.astype(jnp.float32),
     )
