@@ -5,6 +5,7 @@ for several seeds at once (vmapped), 95% bootstrap confidence intervals over see
 
     python benchmarks/meta.py                                   # every experiment (about an hour, 2 cores)
     python benchmarks/meta.py --experiments point-nav-uniform   # one of them
+    python benchmarks/meta.py --experiments point-nav-sparse --update   # rerun one, keep the others
     python benchmarks/meta.py --markdown benchmarks/results/meta_amd-epyc.json   # README tables
 
 Experiments (settings in EXPERIMENTS below; each method's meta-training is timed apart from its
@@ -12,8 +13,11 @@ compilation, with env steps per second, second-order included):
 
   point-nav-uniform  every method, Finn et al.'s sizes (20 tasks x 20 trajectories of 100 steps per
                      sampling), beside the paper's numbers and the analytic oracle; then the compressed
-                     meta-learned initialisation (90% pruned, int8, both) adapting against the dense one
-  point-nav-circle   MAML against the pretrained baseline (goals on a circle separate them better)
+                     meta-learned initialisation (90% pruned, int8, both) adapting against the dense one.
+                     Two MAML rows: the paper's setting (one inner step in meta-training), and
+                     "maml-2step": two inner steps with MAML++'s multi-step loss (weight 0.5), trained
+                     for the two steps the table reports
+  point-nav-circle   MAML (both rows) against the pretrained baseline
   point-nav-sparse   PLATIPUS against MAML where one initialisation cannot know which way to go: the
                      return after adaptation, and the spread of the first episodes' end points over
                      sampled initialisations (PLATIPUS samples one per evaluation; MAML has one)
@@ -52,12 +56,12 @@ FINN = dict(meta_batch=20, num_trajectories=20, horizon=100)
 EXPERIMENTS: dict[str, dict[str, Any]] = {
     "point-nav-uniform": dict(
         family="point-nav-uniform",
-        methods=("maml", "fomaml", "reptile", "platipus", "pretrain"),
+        methods=("maml-2step", "maml", "fomaml", "reptile", "platipus", "pretrain"),
         config=dict(FINN, iterations=200),
         compressed=True,
     ),
     "point-nav-circle": dict(
-        family="point-nav-circle", methods=("maml", "pretrain"), config=dict(FINN, iterations=200)
+        family="point-nav-circle", methods=("maml", "maml-2step", "pretrain"), config=dict(FINN, iterations=200)
     ),
     "point-nav-sparse": dict(
         family="point-nav-sparse", methods=("maml", "platipus"), config=dict(FINN, iterations=200), spread=True
@@ -73,17 +77,19 @@ EXPERIMENTS: dict[str, dict[str, Any]] = {
         config=dict(meta_batch=10, num_trajectories=10, horizon=200, iterations=100, net_hidden=(64, 64)),
     ),
 }
-METHOD_SETTINGS: dict[str, dict[str, Any]] = {  # per method: MetaConfig / MetaHParams changes
+METHOD_SETTINGS: dict[str, dict[str, Any]] = {  # per row: the method and MetaConfig / MetaHParams changes
     "reptile": dict(inner_steps=2),
+    "maml-2step": dict(method="maml", inner_steps=2, step_loss_weight=0.5),
 }
 SPREAD_SAMPLES = 8
 
 
-def _setup(experiment: dict[str, Any], method: str, seeds: int, iterations: int | None) -> tuple[Any, Any]:
+def _setup(experiment: dict[str, Any], label: str, seeds: int, iterations: int | None) -> tuple[Any, Any]:
     from rlcx_jax.configs.meta import MetaConfig, MetaHParams
     from rlcx_jax.configs.nets import NetConfig
 
-    settings = {**experiment["config"], **METHOD_SETTINGS.get(method, {})}
+    settings = {**experiment["config"], **METHOD_SETTINGS.get(label, {})}
+    method = settings.pop("method", label)
     if iterations:
         settings["iterations"] = iterations
     hidden = settings.pop("net_hidden", (100, 100))
@@ -105,13 +111,14 @@ def _summary(returns: np.ndarray) -> list[dict[str, float]]:
     return adaptation_summary(returns)
 
 
-def run_method(experiment: dict[str, Any], method: str, seeds: int, iterations: int | None) -> dict[str, Any]:
-    """Meta-train `method` for `seeds` seeds (vmapped), timed apart from compilation; evaluate."""
+def run_method(experiment: dict[str, Any], label: str, seeds: int, iterations: int | None) -> dict[str, Any]:
+    """Meta-train the row `label` (a method, or a variant in METHOD_SETTINGS) for `seeds` seeds
+    (vmapped), timed apart from compilation; evaluate."""
     import jax
 
     from rlcx_jax.meta import make_trainer
 
-    config, hparams = _setup(experiment, method, seeds, iterations)
+    config, hparams = _setup(experiment, label, seeds, iterations)
     trainer = make_trainer(config)
     keys = jax.random.split(jax.random.PRNGKey(0), seeds)
     train = jax.jit(jax.vmap(trainer.train, in_axes=(0, None)))
@@ -127,7 +134,7 @@ def run_method(experiment: dict[str, Any], method: str, seeds: int, iterations: 
     returns = np.asarray(table.returns)  # [seeds, tasks, steps + 1]
     env_steps = config.env_steps_per_iteration * config.iterations * seeds
     record = {
-        "method": method,
+        "method": config.method,
         "config": {k: v for k, v in dataclasses.asdict(config).items() if k != "net"} | {"net": config.net.hidden},
         "hparams": dataclasses.asdict(hparams),
         "seeds": seeds,
@@ -140,7 +147,7 @@ def run_method(experiment: dict[str, Any], method: str, seeds: int, iterations: 
         "per_seed_returns": returns.mean(axis=1).tolist(),
     }
     print(
-        f"  {method}: compile {compile_s:.0f} s, run {run_s:.0f} s, {env_steps / run_s:,.0f} env steps/s; "
+        f"  {label}: compile {compile_s:.0f} s, run {run_s:.0f} s, {env_steps / run_s:,.0f} env steps/s; "
         + ", ".join(f"{r['step']}: {r['mean']:.1f}" for r in record["adaptation"]),
         flush=True,
     )
@@ -199,6 +206,10 @@ def run_experiment(name: str, seeds: int, iterations: int | None) -> dict[str, A
     runs = {m: run_method(experiment, m, seeds, iterations) for m in experiment["methods"]}
     first = next(iter(runs.values()))
     out: dict[str, Any] = {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "git": git_state(),
+        "command": "python benchmarks/meta.py " + " ".join(sys.argv[1:]),
+        "hardware": cpu_info(),
         "family": experiment["family"],
         "methods": {m: r["record"] for m, r in runs.items()},
         "random_init": random_init(first["trainer"], first["hparams"], seeds),
@@ -214,18 +225,19 @@ def run_experiment(name: str, seeds: int, iterations: int | None) -> dict[str, A
 def verdicts(results: dict[str, Any]) -> dict[str, str]:
     """The acceptance checks, each decided from the figures beside it."""
     out = {}
-    uniform = results.get("point-nav-uniform")
-    if uniform and "maml" in uniform["methods"]:
-        steps = uniform["methods"]["maml"]["adaptation"]
+    maml_rows = ("maml", "maml-2step")
+    uniform = results.get("point-nav-uniform", {"methods": {}})
+    for row in (m for m in maml_rows if m in uniform["methods"]):
+        steps = uniform["methods"][row]["adaptation"]
         one, two = steps[1]["mean"], steps[2]["mean"]
-        out["maml point-nav-uniform: after 1 step >= -16"] = f"{'yes' if one >= -16 else 'no'} ({one:.1f})"
-        out["maml point-nav-uniform: after 2 steps >= -8"] = f"{'yes' if two >= -8 else 'no'} ({two:.1f})"
-    circle = results.get("point-nav-circle")
-    if circle and {"maml", "pretrain"} <= set(circle["methods"]):
-        m, p = circle["methods"]["maml"]["adaptation"][1], circle["methods"]["pretrain"]["adaptation"][1]
+        out[f"{row} point-nav-uniform: after 1 step >= -16"] = f"{'yes' if one >= -16 else 'no'} ({one:.1f})"
+        out[f"{row} point-nav-uniform: after 2 steps >= -8"] = f"{'yes' if two >= -8 else 'no'} ({two:.1f})"
+    circle = results.get("point-nav-circle", {"methods": {}})
+    for row in (m for m in maml_rows if m in circle["methods"] and "pretrain" in circle["methods"]):
+        m, p = circle["methods"][row]["adaptation"][1], circle["methods"]["pretrain"]["adaptation"][1]
         beats = m["ci_low"] > p["ci_high"]
-        out["maml beats pretrained after 1 step on point-nav-circle (CIs apart)"] = (
-            f"{'yes' if beats else 'no'} (maml {m['mean']:.1f} [{m['ci_low']:.1f}, {m['ci_high']:.1f}], "
+        out[f"{row} beats pretrained after 1 step on point-nav-circle (CIs apart)"] = (
+            f"{'yes' if beats else 'no'} ({row} {m['mean']:.1f} [{m['ci_low']:.1f}, {m['ci_high']:.1f}], "
             f"pretrained {p['mean']:.1f} [{p['ci_low']:.1f}, {p['ci_high']:.1f}])"
         )
     for name, res in results.items():
@@ -325,6 +337,9 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=0, help="override every experiment's (quick checks)")
     parser.add_argument("--out", default="")
     parser.add_argument("--markdown", default="", help="print README tables from a results JSON and exit")
+    parser.add_argument(
+        "--update", action="store_true", help="replace these experiments in the existing JSON, keep the others"
+    )
     args = parser.parse_args()
     if args.markdown:
         print(markdown(Path(args.markdown)))
@@ -339,6 +354,13 @@ def main() -> None:
     cpu = cpu_info()
     name = cpu_short_name(cpu.get("cpu_model", "cpu"))
     path = Path(args.out) if args.out else RESULTS / f"meta_{name}.json"
+    if args.update and path.exists():  # each experiment keeps its own date, commit, command and hardware
+        old = json.loads(path.read_text())
+        kept = {n: r for n, r in old["results"].items() if n not in results}
+        for r in kept.values():
+            for field in ("date", "git", "command", "hardware"):
+                r.setdefault(field, old[field])
+        results = {**kept, **results}
     record = {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "command": "python benchmarks/meta.py " + " ".join(sys.argv[1:]),

@@ -80,6 +80,7 @@ BAD_INPUT = [
     ["meta", "maml", "--family", "cartpole", "--range", "length=0:1"],
     ["meta", "maml", "--family", "cartpole", "--range", "mass=1:2"],
     ["meta", "platipus", "--kl-weight", "-1"],
+    ["meta", "maml", "--inner-steps", "2", "--step-loss-weight", "-0.5"],
 ]
 
 

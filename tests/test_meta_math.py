@@ -78,16 +78,21 @@ def _maml_keys(task_index: int, steps: int) -> tuple[list[jax.Array], jax.Array]
     return list(jax.random.split(adapt_key, steps)), post_key
 
 
-def _np_objective(w0: np.ndarray, steps: int) -> float:
-    """mean over tasks of L(theta'(w0), D'), all in float64 NumPy."""
+def _np_objective(w0: np.ndarray, steps: int, step_weight: float = 0.0) -> float:
+    """mean over tasks of L(theta_k, D'), all in float64 NumPy; with `step_weight` s the multi-step
+    objective (L(theta_k, D') + s sum_{j=1}^{k-1} L(theta_j, D_j)) / (1 + s (k - 1))."""
     total = 0.0
     for i, task in enumerate(TASKS):
         inner_keys, post_key = _maml_keys(i, steps)
-        w = w0.copy()
-        for k in inner_keys:
-            w = w - HP.inner_lr * _np_grad(w, *_data(k, task))
+        w, intermediate = w0.copy(), 0.0
+        for j, k in enumerate(inner_keys):
+            x, y = _data(k, task)
+            if j >= 1:
+                intermediate += float(np.mean((x @ w - y) ** 2))
+            w = w - HP.inner_lr * _np_grad(w, x, y)
         x, y = _data(post_key, task)
-        total += float(np.mean((x @ w - y) ** 2))
+        final = float(np.mean((x @ w - y) ** 2))
+        total += (final + step_weight * intermediate) / (1.0 + step_weight * max(steps - 1, 0))
     return total / len(TASKS)
 
 
@@ -103,6 +108,32 @@ def test_maml_meta_gradient_matches_finite_differences(steps: int) -> None:
     # The second-order term matters here: the first-order gradient is measurably different.
     fo, _ = MAML(first_order=True).meta_gradient(PHI, TASKS, KEY, _ctx(steps), HP)
     assert np.max(np.abs(np.asarray(fo["w"]) - fd)) > 1e-2
+
+
+@pytest.mark.parametrize("steps", [2, 3])
+def test_multi_step_loss_gradient_matches_finite_differences(steps: int) -> None:
+    """MAML++'s multi-step loss: (L_k + s sum_{j=1}^{k-1} L_j) / (1 + s (k - 1)), second order."""
+    hp = HP.replace(step_loss_weight=0.5)
+    grads, aux = jax.jit(lambda p: MAML().meta_gradient(p, TASKS, KEY, _ctx(steps), hp))(PHI)
+    w0, eps = np.asarray(PHI["w"], np.float64), 1e-4
+    objective = lambda w: _np_objective(w, steps, step_weight=0.5)
+    fd = np.array([(objective(w0 + eps * e) - objective(w0 - eps * e)) / (2 * eps) for e in np.eye(DIM)])
+    np.testing.assert_allclose(np.asarray(grads["w"]), fd, rtol=2e-4, atol=1e-5)
+    np.testing.assert_allclose(float(aux.loss), objective(w0), rtol=1e-5)
+    assert abs(objective(w0) - _np_objective(w0, steps)) > 1e-3  # the weight changes the objective
+    # Weight 0 is plain MAML, bit for bit.
+    plain, _ = MAML().meta_gradient(PHI, TASKS, KEY, _ctx(steps), HP)
+    zero, _ = MAML().meta_gradient(PHI, TASKS, KEY, _ctx(steps), HP.replace(step_loss_weight=0.0))
+    np.testing.assert_array_equal(np.asarray(plain["w"]), np.asarray(zero["w"]))
+
+
+def test_meta_gradient_is_finite_when_an_inner_gradient_is_zero() -> None:
+    """A task the initialisation already solves has a zero inner gradient (as a sparse-reward task
+    that no trajectory reached); the second-order meta-gradient through the clip must stay finite."""
+    solved = jnp.stack([PHI["w"], TASKS[0]])
+    for steps in (1, 2):
+        grads, _ = MAML().meta_gradient(PHI, solved, KEY, _ctx(steps), HP)
+        assert np.all(np.isfinite(np.asarray(grads["w"])))
 
 
 def test_fomaml_gradient_is_the_post_update_gradient() -> None:

@@ -293,7 +293,8 @@ def test_oracle_return_hand_computed():
 
 
 def _play_point_nav(batch, policy, num_steps):
-    """Run every task of `batch` (vmapped) for num_steps with policy(obs, goal) -> action."""
+    """Run every task of `batch` (vmapped) for num_steps auto-resetting steps with policy(obs, goal) ->
+    action; returns per-step (obs, reward, done), each [tasks, num_steps, ...]."""
     env = tasks.PointNavigation()
 
     def run(task, key):
@@ -302,11 +303,36 @@ def _play_point_nav(batch, policy, num_steps):
         def body(carry, k):
             obs, state = carry
             obs2, state, reward, term, trunc, info = env.step(k, state, policy(obs, task.goal), task)
-            return (obs2, state), (obs, reward, trunc)
+            return (obs2, state), (obs, reward, jnp.logical_or(term, trunc))
 
         return jax.lax.scan(body, (obs, state), jax.random.split(key, num_steps))[1]
 
-    return jax.jit(jax.vmap(run))(batch, jax.random.split(jax.random.PRNGKey(0), jax.tree.leaves(batch)[0].shape[0]))
+    outs = jax.jit(jax.vmap(run))(batch, jax.random.split(jax.random.PRNGKey(0), jax.tree.leaves(batch)[0].shape[0]))
+    return tuple(np.asarray(x) for x in outs)
+
+
+def _first_episode_return(rewards, done):
+    """Sum of each row's rewards up to and including its first episode end (NumPy)."""
+    ended_before = np.cumsum(done, axis=1) - done
+    return np.sum(rewards * (ended_before == 0), axis=1)
+
+
+def test_point_navigation_terminates_within_the_goal_tolerance():
+    """max_i |p_i - g_i| < goal_tolerance ends the episode; goal_tolerance = 0 never does."""
+    env = tasks.PointNavigation()
+    key = jax.random.PRNGKey(0)
+    _, state = env.reset(key, env.default_params)
+    action = jnp.array([0.1, 0.0], jnp.float32)  # -> p = (0.1, 0)
+    near = tasks.PointNavParams(goal=jnp.array([0.105, -0.008], jnp.float32), goal_tolerance=0.01)
+    obs, _, reward, term, trunc, _ = env.step(key, state, action, near)
+    assert bool(term) and not bool(trunc)
+    np.testing.assert_array_equal(obs, [0.0, 0.0])  # auto-reset to the origin
+    np.testing.assert_allclose(reward, -math.hypot(0.005, 0.008), rtol=1e-5)
+    off_axis = near.replace(goal=jnp.array([0.105, -0.011], jnp.float32))  # y is 0.011 away
+    assert not bool(env.step(key, state, action, off_axis)[3])
+    assert not bool(env.step(key, state, action, near.replace(goal_tolerance=0.0))[3])
+    assert float(tasks.make_family("point-nav-uniform").base_params.goal_tolerance) == np.float32(0.01)
+    assert float(tasks.make_family("point-nav-sparse").base_params.goal_tolerance) == 0.0
 
 
 def test_oracle_return_matches_a_rollout_and_standing_still_matches_maml():
@@ -315,15 +341,17 @@ def test_oracle_return_matches_a_rollout_and_standing_still_matches_maml():
     nav = tasks.make_family("point-nav-uniform")
     batch = nav.sample(jax.random.PRNGKey(6), 512)
     oracle = lambda obs, goal: jnp.clip(goal - obs, -0.1, 0.1)
-    _, rewards, _ = _play_point_nav(batch, oracle, 100)
-    returns = np.asarray(rewards).sum(axis=1)
+    _, rewards, done = _play_point_nav(batch, oracle, 100)
+    returns = _first_episode_return(rewards, done)
+    assert np.all(done.any(axis=1))  # the oracle reaches every goal within the horizon
     for i in range(4):
         assert returns[i] == pytest.approx(nav.oracle_return(_index(batch, i)), abs=1e-4)
-    _, still, _ = _play_point_nav(batch, lambda obs, goal: jnp.zeros(2), 100)
-    np.testing.assert_allclose(
-        np.asarray(still).sum(axis=1), -100 * np.linalg.norm(np.asarray(batch.goal), axis=1), rtol=1e-5
-    )
-    assert np.asarray(still).sum(axis=1).mean() == pytest.approx(-38.3, abs=1.5)
+    _, still, done = _play_point_nav(batch, lambda obs, goal: jnp.zeros(2), 100)
+    goal = np.asarray(batch.goal)
+    at_goal = np.max(np.abs(goal), axis=1) < 0.01  # the origin is within the tolerance: one step
+    expected = -np.linalg.norm(goal, axis=1) * np.where(at_goal, 1, 100)
+    np.testing.assert_allclose(_first_episode_return(still, done), expected, rtol=1e-5)
+    assert expected.mean() == pytest.approx(-38.3, abs=1.5)
     assert -1.0 < returns.mean() < 0.0  # the oracle is far better than standing still
 
 
@@ -331,17 +359,26 @@ def test_oracle_return_matches_a_rollout_and_standing_still_matches_maml():
 # The task persists across auto-resets
 # ----------------------------------------------------------------------------------------------
 def test_point_nav_goal_persists_across_episodes():
-    nav = tasks.make_family("point-nav-circle")
-    batch = nav.sample(jax.random.PRNGKey(7), 3)
     toward = lambda obs, goal: jnp.clip(goal - obs, -0.1, 0.1)
-    obs, rewards, trunc = (np.asarray(x) for x in _play_point_nav(batch, toward, 130))
-    assert np.all(np.flatnonzero(trunc[0]) == [99])  # 100-step episodes
+    # Sparse family (no termination): 100-step episodes, the second replays the first.
+    sparse = tasks.make_family("point-nav-sparse").sample(jax.random.PRNGKey(7), 3)
+    obs, rewards, done = _play_point_nav(sparse, toward, 130)
+    assert np.all(np.flatnonzero(done[0]) == [99])
     np.testing.assert_array_equal(obs[:, 100], 0.0)  # reset to the origin
-    # The second episode replays the first: same goal, same rewards.
     np.testing.assert_allclose(rewards[:, 100:130], rewards[:, :30], rtol=1e-6)
-    goal = np.asarray(batch.goal)
+    # Dense circle family: the episode ends on reaching the goal (within 5 steps at radius 0.5), the
+    # point restarts at the origin and the next episode replays the first toward the same goal.
+    circle = tasks.make_family("point-nav-circle").sample(jax.random.PRNGKey(7), 3)
+    obs, rewards, done = _play_point_nav(circle, toward, 30)
+    goal = np.asarray(circle.goal)
+    steps = np.ceil(np.max(np.abs(goal), axis=1) / 0.1 - 1e-6).astype(int)  # the oracle's episode length
+    for i in range(3):
+        ends = np.flatnonzero(done[i])
+        np.testing.assert_array_equal(ends[:3], [steps[i] - 1, 2 * steps[i] - 1, 3 * steps[i] - 1])
+        np.testing.assert_array_equal(obs[i, steps[i]], 0.0)
+        np.testing.assert_allclose(rewards[i, steps[i] : 2 * steps[i]], rewards[i, : steps[i]], rtol=1e-6)
     step1 = np.clip(goal, -0.1, 0.1)
-    np.testing.assert_allclose(rewards[:, 100], -np.linalg.norm(step1 - goal, axis=1), rtol=1e-5)
+    np.testing.assert_allclose(rewards[:, 0], -np.linalg.norm(step1 - goal, axis=1), rtol=1e-5)
 
 
 def _scan_env(env, batch, num_steps, action_fn):

@@ -138,6 +138,9 @@ class MetaHParams:
     """Discount of the policy-gradient returns."""
     max_grad_norm: float = 1.0
     """Global-norm clip of the meta-gradient."""
+    step_loss_weight: float = 0.0
+    """MAML/FOMAML with inner_steps k > 1: weight w of the intermediate steps' losses in the
+    meta-objective (L_k + w sum_{j<k} L_j) / (1 + w (k - 1)) (MAML++'s multi-step loss); 0 is MAML."""
     kl_weight: float = 1e-4
     """PLATIPUS: weight of KL(q(phi | test data) || p(phi | train data)) in the meta-objective."""
     init_log_var: float = -9.0
@@ -164,5 +167,6 @@ class MetaHParams:
         for name in self.POSITIVE:
             check_positive(name, getattr(self, name))
         check_range("gamma", self.gamma, 0.0, 1.0)
-        if self.kl_weight < 0:
-            raise ValueError(f"kl_weight must be >= 0, got {self.kl_weight}")
+        for name in ("kl_weight", "step_loss_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")

@@ -9,6 +9,8 @@ family samples the fields in `ranges` independently and uniformly, `field ~ U(lo
   point-nav-uniform  goal = (goal_x, goal_y), each ~ U(-0.5, 0.5)         (Finn et al. 2017, MAML)
   point-nav-circle   goal = 0.5 (cos angle, sin angle), angle ~ U(0, 2 pi)
   point-nav-sparse   as point-nav-circle; reward max(0.2 - d, 0)           (after Rakelly et al. 2019)
+                     (the dense families end an episode within 0.01 of the goal on both axes, as MAML's
+                     reference code does; the sparse one runs the full 100 steps)
   cartpole           length ~ U(0.25, 1), masspole ~ U(0.05, 0.5), masscart ~ U(0.5, 2),
                      force_mag ~ U(5, 15)
   cartpole-flip      force_mag = 10 s, s = +1 or -1 with probability 1/2 (no range fields)
@@ -67,7 +69,7 @@ class FamilySpec:
         range (cartpole-flip's `force_sign`, meta-maze's `goal_row` / `goal_col`).
       choices: fields restricted to a finite set of values, `(field, values)`.
       integer: fields whose values must be whole numbers (grid cells).
-      settings: fixed, non-sampled settings of the family, `(name, value)` (goal radius, sparse radius).
+      settings: fixed, non-sampled settings of the family, `(name, value)` (goal radius, sparse radius, goal tolerance).
       max_steps_in_episode: the episode horizon the family's environment uses.
     """
 
@@ -110,6 +112,7 @@ FAMILIES: dict[str, FamilySpec] = {
             description="2D point navigation (MAML): dense reward -||p - g||, goal uniform in [-0.5, 0.5]^2",
             env_id="PointNavigation-v0",
             ranges=(("goal_x", -0.5, 0.5), ("goal_y", -0.5, 0.5)),
+            settings=(("goal_tolerance", 0.01),),
             max_steps_in_episode=100,
         ),
         FamilySpec(
@@ -117,7 +120,7 @@ FAMILIES: dict[str, FamilySpec] = {
             description="2D point navigation: dense reward, goal on the circle of radius 0.5, angle ~ U(0, 2 pi)",
             env_id="PointNavigation-v0",
             ranges=(("angle", 0.0, TWO_PI),),
-            settings=(("radius", 0.5),),
+            settings=(("radius", 0.5), ("goal_tolerance", 0.01)),
             max_steps_in_episode=100,
         ),
         FamilySpec(

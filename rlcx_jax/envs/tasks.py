@@ -10,8 +10,10 @@ environment here reads its task from the params on reset, never resampling it.
 
 Families (`rlcx_jax.configs.tasks` holds their names, sampled fields and default ranges, jax-free):
 
-  point-nav-uniform  PointNavigation, goal ~ U([-0.5, 0.5]^2), dense reward (Finn et al. 2017, MAML)
-  point-nav-circle   PointNavigation, goal = 0.5 (cos a, sin a), a ~ U(0, 2 pi), dense reward
+  point-nav-uniform  PointNavigation, goal ~ U([-0.5, 0.5]^2), dense reward, the episode ends within
+                     0.01 of the goal on both axes (Finn et al. 2017, MAML)
+  point-nav-circle   PointNavigation, goal = 0.5 (cos a, sin a), a ~ U(0, 2 pi), dense reward, ends
+                     within 0.01 of the goal
   point-nav-sparse   as point-nav-circle with the sparse reward max(0.2 - d, 0)  (after Rakelly et al.
                      2019, PEARL's sparse point robot)
   cartpole           CartPole, length ~ U(0.25, 1), masspole ~ U(0.05, 0.5), masscart ~ U(0.5, 2),
@@ -90,11 +92,14 @@ class PointNavParams(environment.EnvParams):
     """One point-navigation task.
 
     goal: the goal (x, y), float32 [2]. sparse_radius: 0 for the dense reward, r > 0 for the sparse
-    reward max(r - d, 0). max_steps_in_episode: the time limit (the episode never terminates).
+    reward max(r - d, 0). goal_tolerance: tol > 0 ends the episode (terminated) once the point is
+    within tol of the goal on both axes, max_i |p_i - g_i| < tol; 0 never terminates.
+    max_steps_in_episode: the time limit (truncation).
     """
 
     goal: jax.Array = dataclasses.field(default_factory=lambda: jnp.array(_DEFAULT_GOAL, jnp.float32))
     sparse_radius: float = 0.0
+    goal_tolerance: float = 0.0
     max_steps_in_episode: int = 100
 
 
@@ -120,8 +125,10 @@ class PointNavigation(environment.Environment[PointNavState, PointNavParams]):
                                                                    Rakelly et al. 2019, PEARL, which
                                                                    pays 1 - d there instead)
 
-    The episode never terminates (unlike MAML's, which ends within 0.01 of the goal); gymnax's base
-    class truncates it at `max_steps_in_episode` (100). Observation: the position, float32 (2,).
+    With `goal_tolerance` tol > 0 the episode terminates once max_i |p_i - g_i| < tol (MAML's reference
+    point robot ends within 0.01 of the goal on both axes; the dense families use that), with tol = 0
+    it never terminates; gymnax's base class truncates it at `max_steps_in_episode` (100).
+    Observation: the position, float32 (2,).
     Actions: Box(-0.1, 0.1, (2,)).
     """
 
@@ -136,7 +143,7 @@ class PointNavigation(environment.Environment[PointNavState, PointNavParams]):
         position = state.position + jnp.reshape(move, (2,))
         distance = jnp.linalg.norm(position - jnp.asarray(params.goal, jnp.float32))
         new_state = PointNavState(position=position, time=state.time + 1)
-        terminated = jnp.zeros((), bool)
+        terminated = self.is_terminated(new_state, params)
         return (
             jax.lax.stop_gradient(self.get_obs(new_state)),
             jax.lax.stop_gradient(new_state),
@@ -153,7 +160,9 @@ class PointNavigation(environment.Environment[PointNavState, PointNavParams]):
         return state.position.astype(jnp.float32)
 
     def is_terminated(self, state: PointNavState, params: PointNavParams) -> jax.Array:
-        return jnp.zeros((), bool)
+        """max_i |p_i - g_i| < goal_tolerance (never when goal_tolerance = 0)."""
+        gap = jnp.max(jnp.abs(state.position - jnp.asarray(params.goal, jnp.float32)))
+        return gap < jnp.asarray(params.goal_tolerance, jnp.float32)
 
     @property
     def name(self) -> str:
@@ -427,10 +436,11 @@ class TaskFamily:
         """The return of the analytic oracle on one point-navigation task; None for other families.
 
         The oracle moves toward the goal as far as allowed, a_t = clip(g - p_t, -0.1, 0.1) per axis,
-        for `max_steps_in_episode` steps, so p_t = clip(g, -0.1 t, 0.1 t): the point of the box reachable
-        in t steps nearest the goal. Every reward is a decreasing function of the distance, so this is
-        the optimal return: sum_t -||p_t - g|| (dense) or sum_t max(R - ||p_t - g||, 0) (sparse).
-        E.g. g = (0.5, 0) gives -0.4 - 0.3 - 0.2 - 0.1 - 0 - ... = -1.0.
+        for `max_steps_in_episode` steps or until the episode terminates (within `goal_tolerance` of the
+        goal), so p_t = clip(g, -0.1 t, 0.1 t): the point of the box reachable in t steps nearest the
+        goal. Every reward is a decreasing function of the distance, so this is the optimal return:
+        sum_t -||p_t - g|| (dense) or sum_t max(R - ||p_t - g||, 0) (sparse).
+        E.g. g = (0.5, 0) gives -0.4 - 0.3 - 0.2 - 0.1 - 0 = -1.0.
         """
         if not self.name.startswith("point-nav"):
             return None
@@ -438,12 +448,15 @@ class TaskFamily:
         if goal.shape != (2,):
             raise ValueError(f"oracle_return takes one task (goal of shape (2,)), got goal shape {goal.shape}")
         radius = float(task.sparse_radius)
+        tolerance = float(task.goal_tolerance)
         position = np.zeros(2)
         total = 0.0
         for _ in range(int(task.max_steps_in_episode)):
             position = position + np.clip(goal - position, -POINT_NAV_MAX_STEP, POINT_NAV_MAX_STEP)
             distance = float(np.linalg.norm(position - goal))
             total += max(radius - distance, 0.0) if radius > 0.0 else -distance
+            if np.max(np.abs(position - goal)) < tolerance:
+                break
         return total
 
 
@@ -453,7 +466,10 @@ def _build_env(spec: task_table.FamilySpec) -> tuple[Any, Any]:
     params: Any
     if spec.env_id == POINT_NAV_ID:
         env = PointNavigation()
-        params = PointNavParams(sparse_radius=dict(spec.settings).get("sparse_radius", 0.0))
+        settings = dict(spec.settings)
+        params = PointNavParams(
+            sparse_radius=settings.get("sparse_radius", 0.0), goal_tolerance=settings.get("goal_tolerance", 0.0)
+        )
     elif spec.env_id == "CartPole-v1":
         env, params = cartpole.CartPole(), cartpole.EnvParams()
     elif spec.env_id == "Pendulum-v1":

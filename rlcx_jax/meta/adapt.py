@@ -56,11 +56,13 @@ class Learner(Protocol):
 @struct.dataclass
 class Adaptation:
     """The result of `adapt`: the adapted parameters and, per inner step j, the mean return of the
-    batch D_j (the return before update j+1, [k]) and its episodes' end observations [k, N, ...]."""
+    batch D_j (the return before update j+1, [k]), its episodes' end observations [k, N, ...] and
+    the inner loss L(theta_j, D_j) that step descended ([k], differentiable in the initial params)."""
 
     params: Params
     returns: jax.Array
     end_obs: jax.Array
+    losses: jax.Array
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,8 +125,13 @@ def sgd_step(params: Params, grads: Params, lr: jax.Array | float) -> Params:
 
 
 def clip_by_global_norm(grads: Params, max_norm: jax.Array | float) -> Params:
-    """grads * min(1, max_norm / |grads|_2), differentiable (the meta-gradient flows through it)."""
-    norm = optax.tree.norm(grads)
+    """grads * min(1, max_norm / |grads|_2), differentiable (the meta-gradient flows through it).
+
+    The norm is sqrt(max(sum g^2, 1e-24)): at a zero gradient (a task whose trajectories all earned the
+    same return, e.g. none reached a sparse reward) sqrt's derivative would be infinite and the
+    second-order meta-gradient NaN."""
+    squares = sum((jnp.sum(g * g) for g in jax.tree.leaves(grads)), jnp.zeros(()))
+    norm = jnp.sqrt(jnp.maximum(squares, 1e-24))
     scale = jnp.minimum(1.0, max_norm / jnp.maximum(norm, 1e-12))
     return jax.tree.map(lambda g: g * scale, grads)
 
@@ -149,15 +156,16 @@ def adapt(
     Differentiable in `params` (and `inner_lr`): the meta-gradient flows through every update
     unless `first_order`, where each inner gradient is `stop_gradient`-ed (FOMAML)."""
 
-    def step(theta: Params, k: jax.Array) -> tuple[Params, tuple[jax.Array, jax.Array]]:
+    def step(theta: Params, k: jax.Array) -> tuple[Params, tuple[jax.Array, jax.Array, jax.Array]]:
         batch = learner.sample(theta, task, k, hparams)
-        grads = clip_by_global_norm(jax.grad(learner.loss)(theta, batch), hparams.inner_max_grad_norm)
+        loss, grads = jax.value_and_grad(learner.loss)(theta, batch)
+        grads = clip_by_global_norm(grads, hparams.inner_max_grad_norm)
         if first_order:
             grads = jax.lax.stop_gradient(grads)
-        return sgd_step(theta, grads, inner_lr), (learner.batch_return(batch), _end_obs(batch))
+        return sgd_step(theta, grads, inner_lr), (learner.batch_return(batch), _end_obs(batch), loss)
 
-    adapted, (rets, ends) = jax.lax.scan(step, params, jax.random.split(key, steps))
-    return Adaptation(params=adapted, returns=rets, end_obs=ends)
+    adapted, (rets, ends, losses) = jax.lax.scan(step, params, jax.random.split(key, steps))
+    return Adaptation(params=adapted, returns=rets, end_obs=ends, losses=losses)
 
 
 def adaptation_curve(
@@ -172,4 +180,5 @@ def adaptation_curve(
         params=adapted.params,
         returns=jnp.concatenate([adapted.returns, learner.batch_return(last)[None]]),
         end_obs=jnp.concatenate([adapted.end_obs, _end_obs(last)[None]]),
+        losses=jnp.concatenate([adapted.losses, learner.loss(adapted.params, last)[None]]),
     )

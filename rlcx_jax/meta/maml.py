@@ -3,7 +3,15 @@ Adaptation of Deep Networks", algorithm 3), and the pretrained baseline (the sam
 
   min_phi  E_task [ L(theta'(phi), D') ],   theta'(phi) = adapt(phi, task)   (k inner PG steps)
 
-with D' fresh trajectories of the adapted policy. MAML differentiates through the inner updates
+with D' fresh trajectories of the adapted policy. With k > 1 inner steps and `step_loss_weight` w > 0
+the objective also scores the intermediate policies, MAML++'s multi-step loss (Antoniou, Edwards &
+Storkey 2019, "How to train your MAML", section 4):
+
+  ( L(theta_k, D') + w * sum_{j=1}^{k-1} L(theta_j, D_j) ) / (1 + w (k - 1))
+
+with D_j the batch inner step j+1 sampled from theta_j (w = 0 is MAML). It keeps every step of
+adaptation useful, where plain MAML with two steps learned a first step that overshoots and a second
+that undoes it on point navigation. MAML differentiates through the inner updates
 (second order: the meta-gradient contains Hessian-vector products of the inner loss); first-order
 MAML treats each inner gradient as a constant, so the meta-gradient is grad L(theta') evaluated at the
 adapted parameters. The outer step is Adam on the clipped meta-gradient (the paper used TRPO).
@@ -28,13 +36,19 @@ Params = Any
 def task_objective(
     params: Params, task: Any, key: jax.Array, ctx: MetaContext, hparams: Any, first_order: bool
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-    """L(theta'(phi), D') for one task, and (return before adaptation, return after it)."""
+    """The meta-objective of one task (L(theta'(phi), D'), with the intermediate steps' losses when
+    `hparams.step_loss_weight` > 0), and (return before adaptation, return after it)."""
     adapt_key, post_key = jax.random.split(key)
     adapted = adapt(ctx.learner, params, task, adapt_key, ctx.inner_steps, hparams.inner_lr, hparams, first_order)
     post = ctx.learner.sample(adapted.params, task, post_key, hparams)
     after = ctx.learner.batch_return(post)
     before = adapted.returns[0] if ctx.inner_steps > 0 else after
-    return ctx.learner.loss(adapted.params, post), (before, after)
+    final_loss = ctx.learner.loss(adapted.params, post)
+    if ctx.inner_steps < 2:
+        return final_loss, (before, after)
+    w = hparams.step_loss_weight
+    objective = (final_loss + w * jnp.sum(adapted.losses[1:])) / (1.0 + w * (ctx.inner_steps - 1))
+    return objective, (before, after)
 
 
 @dataclasses.dataclass(frozen=True)
