@@ -120,6 +120,58 @@ def atomic_write_text(path: pathlib.Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def prepare_output_dir(
+    out_dir: pathlib.Path,
+    spec_json: dict[str, Any],
+    resume: bool,
+    overwrite: bool,
+    *,
+    spec_file: str = CONFIG_FILE,
+    what: str = "run",
+    resume_needs_spec: bool = True,
+) -> bool:
+    """Create or check an output directory described by `spec_file` (its settings as JSON); True when
+    resuming.
+
+    resume: the stored settings must equal `spec_json` (one-line error otherwise; with
+    `resume_needs_spec=False` a directory without them starts afresh). Otherwise the directory must be
+    empty or absent (`overwrite` empties it), and the settings are written atomically."""
+    check_directory_path(out_dir)
+    spec_json = json.loads(json.dumps(spec_json))  # tuples as lists, as read back
+    path = out_dir / spec_file
+    if resume and (path.is_file() or resume_needs_spec):
+        if not path.is_file():
+            raise CheckpointError(f"--resume: no {what} in {out_dir} ({spec_file} missing)")
+        if json.loads(path.read_text()) != spec_json:
+            raise CheckpointError(
+                f"--resume: the settings differ from the {what} in {out_dir}; "
+                f"pass the same flags as the original run (see its {spec_file})"
+            )
+        return True
+    if out_dir.exists() and any(out_dir.iterdir()):
+        if not overwrite:
+            raise CheckpointError(f"{out_dir} already holds files; use --resume, --overwrite or another --out")
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(spec_json, indent=2) + "\n")
+    return False
+
+
+def prepare_run_dir(run_dir: pathlib.Path, spec_json: dict[str, Any], resume: bool, overwrite: bool, what: str) -> int:
+    """`prepare_output_dir` for a directory of checkpoints and metrics rows; the number of updates
+    already done. On resume, half-written and broken checkpoints are moved out of the way and the
+    metrics rows past the newest intact checkpoint are dropped."""
+    if not prepare_output_dir(run_dir, spec_json, resume, overwrite, what=what):
+        return 0
+    from rlcx_jax import logging as rlog
+
+    remove_partial_checkpoints(run_dir)
+    quarantine_broken(run_dir)
+    done = latest_step(run_dir) or 0
+    rlog.truncate_rows(run_dir, done)
+    return done
+
+
 def write_run_spec(run_dir: pathlib.Path, spec: RunSpec) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / CONFIG_FILE, json.dumps(spec.to_json(), indent=2) + "\n")

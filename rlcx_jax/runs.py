@@ -13,7 +13,6 @@ import json
 import math
 import os
 import pathlib
-import shutil
 import sys
 import time
 from typing import Any
@@ -53,29 +52,6 @@ def enable_compile_cache(setting: str = "") -> pathlib.Path | None:
 # ----------------------------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------------------------
-def _prepare_run_dir(run_dir: pathlib.Path, run_spec: checkpoint.RunSpec, resume: bool, overwrite: bool) -> int:
-    """Create or check the run directory; returns the number of updates already done."""
-    checkpoint.check_directory_path(run_dir)
-    if resume:
-        existing = checkpoint.read_run_spec(run_dir)
-        if existing.to_json() != run_spec.to_json():
-            raise CLIError(
-                f"--resume: the settings differ from the run in {run_dir}; "
-                "pass the same flags as the original run (see its config.json)"
-            )
-        checkpoint.remove_partial_checkpoints(run_dir)
-        checkpoint.quarantine_broken(run_dir)
-        done = checkpoint.latest_step(run_dir) or 0
-        rlog.truncate_rows(run_dir, done)
-        return done
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if not overwrite:
-            raise CLIError(f"{run_dir} already holds a run; use --resume, --overwrite or another --out")
-        shutil.rmtree(run_dir)
-    checkpoint.write_run_spec(run_dir, run_spec)
-    return 0
-
-
 def evaluate_states(trainer: Any, algorithm: str, state: Any, num_episodes: int, seed: int) -> np.ndarray:
     """Returns (seeds, episodes) of every seed's final policy."""
     evaluator = make_evaluator(trainer, num_episodes, default_greedy(algorithm))
@@ -121,7 +97,7 @@ def run_train(algorithm: str, args: Any, config: Any, hparams: Any, note: str | 
     run_spec = checkpoint.RunSpec(algorithm, config, hparams, args.seeds, args.seed, chunk_updates)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     run_dir = pathlib.Path(args.out or f"runs/{algorithm}-{config.env}-{stamp}")
-    done = _prepare_run_dir(run_dir, run_spec, args.resume, args.overwrite)
+    done = checkpoint.prepare_run_dir(run_dir, run_spec.to_json(), args.resume, args.overwrite, "run")
 
     # TRACE AND COMPILE, timed apart from running (XLA compilation is what the persistent cache saves;
     # tracing and lowering the Python program happen in every process)

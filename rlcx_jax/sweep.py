@@ -41,7 +41,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from rlcx_jax import logging as rlog
 from rlcx_jax import rl, shard, xla
-from rlcx_jax.checkpoint import RunSpec, atomic_write_text
+from rlcx_jax.checkpoint import RunSpec, atomic_write_text, prepare_output_dir
 from rlcx_jax.configs.sweep import Axis, SweepSpec
 from rlcx_jax.rl.common import Trainer
 from rlcx_jax.rl.evaluate import default_greedy, make_evaluator
@@ -388,19 +388,10 @@ def read_chunk_rows(out_dir: pathlib.Path) -> list[dict[str, Any]]:
 
 
 def _prepare(out_dir: pathlib.Path, spec_json: dict[str, Any], resume: bool, overwrite: bool) -> None:
-    spec_json = json.loads(json.dumps(spec_json))  # tuples as lists, as read back
-    if (out_dir / SPEC_FILE).is_file() and resume:
-        if _read_spec(out_dir) != spec_json:  # the same sweep and the same part
-            raise ValueError(f"--resume: {out_dir} holds a different sweep; pass the same flags as the original run")
-        return
-    if out_dir.exists() and any(out_dir.iterdir()):
-        if not overwrite:
-            raise ValueError(f"{out_dir} already holds files; use --resume, --overwrite or another --out")
-        import shutil
-
-        shutil.rmtree(out_dir)
+    prepare_output_dir(
+        out_dir, spec_json, resume, overwrite, spec_file=SPEC_FILE, what="sweep", resume_needs_spec=False
+    )
     (out_dir / CHUNKS_DIR).mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out_dir / SPEC_FILE, json.dumps(spec_json, indent=1))
 
 
 def finish(

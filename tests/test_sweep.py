@@ -190,7 +190,7 @@ def test_resume_runs_only_the_missing_rows_and_ends_identical(base_run, tmp_path
     )
     assert progress == [(2, 2)]
     assert resumed.rows == base_run.rows
-    with pytest.raises(ValueError, match="holds a different sweep"):
+    with pytest.raises(ValueError, match="settings differ from the sweep"):
         sweep.run(tiny_spec(seeds=3), out, chunk_size=2, resume=True, progress=False)
     with pytest.raises(ValueError, match="already holds files"):
         sweep.run(tiny_spec(), out, chunk_size=2, progress=False)

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-import math
 from typing import TYPE_CHECKING, Any, ClassVar, Self
 
 from rlcx_jax import pytree
 from rlcx_jax.configs.base import (
     Extension,
     check_extensions,
+    check_finite_fields,
     check_minibatches,
     check_positive,
     check_prng_impl,
@@ -165,10 +165,7 @@ class HParams:
 
     def validate(self, extensions: tuple[Extension, ...] = ()) -> None:
         """Check concrete (non-traced) values; called by the CLI before compiling."""
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, int | float) and not math.isfinite(value):
-                raise ValueError(f"{f.name} must be finite, got {value}")
+        check_finite_fields(self)
         for name in self.POSITIVE:
             check_positive(name, getattr(self, name))
         for name in self.UNIT:

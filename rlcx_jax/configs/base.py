@@ -49,6 +49,14 @@ PRNG_IMPLS = ("threefry2x32", "unsafe_rbg", "rbg")
 """PRNG implementations training can run on (`rlcx_jax.prng.jax_impl` maps them to jax's)."""
 
 
+def check_finite_fields(obj: Any) -> None:
+    """Every int or float field of the dataclass `obj` is finite (a one-line error names the first that is not)."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if isinstance(value, int | float) and not math.isfinite(value):
+            raise ValueError(f"{f.name} must be finite, got {value}")
+
+
 def check_positive(name: str, value: int | float) -> None:
     if not (value > 0 and math.isfinite(value)):  # NaN fails the comparison
         raise ValueError(f"{name} must be positive and finite, got {value}")

@@ -9,11 +9,10 @@ validate in plain Python, so bad input is a one-line error before anything compi
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import TYPE_CHECKING, Any, ClassVar, Self
 
 from rlcx_jax import pytree
-from rlcx_jax.configs.base import check_positive, check_range, largest_divisor_at_most
+from rlcx_jax.configs.base import check_finite_fields, check_positive, check_range, largest_divisor_at_most
 from rlcx_jax.configs.nets import NetConfig, unknown_name
 from rlcx_jax.configs.tasks import check_family, parse_ranges
 
@@ -160,10 +159,7 @@ class MetaHParams:
 
     def validate(self) -> None:
         """Check concrete values (called by the CLI before compiling)."""
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, int | float) and not math.isfinite(value):
-                raise ValueError(f"{f.name} must be finite, got {value}")
+        check_finite_fields(self)
         for name in self.POSITIVE:
             check_positive(name, getattr(self, name))
         check_range("gamma", self.gamma, 0.0, 1.0)

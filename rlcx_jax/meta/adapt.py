@@ -27,6 +27,7 @@ __all__ = [
     "MetaContext",
     "MetaAux",
     "MetaMethod",
+    "InitIsPolicy",
     "clip_by_global_norm",
     "outer_adam",
     "sgd_step",
@@ -109,6 +110,17 @@ class MetaMethod(Protocol):
     def optimizer(self, hparams: Any, iterations: int) -> optax.GradientTransformation:
         """The outer optimizer, built from traced hyperparameters."""
         ...
+
+
+class InitIsPolicy:
+    """For methods whose meta-parameters are the policy's initial parameters themselves (MAML,
+    FOMAML, Reptile, pretrained): every task starts adaptation from them."""
+
+    def init(self, policy_params: Params, hparams: Any) -> Params:
+        return policy_params
+
+    def initial_params(self, meta_params: Params, task: Any, key: jax.Array, ctx: MetaContext, hparams: Any) -> Params:
+        return meta_params
 
 
 def outer_adam(hparams: Any, iterations: int) -> optax.GradientTransformation:

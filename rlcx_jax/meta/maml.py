@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from rlcx_jax.meta.adapt import MetaAux, MetaContext, adapt, outer_adam
+from rlcx_jax.meta.adapt import InitIsPolicy, MetaAux, MetaContext, adapt, outer_adam
 
 __all__ = ["MAML", "task_objective"]
 
@@ -52,17 +52,11 @@ def task_objective(
 
 
 @dataclasses.dataclass(frozen=True)
-class MAML:
+class MAML(InitIsPolicy):
     """MAML (`first_order=False`) or first-order MAML; with `ctx.inner_steps == 0` it trains one
     policy on the task mixture (the "pretrained" baseline)."""
 
     first_order: bool = False
-
-    def init(self, policy_params: Params, hparams: Any) -> Params:
-        return policy_params
-
-    def initial_params(self, meta_params: Params, task: Any, key: jax.Array, ctx: MetaContext, hparams: Any) -> Params:
-        return meta_params
 
     def meta_gradient(
         self, meta_params: Params, tasks: Any, key: jax.Array, ctx: MetaContext, hparams: Any

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from rlcx_jax.meta.adapt import MetaAux, MetaContext, adapt
+from rlcx_jax.meta.adapt import InitIsPolicy, MetaAux, MetaContext, adapt
 
 __all__ = ["Reptile"]
 
@@ -25,14 +25,8 @@ Params = Any
 
 
 @dataclasses.dataclass(frozen=True)
-class Reptile:
+class Reptile(InitIsPolicy):
     """Reptile over policy-gradient adaptation."""
-
-    def init(self, policy_params: Params, hparams: Any) -> Params:
-        return policy_params
-
-    def initial_params(self, meta_params: Params, task: Any, key: jax.Array, ctx: MetaContext, hparams: Any) -> Params:
-        return meta_params
 
     def meta_gradient(
         self, meta_params: Params, tasks: Any, key: jax.Array, ctx: MetaContext, hparams: Any

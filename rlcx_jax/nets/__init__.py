@@ -276,6 +276,14 @@ def _torso(config: NetConfig, obs_ndim: int, name: str) -> nn.Module:
     return TORSOS[config.torso](config, obs_ndim, name=name)
 
 
+def _policy_output(head_out: jax.Array, log_std: jax.Array | None) -> jax.Array:
+    """The policy head's output: logits as they are (`log_std` None), or concat(mean, log_std) for a
+    diagonal Gaussian with a state-independent log standard deviation."""
+    if log_std is None:
+        return head_out
+    return jnp.concatenate([head_out, jnp.broadcast_to(log_std, head_out.shape)], axis=-1)
+
+
 def _with_task(features: jax.Array, task: jax.Array | None) -> jax.Array:
     """Task-conditioned heads: the task vector joins the torso features (broadcast over the batch)."""
     if task is None:
@@ -332,10 +340,7 @@ class ActorCritic(nn.Module):
             self.log_std = self.param("log_std", nn.initializers.zeros, (self.spec.dim,))
 
     def _policy_from_features(self, features: jax.Array) -> jax.Array:
-        out = self.policy_head(features)
-        if not self.spec.discrete:
-            out = jnp.concatenate([out, jnp.broadcast_to(self.log_std, out.shape)], axis=-1)
-        return out
+        return _policy_output(self.policy_head(features), None if self.spec.discrete else self.log_std)
 
     def policy(self, obs: jax.Array, task: jax.Array | None = None) -> jax.Array:
         return self._policy_from_features(_with_task(self.actor_torso(obs), task))
@@ -383,10 +388,8 @@ class PolicyNetwork(nn.Module):
             self.log_std = self.param("log_std", nn.initializers.zeros, (self.spec.dim,))
 
     def policy(self, obs: jax.Array, task: jax.Array | None = None) -> jax.Array:
-        out = self.policy_head(_with_task(self.torso(obs), task))
-        if not self.spec.discrete:
-            out = jnp.concatenate([out, jnp.broadcast_to(self.log_std, out.shape)], axis=-1)
-        return out
+        features = _with_task(self.torso(obs), task)
+        return _policy_output(self.policy_head(features), None if self.spec.discrete else self.log_std)
 
     def __call__(self, obs: jax.Array, task: jax.Array | None = None) -> jax.Array:
         return self.policy(obs, task)

@@ -15,7 +15,6 @@ import datetime
 import json
 import math
 import pathlib
-import shutil
 import time
 from typing import Any
 
@@ -24,7 +23,7 @@ import numpy as np
 
 from rlcx_jax import checkpoint, xla
 from rlcx_jax import logging as rlog
-from rlcx_jax.configs.base import check_directory_path, to_jsonable
+from rlcx_jax.configs.base import to_jsonable
 from rlcx_jax.configs.meta import MetaConfig, MetaHParams
 from rlcx_jax.meta.loop import MetaTrainer, eval_tasks, make_trainer
 from rlcx_jax.meta.maml import MAML
@@ -67,29 +66,6 @@ class MetaRun:
             "seed": self.seed,
             "chunk_iterations": self.chunk_iterations,
         }
-
-
-def _prepare(run_dir: pathlib.Path, run: MetaRun, resume: bool, overwrite: bool) -> int:
-    """Create or check the run directory; the number of iterations already done."""
-    check_directory_path(run_dir)
-    config_file = run_dir / "config.json"
-    if resume:
-        if not config_file.is_file():
-            raise MetaRunError(f"--resume: no meta run in {run_dir}")
-        if json.loads(config_file.read_text()) != json.loads(json.dumps(run.to_json())):
-            raise MetaRunError(f"--resume: the settings differ from the run in {run_dir}; pass the same flags")
-        checkpoint.remove_partial_checkpoints(run_dir)
-        checkpoint.quarantine_broken(run_dir)
-        done = checkpoint.latest_step(run_dir) or 0
-        rlog.truncate_rows(run_dir, done)
-        return done
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if not overwrite:
-            raise MetaRunError(f"{run_dir} already holds a run; use --resume, --overwrite or another --out")
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    checkpoint.atomic_write_text(config_file, json.dumps(run.to_json(), indent=2) + "\n")
-    return 0
 
 
 def _seed_inputs(run: MetaRun) -> tuple[jax.Array, MetaHParams]:
@@ -151,7 +127,7 @@ def run_meta(args: Any, config: MetaConfig, hparams: MetaHParams) -> dict[str, A
     run = MetaRun(config, hparams, args.seeds, args.seed, chunk_iterations)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     run_dir = pathlib.Path(args.out or f"runs/meta-{config.method}-{config.family}-{stamp}")
-    done = _prepare(run_dir, run, args.resume, args.overwrite)
+    done = checkpoint.prepare_run_dir(run_dir, run.to_json(), args.resume, args.overwrite, "meta run")
 
     keys, batched_hparams = _seed_inputs(run)
     init = jax.jit(jax.vmap(trainer.init))
