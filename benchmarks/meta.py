@@ -6,7 +6,7 @@ for several seeds at once (vmapped), 95% bootstrap confidence intervals over see
     python benchmarks/meta.py                                   # every experiment (about an hour, 2 cores)
     python benchmarks/meta.py --experiments point-nav-uniform   # one of them
     python benchmarks/meta.py --experiments point-nav-sparse --update   # rerun one, keep the others
-    python benchmarks/meta.py --markdown benchmarks/results/meta_amd-epyc.json   # README tables
+    python benchmarks/meta.py --markdown benchmarks/results/meta_intel-xeon.json   # README tables
 
 Experiments (settings in EXPERIMENTS below; each method's meta-training is timed apart from its
 compilation, with env steps per second, second-order included):

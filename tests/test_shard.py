@@ -27,7 +27,7 @@ SCRIPT = textwrap.dedent(
     config = ppo.PPOConfig(num_envs=4, num_steps=16, total_timesteps=4 * 16 * 4, net=NetConfig(hidden=(8, 8)))
     train = jax.vmap(ppo.make_train(config))
     report = {}
-    for n in (3, 8, 11):  # fewer runs than devices, exactly as many, and an uneven count above
+    for n in (3, 11):  # fewer runs than devices, and an uneven count above (both padded)
         keys = jax.random.split(jax.random.key(7), n)
         hparams = jax.tree.map(lambda x: np.full((n,), x), ppo.PPOHParams())
         hparams = hparams.replace(lr=np.linspace(1e-4, 1e-3, n).astype(np.float32))
@@ -57,7 +57,7 @@ def eight_device_report() -> dict:
     return {int(k): v for k, v in json.loads(line[len("REPORT ") :]).items()}
 
 
-@pytest.mark.parametrize("n", [3, 8, 11])
+@pytest.mark.parametrize("n", [3, 11])
 def test_sharded_ppo_sweep_matches_unsharded_in_order(eight_device_report, n):
     r = eight_device_report[n]
     assert r["devices_used"] == 8
