@@ -6,6 +6,7 @@ for several seeds at once (vmapped), 95% bootstrap confidence intervals over see
     python benchmarks/meta.py                                   # every experiment (about an hour, 2 cores)
     python benchmarks/meta.py --experiments point-nav-uniform   # one of them
     python benchmarks/meta.py --experiments point-nav-sparse --update   # rerun one, keep the others
+    python benchmarks/meta.py --experiments pendulum --methods reptile --update   # add or rerun rows
     python benchmarks/meta.py --markdown benchmarks/results/meta_intel-xeon.json   # README tables
 
 Experiments (settings in EXPERIMENTS below; each method's meta-training is timed apart from its
@@ -61,19 +62,21 @@ EXPERIMENTS: dict[str, dict[str, Any]] = {
         compressed=True,
     ),
     "point-nav-circle": dict(
-        family="point-nav-circle", methods=("maml", "maml-2step", "pretrain"), config=dict(FINN, iterations=200)
+        family="point-nav-circle",
+        methods=("maml", "maml-2step", "fomaml", "reptile", "platipus", "pretrain"),
+        config=dict(FINN, iterations=200),
     ),
     "point-nav-sparse": dict(
         family="point-nav-sparse", methods=("maml", "platipus"), config=dict(FINN, iterations=200), spread=True
     ),
     "cartpole-flip": dict(
         family="cartpole-flip",
-        methods=("maml", "pretrain"),
+        methods=("maml", "fomaml", "reptile", "platipus", "pretrain"),
         config=dict(meta_batch=10, num_trajectories=10, horizon=200, iterations=100, net_hidden=(64, 64)),
     ),
     "pendulum": dict(
         family="pendulum",
-        methods=("maml", "pretrain"),
+        methods=("maml", "fomaml", "reptile", "platipus", "pretrain"),
         config=dict(meta_batch=10, num_trajectories=10, horizon=200, iterations=100, net_hidden=(64, 64)),
     ),
 }
@@ -135,6 +138,8 @@ def run_method(experiment: dict[str, Any], label: str, seeds: int, iterations: i
     env_steps = config.env_steps_per_iteration * config.iterations * seeds
     record = {
         "method": config.method,
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "git": git_state(),
         "config": {k: v for k, v in dataclasses.asdict(config).items() if k != "net"} | {"net": config.net.hidden},
         "hparams": dataclasses.asdict(hparams),
         "seeds": seeds,
@@ -198,12 +203,14 @@ def compressed(run: dict[str, Any], seeds: int) -> dict[str, list[dict[str, floa
     return {v: _summary(np.stack(t)) for v, t in tables.items()}
 
 
-def run_experiment(name: str, seeds: int, iterations: int | None) -> dict[str, Any]:
+def run_experiment(name: str, seeds: int, iterations: int | None, only: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Every row of experiment `name` (only those in `only` when given)."""
     from rlcx_jax.workflows.meta_run import oracle_return
 
     experiment = EXPERIMENTS[name]
     print(f"{name}:", flush=True)
-    runs = {m: run_method(experiment, m, seeds, iterations) for m in experiment["methods"]}
+    rows = [m for m in experiment["methods"] if not only or m in only]
+    runs = {m: run_method(experiment, m, seeds, iterations) for m in rows}
     first = next(iter(runs.values()))
     out: dict[str, Any] = {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -217,9 +224,20 @@ def run_experiment(name: str, seeds: int, iterations: int | None) -> dict[str, A
     }
     if experiment.get("spread"):
         out["end_point_spread"] = {m: end_point_spread(r) for m, r in runs.items()}
-    if experiment.get("compressed"):
+    if experiment.get("compressed") and "maml" in runs:
         out["compressed_init"] = compressed(runs["maml"], seeds)
     return out
+
+
+def merge_rows(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """An experiment's stored record with the rows (methods, end-point spreads) of a partial rerun
+    replaced or added; the rest (random init, compressed init) stays as measured before."""
+    merged = {**old, "methods": {**old["methods"], **new["methods"]}}
+    if "end_point_spread" in new:
+        merged["end_point_spread"] = {**old.get("end_point_spread", {}), **new["end_point_spread"]}
+    if "compressed_init" in new:
+        merged["compressed_init"] = new["compressed_init"]
+    return merged
 
 
 def verdicts(results: dict[str, Any]) -> dict[str, str]:
@@ -340,6 +358,7 @@ def main() -> None:
     parser.add_argument(
         "--update", action="store_true", help="replace these experiments in the existing JSON, keep the others"
     )
+    parser.add_argument("--methods", default="", help="with --update: run only these rows, merge them into the JSON")
     args = parser.parse_args()
     if args.markdown:
         print(markdown(Path(args.markdown)))
@@ -350,12 +369,17 @@ def main() -> None:
         sys.exit(f"unknown experiment(s) {unknown}; known: {', '.join(EXPERIMENTS)}")
     load0 = loadavg()
     started = time.perf_counter()
-    results = {n: run_experiment(n, args.seeds, args.iterations or None) for n in names}
+    only = tuple(m for m in args.methods.split(",") if m)
+    if only and not args.update:
+        sys.exit("--methods needs --update (a partial rerun is merged into the stored results)")
+    results = {n: run_experiment(n, args.seeds, args.iterations or None, only) for n in names}
     cpu = cpu_info()
     name = cpu_short_name(cpu.get("cpu_model", "cpu"))
     path = Path(args.out) if args.out else RESULTS / f"meta_{name}.json"
     if args.update and path.exists():  # each experiment keeps its own date, commit, command and hardware
         old = json.loads(path.read_text())
+        if only:  # rows merged into the stored experiments
+            results = {n: merge_rows(old["results"][n], r) if n in old["results"] else r for n, r in results.items()}
         kept = {n: r for n, r in old["results"].items() if n not in results}
         for r in kept.values():
             for field in ("date", "git", "command", "hardware"):

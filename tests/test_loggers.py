@@ -43,12 +43,15 @@ def test_tensorboard_one_event_directory_per_seed_at_env_steps(tmp_path) -> None
     rows = _rows(seeds=2, updates=[5, 10, 15])
     sink = loggers.TensorBoardSink(tmp_path)
     sink.write(rows[:2])
-    assert _scalars(tmp_path / "tensorboard" / "seed_1") == {
-        RET: [(40, 1.0)],
-        "loss": [(40, 0.5)],
-        "update": [(40, 5.0)],
-    }
-    sink.write(rows[2:])  # flushed on every write: readable before close
+    # Readable before close: tensorboardX hands events to a background thread and every write
+    # flushes what it has written, so they appear within a moment (under load, not at once).
+    expected = {RET: [(40, 1.0)], "loss": [(40, 0.5)], "update": [(40, 5.0)]}
+    deadline = time.monotonic() + 30.0
+    while (seen := _scalars(tmp_path / "tensorboard" / "seed_1")) != expected and time.monotonic() < deadline:
+        time.sleep(0.2)
+        sink.write([])  # flush again
+    assert seen == expected
+    sink.write(rows[2:])
     sink.close()
     assert sorted(p.name for p in (tmp_path / "tensorboard").iterdir()) == ["seed_0", "seed_1"]
     assert _scalars(tmp_path / "tensorboard" / "seed_0") == {
