@@ -142,9 +142,8 @@ def clip_by_global_norm(grads: Params, max_norm: jax.Array | float) -> Params:
     The norm is sqrt(max(sum g^2, 1e-24)): at a zero gradient (a task whose trajectories all earned the
     same return, e.g. none reached a sparse reward) sqrt's derivative would be infinite and the
     second-order meta-gradient NaN."""
-    squares = sum((jnp.sum(g * g) for g in jax.tree.leaves(grads)), jnp.zeros(()))
-    norm = jnp.sqrt(jnp.maximum(squares, 1e-24))
-    scale = jnp.minimum(1.0, max_norm / jnp.maximum(norm, 1e-12))
+    norm = jnp.sqrt(jnp.maximum(optax.tree.norm(grads, squared=True), 1e-24))
+    scale = jnp.minimum(1.0, max_norm / norm)
     return jax.tree.map(lambda g: g * scale, grads)
 
 
@@ -184,7 +183,8 @@ def adaptation_curve(
     learner: Learner, params: Params, task: Any, key: jax.Array, steps: int, inner_lr: jax.Array | float, hparams: Any
 ) -> Adaptation:
     """Returns after 0, 1, ..., `steps` adaptation steps, each measured on fresh trajectories that
-    then serve the next step (Finn et al.'s protocol): `returns` and `end_obs` have `steps + 1` rows."""
+    then serve the next step (Finn et al.'s protocol): `returns` and `end_obs` have `steps + 1` rows,
+    `losses` the `steps` inner losses."""
     adapt_key, last_key = jax.random.split(key)
     adapted = adapt(learner, params, task, adapt_key, steps, inner_lr, hparams, first_order=True)
     last = learner.sample(adapted.params, task, last_key, hparams)
@@ -192,5 +192,5 @@ def adaptation_curve(
         params=adapted.params,
         returns=jnp.concatenate([adapted.returns, learner.batch_return(last)[None]]),
         end_obs=jnp.concatenate([adapted.end_obs, _end_obs(last)[None]]),
-        losses=jnp.concatenate([adapted.losses, learner.loss(adapted.params, last)[None]]),
+        losses=adapted.losses,
     )
