@@ -124,6 +124,10 @@ class SweepOptions:
     """Run only the runs missing from --out (finished chunks are kept)."""
     overwrite: bool = False
     """Delete an existing sweep in --out first."""
+    cpu_devices: int = 0
+    """Split this machine's CPU into N XLA devices, e.g. one per core (--cpu-devices $(nproc)), so that runs are
+    sharded over the cores like over GPUs (0: JAX's default, one CPU device). A row may then differ from the
+    one-device run in the last bits of a float (matrix products see fewer rows)."""
     distributed: bool = False
     """Join a multi-process run (jax.distributed.initialize(); Slurm, Open MPI and TPU pods are detected)."""
     coordinator: str = ""
@@ -324,7 +328,34 @@ def build_sweep(algorithm: str, args: Any) -> tuple[SweepSpec, int | None, tuple
     chunk_size = parse_chunk_size(args.chunk_size)
     part = parse_part(args.part) if args.part else None
     check_distributed(args)
+    if args.cpu_devices < 0:
+        raise CLIError(f"--cpu-devices must be >= 0, got {args.cpu_devices}")
     return spec, chunk_size, part
+
+
+CPU_DEVICES_FLAG = "--xla_force_host_platform_device_count"
+
+
+def with_cpu_devices(xla_flags: str, n: int) -> str:
+    """`xla_flags` (the XLA_FLAGS value) asking XLA for `n` CPU devices; an earlier count is replaced."""
+    kept = [f for f in xla_flags.split() if not f.startswith(CPU_DEVICES_FLAG + "=")]
+    return " ".join([*kept, f"{CPU_DEVICES_FLAG}={n}"])
+
+
+def force_cpu_devices(n: int) -> None:
+    """Ask XLA for `n` CPU devices (`--cpu-devices`; 0 leaves the default). XLA reads XLA_FLAGS when jax
+    starts its CPU backend, so this must run before that; if jax is already running with another count,
+    a one-line error says so."""
+    if n == 0:
+        return
+    if "jax" in sys.modules:
+        import jax
+
+        cpus = len(jax.devices("cpu"))
+        if cpus != n:
+            raise CLIError(f"--cpu-devices {n}: jax already runs with {cpus} CPU device(s) in this process")
+        return
+    os.environ["XLA_FLAGS"] = with_cpu_devices(os.environ.get("XLA_FLAGS", ""), n)
 
 
 def check_distributed(args: Any) -> None:
@@ -600,6 +631,7 @@ def _dispatch(argv: list[str]) -> None:
         algorithm = rest[0]
         args = parse_train_args(algorithm, rest[1:], SweepOptions, "sweep")
         spec, chunk_size, part = build_sweep(algorithm, args)
+        force_cpu_devices(args.cpu_devices)
         start_distributed(args)
         from rlcx_jax import runs
 

@@ -100,19 +100,28 @@ def gather(tree: Any) -> Any:
     return jax.tree.map(one, tree)
 
 
+def jit_rows(fn: Callable[..., Any], mesh: Mesh) -> Any:
+    """`fn` jitted (rlcx_jax.xla options) with every output split along its leading axis over `mesh`;
+    inputs come split the same way from `place_rows`. `.lower(*placed).compile()` compiles ahead."""
+    return xla.jit(fn, out_shardings=NamedSharding(mesh, PartitionSpec(AXIS)))
+
+
+def place_rows(args: Any, mesh: Mesh) -> Any:
+    """`args` padded to a multiple of the mesh size (`pad_rows`) and placed row-split over it (`place`)."""
+    return place(pad_rows(args, padded_size(leading_size(args), mesh.size)), mesh)
+
+
 def sharded(fn: Callable[..., Any], mesh: Mesh | None = None) -> Callable[..., Any]:
     """`fn` (batched over a leading axis of all its inputs and outputs) jitted with that axis split
     over `mesh` (default: `run_mesh()`). Calls pad to a multiple of the mesh size, place the rows,
     run, and return host arrays with the padding dropped, rows in input order. Compiled once per
     input shape."""
     mesh = mesh or run_mesh()
-    rows = NamedSharding(mesh, PartitionSpec(AXIS))
-    compiled = xla.jit(fn, out_shardings=rows)
+    compiled = jit_rows(fn, mesh)
 
     def call(*args: Any) -> Any:
         n = leading_size(args)
-        placed = place(pad_rows(args, padded_size(n, mesh.size)), mesh)
-        out = gather(compiled(*placed))
+        out = gather(compiled(*place_rows(args, mesh)))
         return jax.tree.map(lambda x: x[:n], out)
 
     return call

@@ -25,6 +25,7 @@ CASES: dict[str, tuple[nets.NetConfig, tuple[int, ...], nets.ActionSpec, str]] =
     "mlp-ac-shared": (nets.NetConfig(hidden=(64, 48), separate_critic=False), (4,), DISCRETE, "actor_critic"),
     "mlp-ac-continuous": (nets.NetConfig(hidden=(16,), activation="relu"), (3,), CONTINUOUS, "actor_critic"),
     "mlp-q": (nets.NetConfig(hidden=(64, 64), activation="relu"), (4,), DISCRETE, "q"),
+    "mlp-q-dueling": (nets.NetConfig(hidden=(64, 64), activation="relu", dueling=True), (4,), DISCRETE, "q"),
     "cnn-ac": (nets.NetConfig(torso="cnn", hidden=(32,), activation="relu"), MINATAR, DISCRETE, "actor_critic"),
     "cnn-q-no-hidden": (nets.NetConfig(torso="cnn", hidden=(), activation="relu"), MINATAR, DISCRETE, "q"),
 }
@@ -276,6 +277,22 @@ def test_fold_dead_units_without_dead_units_is_bitwise_identity_under_jit_and_vm
     for x, y, z in zip(jax.tree.leaves(eager), jax.tree.leaves(jitted), jax.tree.leaves(batched)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
         np.testing.assert_array_equal(np.asarray(x), np.asarray(z)[1])
+
+
+def test_fold_dead_units_folds_a_constant_unit_into_both_dueling_streams() -> None:
+    """A constant last-layer unit of a dueling Q-network's torso feeds the advantage (q_head) and the
+    value (q_value) stream: both biases absorb it, so Q is unchanged."""
+    net, params, cfg, obs = _case("mlp-q-dueling")
+    p = jax.tree.map(np.array, params)
+    d1, adv, val = p["torso"]["Dense_1"], p["q_head"], p["q_value"]
+    d1["kernel"][:, 7] = 0.0  # unit 7 outputs relu(0.8) whatever the input
+    d1["bias"][7] = 0.8
+    folded = jax.tree.map(np.asarray, S.fold_dead_units(p, cfg, head="q"))
+    f1, fa, fv = folded["torso"]["Dense_1"], folded["q_head"], folded["q_value"]
+    assert f1["bias"][7] == 0 and np.all(fa["kernel"][7] == 0) and np.all(fv["kernel"][7] == 0)
+    np.testing.assert_allclose(fa["bias"], adv["bias"] + 0.8 * adv["kernel"][7], rtol=1e-6)
+    np.testing.assert_allclose(fv["bias"], val["bias"] + 0.8 * val["kernel"][7], rtol=1e-6)
+    np.testing.assert_allclose(net.apply({"params": folded}, obs), net.apply({"params": p}, obs), atol=1e-5)
 
 
 def test_fold_dead_units_cnn_filter_folds_into_every_position() -> None:

@@ -4,6 +4,7 @@ registration after the fact, presets as flag defaults, and random input thrown a
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import statistics
 import subprocess
@@ -46,6 +47,9 @@ BAD_INPUT = [
     ["train", "ppo", "--lr", "-1"],
     ["train", "ppo", "--gamma", "1.5"],
     ["train", "dqn", "--env", "Pendulum-v1"],
+    ["train", "dqn", "--gradient-steps", "0"],
+    ["train", "ppo", "--net-dueling"],
+    ["train", "ppo", "--adam-eps", "0"],
     ["train", "ppo", "--net-torso", "attn"],
     ["train", "ppo", "--preset", "tuned"],
     ["train", "ppo", "--log", "tensorbord"],
@@ -66,6 +70,7 @@ BAD_INPUT = [
     ["sweep", "ppo", "--random", "lr=loguniform:0:1e-3", "--samples", "4"],
     ["sweep", "ppo", "--grid", "lr=1e-3", "--part", "2/2"],
     ["sweep", "ppo", "--grid", "lr=1e-3", "--coordinator", "host:1234"],
+    ["sweep", "ppo", "--grid", "lr=1e-3", "--cpu-devices", "-1"],
     ["sweep-merge", "/nonexistent/part-0", "--out", "merged"],
     ["info", "--devices"],
     ["meta", "maml", "--help"],
@@ -111,6 +116,51 @@ def test_help_and_every_refused_input_are_answered_before_jax_is_imported() -> N
     for argv, (rc, jax_loaded) in zip(BAD_INPUT, answers):
         assert rc == ("0" if "--help" in argv else "2"), argv
         assert jax_loaded == "False", f"{argv} imported jax before answering"
+
+
+NEW_FLAG_ERRORS = [
+    (["train", "dqn", "--gradient-steps", "0"], "gradient_steps must be positive"),
+    (["train", "dqn", "--gradient-steps", "-2"], "gradient_steps must be positive"),
+    (["train", "ppo", "--net-dueling"], "net.dueling applies to Q-networks (dqn) only"),
+    (["train", "a2c", "--net-dueling"], "net.dueling applies to Q-networks (dqn) only"),
+    (["train", "reinforce", "--net-dueling"], "net.dueling applies to Q-networks (dqn) only"),
+    (["train", "ppo", "--adam-eps", "0"], "adam_eps must be positive"),
+    (["train", "dqn", "--adam-eps", "-1e-8"], "adam_eps must be positive"),
+]
+
+
+def test_dueling_gradient_steps_and_adam_eps_errors_are_one_line_before_jax() -> None:
+    """Refused values of the dueling / gradient-steps / Adam-epsilon flags: exit code 2 and one
+    `rlcx: error:` line naming the flag, no traceback, jax not loaded; the accepted values (dueling
+    on dqn) are built into the config and hyperparameters, still without jax."""
+    code = (
+        "import io, json, sys, contextlib\nfrom rlcx_jax.cli import main, build_run, parse_train_args\n"
+        f"for argv in {[argv for argv, _ in NEW_FLAG_ERRORS]!r}:\n"
+        "    err = io.StringIO()\n"
+        "    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):\n"
+        "        try:\n            rc = main(argv)\n        except SystemExit as e:\n            rc = e.code\n"
+        "    print(json.dumps([rc, 'jax' in sys.modules, err.getvalue()]))\n"
+        "argv = ['--net-dueling', '--gradient-steps', '3', '--adam-eps', '1e-8']\n"
+        "config, hparams = build_run('dqn', parse_train_args('dqn', argv))\n"
+        "print(json.dumps([config.net.dueling, config.gradient_steps, hparams.adam_eps, 'jax' in sys.modules]))\n"
+    )
+    proc = _python(code)
+    assert proc.returncode == 0, proc.stderr
+    *answers, accepted = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert len(answers) == len(NEW_FLAG_ERRORS)
+    for (argv, message), (rc, jax_loaded, err) in zip(NEW_FLAG_ERRORS, answers):
+        assert rc == 2 and not jax_loaded, (argv, rc, jax_loaded)
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1, (argv, err)
+        assert err.startswith("rlcx: error: ") and message in err, (argv, err)
+    assert accepted == [True, 3, 1e-8, False]
+
+
+def test_cpu_devices_flag_replaces_an_earlier_count_and_keeps_other_xla_flags() -> None:
+    flag = "--xla_force_host_platform_device_count"
+    assert cli.with_cpu_devices("", 4) == f"{flag}=4"
+    assert cli.with_cpu_devices(f"--xla_cpu_enable_fast_math=false {flag}=8", 2) == (
+        f"--xla_cpu_enable_fast_math=false {flag}=2"
+    )
 
 
 def test_help_takes_less_time_than_importing_jax() -> None:
@@ -167,7 +217,7 @@ def test_hparams_are_pytrees_whose_leaves_are_the_traced_values() -> None:
 
     hp = ppo.PPOHParams(lr=1e-3, clip_eps=0.3)
     names = [str(k[0].name) for k, _ in jax.tree_util.tree_flatten_with_path(hp)[0]]
-    assert names == ["lr", "gamma", "max_grad_norm", "ent_coef", "vf_coef", "gae_lambda", "clip_eps"]
+    assert names == ["lr", "gamma", "max_grad_norm", "adam_eps", "ent_coef", "vf_coef", "gae_lambda", "clip_eps"]
     assert jax.tree.leaves(hp)[0] == 1e-3 and jax.tree.leaves(hp)[-1] == 0.3
 
 

@@ -40,7 +40,7 @@ NET_A = ["--net-hidden", "16", "--net-activation", "gelu", "--no-net-separate-cr
 NET_B = ["--net-hidden", "8", "8", "--net-activation", "elu"]
 ON_POLICY_A = ["--num-envs", "2", "--num-steps", "4", "--log-every", "3", "--prng-impl", "unsafe_rbg",
                "--normalize-obs", "--lr", "5e-4", "--gamma", "0.9", "--max-grad-norm", "0.8", "--ent-coef", "0.02",
-               "--vf-coef", "0.25"]
+               "--vf-coef", "0.25", "--adam-eps", "1e-6"]
 ON_POLICY_B = ["--num-envs", "2", "--num-steps", "8", "--prng-impl", "rbg"]
 
 # run name -> (algorithm, argv); each run is one compilation of a tiny budget
@@ -60,10 +60,16 @@ RUNS: dict[str, tuple[str, list[str]]] = {
         "--buffer-size", "100", "--batch-size", "8", "--learning-starts", "40", "--train-frequency", "4",
         "--target-update-period", "20", "--eps-start", "0.9", "--eps-end", "0.1", "--eps-decay-fraction", "0.3",
         "--double", "--huber-delta", "1.0", "--lr", "1e-3", "--gamma", "0.9", "--max-grad-norm", "5.0",
-        "--tau", "0.5"]),
+        "--tau", "0.5", "--net-dueling", "--gradient-steps", "2"]),
     "dqn-b": ("dqn", NET_B + PRUNE_B + QAT_B + [
         "--total-steps", "200", "--num-envs", "2", "--prng-impl", "rbg", "--buffer-size", "100", "--batch-size", "8",
-        "--learning-starts", "40", "--train-frequency", "4", "--target-update-period", "20"]),
+        "--learning-starts", "40", "--train-frequency", "4", "--target-update-period", "20", "--adam-eps", "1e-8"]),
+}
+
+# algorithm -> {flag field: argv setting it}: flags the algorithm refuses at any non-default value, so
+# no run of RUNS can set them; `test_every_flag_is_exercised` checks that they are refused instead.
+REFUSED: dict[str, dict[str, list[str]]] = {
+    algorithm: {"net_dueling": ["--net-dueling"]} for algorithm in ("ppo", "a2c", "reinforce")
 }
 
 RUN_OPTIONS = {f.name for f in dataclasses.fields(cli.RunOptions)}
@@ -83,10 +89,18 @@ def test_every_flag_is_exercised(algorithm: str) -> None:
     value in some run of RUNS (compared after parsing, so `--no-x` counts for a True default)."""
     parsed = [_parse(a, argv) for a, argv in RUNS.values() if a == algorithm]
     assert parsed, f"no run for {algorithm}"
+    refused = REFUSED.get(algorithm, {})
     missed = [
-        f.name for f in _flag_fields(algorithm) if all(getattr(p, f.name) == f.default for p in parsed)
+        f.name
+        for f in _flag_fields(algorithm)
+        if f.name not in refused and all(getattr(p, f.name) == f.default for p in parsed)
     ]
     assert not missed, f"{algorithm}: no run sets {missed} to a non-default value; add it to RUNS"
+    for name, argv in refused.items():
+        args = _parse(algorithm, argv)
+        assert getattr(args, name) != getattr(cli.train_args_class(algorithm)(), name), (algorithm, argv)
+        with pytest.raises(ValueError, match=name.replace("_", ".")):  # net_dueling: "net.dueling ..."
+            cli.build_run(algorithm, args)
 
 
 @pytest.mark.parametrize("name", list(RUNS))

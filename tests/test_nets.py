@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -10,6 +12,8 @@ import optax
 import pytest
 
 from rlcx_jax import envs, nets
+from rlcx_jax.envs.normalize import init_stats
+from rlcx_jax.rl import dqn
 from rlcx_jax.rl.common import Hooks, make_apply, make_optimizer
 
 
@@ -252,3 +256,84 @@ def test_orthogonal_init_matches_flax_reference(shape: tuple[int, ...]) -> None:
     batched = jax.jit(jax.vmap(lambda k: nets.orthogonal_init(1.4)(k, shape)))(keys)
     for i in range(3):
         np.testing.assert_allclose(np.asarray(batched[i]), np.asarray(nets.orthogonal_init(1.4)(keys[i], shape)), atol=2e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# The dueling Q-network (NetConfig.dueling): Q = V + A - mean_a A
+# ----------------------------------------------------------------------------------------------
+def _random_params(net, obs_shape, seed):
+    """The network's parameter tree with random normal leaves (biases too: a dropped bias shows)."""
+    shapes = jax.eval_shape(net.init, jax.random.PRNGKey(0), jnp.zeros((1,) + tuple(obs_shape)))["params"]
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), jnp.float32), shapes)
+
+
+def _np_dense(layer, x):
+    return x @ np.asarray(layer["kernel"], np.float64) + np.asarray(layer["bias"], np.float64)
+
+
+def _np_dueling(params, obs):
+    """Independent float64 NumPy forward of a 2-layer tanh dueling Q-network: (Q, A, V)."""
+    h = np.asarray(obs, np.float64)
+    for name in ("Dense_0", "Dense_1"):
+        h = np.tanh(_np_dense(params["torso"][name], h))
+    advantage = _np_dense(params["q_head"], h)
+    value = _np_dense(params["q_value"], h)
+    assert value.shape[-1] == 1
+    return value + advantage - advantage.mean(axis=-1, keepdims=True), advantage, value[..., 0]
+
+
+DUELING = nets.NetConfig(hidden=(16, 8), activation="tanh", dueling=True)
+
+
+def test_dueling_q_network_is_value_plus_centred_advantage():
+    spec = nets.ActionSpec(discrete=True, num_actions=4)
+    net = nets.make(DUELING, (3,), spec, head="q")
+    params = _random_params(net, (3,), seed=1)
+    assert params["q_head"]["kernel"].shape == (8, 4) and params["q_value"]["kernel"].shape == (8, 1)
+    obs = np.random.default_rng(2).normal(size=(2, 5, 3)).astype(np.float32)
+    want, advantage, value = _np_dueling(params, obs)
+    q = net.apply({"params": params}, jnp.asarray(obs))
+    assert q.shape == (2, 5, 4)
+    np.testing.assert_allclose(q, want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(net.apply({"params": params}, jnp.asarray(obs), method="policy"), want, rtol=1e-5, atol=1e-5)
+    # Both streams matter: Q is neither A alone nor A shifted by its mean; mean_a Q = V.
+    assert np.max(np.abs(want - advantage)) > 0.1
+    assert np.max(np.abs(want - (advantage - advantage.mean(-1, keepdims=True)))) > 0.1
+    np.testing.assert_allclose(np.asarray(q).mean(-1), value, rtol=1e-5, atol=1e-5)
+
+
+def test_dueling_greedy_action_is_the_argmax_of_the_advantages():
+    """Neither V nor the mean subtraction moves the argmax: the greedy action of the network and of
+    DQN's `act` is argmax_a A(s, a), whatever V(s) is."""
+    spec = nets.ActionSpec(discrete=True, num_actions=2)  # CartPole: obs (4,), 2 actions
+    net = nets.make(DUELING, (4,), spec, head="q")
+    params = _random_params(net, (4,), seed=3)
+    params = {**params, "q_value": {**params["q_value"], "bias": jnp.asarray([50.0])}}  # V dwarfs A
+    obs = jnp.asarray(np.random.default_rng(4).normal(size=(64, 4)), jnp.float32)
+    _, advantage, value = _np_dueling(params, np.asarray(obs))
+    greedy = np.argmax(advantage, axis=-1)
+    assert 0 < greedy.sum() < len(greedy) and np.all(value > 40.0)  # both actions are greedy somewhere
+    np.testing.assert_array_equal(np.argmax(net.apply({"params": params}, obs), axis=-1), greedy)
+    trainer = dqn.make(dqn.DQNConfig(net=DUELING))
+    actions = trainer.act(params, init_stats((4,)), obs, jax.random.PRNGKey(0), True)
+    np.testing.assert_array_equal(np.asarray(actions), greedy)
+
+
+def test_dueling_layout_lists_the_value_stream_under_the_q_head_role():
+    spec = nets.ActionSpec(discrete=True, num_actions=3)
+    duel_roles = dict(nets.layout(DUELING, "q").roles)
+    assert duel_roles["q_head"] == duel_roles["head"] == ("q_head", "q_value")
+    assert set(duel_roles["policy"]) == {"torso", "q_head", "q_value"}
+    assert nets.layout(DUELING, "q").feeds == (("torso", ("q_head", "q_value")),)
+    duel_params = _init(nets.make(DUELING, (4,), spec, head="q"), (4,))
+    # Every module a role names exists, and every top-level module belongs to the policy role.
+    assert set(duel_params) == set(duel_roles["policy"])
+
+    plain = dataclasses.replace(DUELING, dueling=False)
+    plain_roles = dict(nets.layout(plain, "q").roles)
+    assert plain_roles["q_head"] == plain_roles["head"] == ("q_head",)
+    assert nets.layout(plain, "q").feeds == (("torso", ("q_head",)),)
+    plain_params = _init(nets.make(plain, (4,), spec, head="q"), (4,))
+    assert set(plain_params) == {"torso", "q_head"} and "q_value" not in plain_params
+    assert plain_params["q_head"]["kernel"].shape == duel_params["q_head"]["kernel"].shape == (8, 3)

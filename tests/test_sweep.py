@@ -306,6 +306,19 @@ def test_sharded_sweeps_agree_with_the_one_device_sweep_rows_in_order() -> None:
                 assert row[column] == pytest.approx(ref[column], rel=1e-4, abs=1e-4), (name, row, ref)
 
 
+def test_cli_cpu_devices_shards_a_sweep_over_that_many_cpu_devices(tmp_path: pathlib.Path) -> None:
+    """`rlcx sweep --cpu-devices 2` in a fresh process: XLA gets two CPU devices and the runs are split
+    over both (the row count and the devices are what results.json records)."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {"JAX_PLATFORMS": "cpu"}
+    args = ["sweep", "ppo", "--grid", "lr=1e-3", "--seeds", "3", "--total-steps", "256", "--num-steps", "32", "--net-hidden", "8"]
+    args += ["--eval-episodes", "2", "--cpu-devices", "2", "--compile-cache", "off", "--out", str(tmp_path / "s")]
+    proc = subprocess.run([sys.executable, "-m", "rlcx_jax.cli", *args], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 cpu device(s)" in proc.stdout + proc.stderr
+    result = json.loads((tmp_path / "s" / "results.json").read_text())
+    assert result["timing"]["devices"] == 2 and len(result["rows"]) == 3  # 3 runs padded to 4, 3 kept
+
+
 def test_parts_as_ray_tasks_on_a_local_cluster_merge_into_the_full_sweep(base_run, tmp_path) -> None:
     ray = pytest.importorskip("ray")
     from rlcx_jax import sweep

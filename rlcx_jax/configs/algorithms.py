@@ -131,6 +131,8 @@ class TrainConfig(abc.ABC):
                 f"({self.steps_per_update} env steps)"
             )
         self.net.validate()
+        if self.net.dueling and self.HEAD != "q":
+            raise ValueError("net.dueling applies to Q-networks (dqn) only")
         check_prng_impl(self.prng_impl)
         check_extensions(self.extensions)
 
@@ -154,9 +156,11 @@ class HParams:
     """Discount factor."""
     max_grad_norm: float = 0.5
     """Global gradient-norm clip."""
+    adam_eps: float = 1e-5
+    """Adam's epsilon (added to the root of the second-moment estimate)."""
     ext: dict[str, Any] = pytree.field(default_factory=dict)
 
-    POSITIVE: ClassVar[tuple[str, ...]] = ("lr", "max_grad_norm")
+    POSITIVE: ClassVar[tuple[str, ...]] = ("lr", "max_grad_norm", "adam_eps")
     UNIT: ClassVar[tuple[str, ...]] = ("gamma",)
 
     if TYPE_CHECKING:  # added by pytree.dataclass
@@ -244,7 +248,9 @@ class DQNConfig(TrainConfig):
     learning_starts: int = 10_000
     """Environment steps collected before the first gradient step."""
     train_frequency: int = 10
-    """Environment steps per gradient step (a multiple of num_envs)."""
+    """Environment steps per update (a multiple of num_envs)."""
+    gradient_steps: int = 1
+    """Gradient steps per update, each on its own minibatch sampled from the replay buffer."""
     target_update_period: int = 500
     """Environment steps between target-network updates."""
     eps_start: float = 1.0
@@ -262,7 +268,13 @@ class DQNConfig(TrainConfig):
 
     HEAD = "q"
     DISCRETE_ONLY = True
-    POSITIVE = TrainConfig.POSITIVE + ("buffer_size", "batch_size", "train_frequency", "target_update_period")
+    POSITIVE = TrainConfig.POSITIVE + (
+        "buffer_size",
+        "batch_size",
+        "train_frequency",
+        "gradient_steps",
+        "target_update_period",
+    )
 
     @property
     def steps_per_update(self) -> int:
@@ -270,8 +282,10 @@ class DQNConfig(TrainConfig):
 
     @property
     def optimizer_steps(self) -> int:
-        """Gradient steps in a full run: one per update once `learning_starts` is reached."""
-        return max(self.num_updates - self.learning_starts // self.train_frequency, 1)
+        """Gradient steps in a full run: `gradient_steps` per update from the update whose transitions
+        fill the buffer to `learning_starts` (update u holds (u + 1) * train_frequency), on."""
+        waiting = max(-(-self.learning_starts // self.train_frequency) - 1, 0)
+        return max(self.num_updates - waiting, 1) * self.gradient_steps
 
     def validate(self) -> None:
         super().validate()

@@ -45,6 +45,8 @@ class NetConfig:
     """Channels of the CNN's conv layer (Young & Tian 2019, MinAtar)."""
     conv_kernel: int = 3
     """Kernel size of the CNN's conv layer."""
+    dueling: bool = False
+    """Q-networks only: Q = V + A - mean(A), a state-value and an advantage stream over the torso (Wang et al. 2016)."""
 
     def validate(self) -> None:
         if self.torso not in TORSO_NAMES:

@@ -397,7 +397,11 @@ class PolicyNetwork(nn.Module):
 
 @register_head("q")
 class QNetwork(nn.Module):
-    """Action values Q(s, .) for discrete actions; `policy` is the same (its argmax is greedy)."""
+    """Action values Q(s, .) for discrete actions; `policy` is the same (its argmax is greedy).
+
+    With `config.dueling` (Wang et al. 2016) the torso feeds two streams, a state value V(s)
+    (`q_value`) and advantages A(s, .) (`q_head`): Q(s, a) = V(s) + A(s, a) - mean_a' A(s, a').
+    """
 
     config: NetConfig
     spec: ActionSpec
@@ -405,23 +409,30 @@ class QNetwork(nn.Module):
 
     @classmethod
     def layout(cls, config: NetConfig) -> Layout:
+        heads = ("q_head", "q_value") if config.dueling else ("q_head",)
         roles = (
             ("torso", ("torso",)),
             ("actor_head", ()),
             ("critic_head", ()),
-            ("q_head", ("q_head",)),
-            ("head", ("q_head",)),
-            ("policy", ("torso", "q_head")),
+            ("q_head", heads),
+            ("head", heads),
+            ("policy", ("torso",) + heads),
             ("critic", ()),
         )
-        return Layout(roles=roles, feeds=(("torso", ("q_head",)),))
+        return Layout(roles=roles, feeds=(("torso", heads),))
 
     def setup(self) -> None:
         self.torso = _torso(self.config, self.obs_ndim, "torso")
         self.q_head = dense(self.spec.num_actions, 1.0)
+        if self.config.dueling:
+            self.q_value = dense(1, 1.0)
 
     def __call__(self, obs: jax.Array, task: jax.Array | None = None) -> jax.Array:
-        return self.q_head(_with_task(self.torso(obs), task))
+        features = _with_task(self.torso(obs), task)
+        q = self.q_head(features)
+        if self.config.dueling:
+            q = self.q_value(features) + q - jnp.mean(q, axis=-1, keepdims=True)
+        return q
 
     def policy(self, obs: jax.Array, task: jax.Array | None = None) -> jax.Array:
         return self(obs, task)

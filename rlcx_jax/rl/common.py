@@ -141,7 +141,7 @@ class Agent:
 
     def optimizer(self, hparams: Any) -> optax.GradientTransformation:
         anneal = self.config.optimizer_steps if self.config.anneal_lr else None
-        return make_optimizer(hparams.lr, hparams.max_grad_norm, self.hooks, anneal, hparams=hparams)
+        return make_optimizer(hparams.lr, hparams.max_grad_norm, self.hooks, anneal, hparams.adam_eps, hparams)
 
     def gradient_step(
         self, params: Params, opt_state: optax.OptState, hparams: Any, grads: Params
@@ -290,7 +290,7 @@ def make_optimizer(
     max_grad_norm: jax.Array | float,
     hooks: Hooks = Hooks(),
     anneal_steps: int | None = None,
-    eps: float = 1e-5,
+    eps: jax.Array | float = 1e-5,
     hparams: Any = None,
 ) -> optax.GradientTransformation:
     """The optax chain, built in one place from traced hyperparameters.

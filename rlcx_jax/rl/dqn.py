@@ -1,8 +1,10 @@
 """Deep Q-Network (Mnih et al. 2015), with the double-DQN target (van Hasselt et al. 2016) as an
-option: epsilon-greedy collection from vectorised envs into an on-device replay buffer, one gradient
-step every `train_frequency` env steps, and a hard (tau = 1) or Polyak target update.
+option: epsilon-greedy collection from vectorised envs into an on-device replay buffer, `gradient_steps`
+gradient steps every `train_frequency` env steps, and a hard (tau = 1) or Polyak target update; the
+network may be a dueling one (`NetConfig.dueling`, Wang et al. 2016).
 
-Defaults are PureJaxRL's CartPole DQN settings.
+Defaults are PureJaxRL's CartPole DQN settings, except that gradients are clipped at global norm 10
+and Adam's epsilon is 1e-5 (PureJaxRL: no clip, 1e-8; `max_grad_norm`, `adam_eps`).
 """
 
 from __future__ import annotations
@@ -110,15 +112,22 @@ def update(agent: Agent, state: DQNState) -> tuple[DQNState, DQNMetrics]:
     loss_fn = agent.terms.add_to(_td_loss)
     zero = jnp.zeros((), jnp.float32)
 
-    def learn_step(operand: tuple[Params, Any]) -> tuple[Params, Any, jax.Array, jax.Array, dict[str, Any]]:
-        params, opt_state = operand
-        batch = replay.sample(buffer, key_sample, config.batch_size)
+    def gradient_step(carry: tuple[Params, Any], key: jax.Array) -> tuple[tuple[Params, Any], Any]:
+        params, opt_state = carry
+        batch = replay.sample(buffer, key, config.batch_size)
         batch = batch.replace(extras=agent.terms.batch_extras(state.ext, hp.ext, batch))
         (loss, (aux, ext_aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             params, batch, state.ext, hp.ext, state.target_params, agent.apply, config.double, config.huber_delta
         )
-        params, opt_state = agent.gradient_step(params, opt_state, hp, grads)
-        return params, opt_state, loss, aux.q_mean, common.mean_ext_aux(ext_aux)
+        return agent.gradient_step(params, opt_state, hp, grads), (loss, aux.q_mean, ext_aux)
+
+    def learn_step(operand: tuple[Params, Any]) -> tuple[Params, Any, jax.Array, jax.Array, dict[str, Any]]:
+        if config.gradient_steps == 1:  # one step on key_sample itself (the stream of a plain DQN)
+            (params, opt_state), (loss, q_mean, ext_aux) = gradient_step(operand, key_sample)
+            return params, opt_state, loss, q_mean, common.mean_ext_aux(ext_aux)
+        keys = jax.random.split(key_sample, config.gradient_steps)
+        (params, opt_state), (loss, q_mean, ext_aux) = jax.lax.scan(gradient_step, operand, keys)
+        return params, opt_state, jnp.mean(loss), jnp.mean(q_mean), common.mean_ext_aux(ext_aux)
 
     def skip(operand: tuple[Params, Any]) -> tuple[Params, Any, jax.Array, jax.Array, dict[str, Any]]:
         ext_shape = jax.eval_shape(learn_step, operand)[4]

@@ -127,11 +127,52 @@ def collect(
 ) -> tuple[EnvRunner, Transition]:
     """Run `num_steps` vectorised steps; returns the new runner and a time-major Transition.
 
-    Every key the rollout needs is split up front in one call, outside the sequential loop.
+    Every key the rollout needs is split up front in one call, outside the sequential loop. The
+    per-environment scalars of a step (reward, flags, discrete action, episode statistics) leave the
+    loop packed into one uint32 array (`_pack_scalars`): one write per step instead of one per field,
+    the same values bit for bit.
     """
     keys = jax.random.split(key, (num_steps, runner.obs.shape[0] + 1))
+    num_envs = runner.obs.shape[0]
+    layout: list[Any] = []  # the Transition's structure, recorded while the body is traced
 
-    def body(r: EnvRunner, k: jax.Array) -> tuple[EnvRunner, Transition]:
-        return _step(env, env_params, policy_fn, r, k)
+    def body(r: EnvRunner, k: jax.Array) -> tuple[EnvRunner, tuple[jax.Array, list[Any]]]:
+        r, transition = _step(env, env_params, policy_fn, r, k)
+        leaves, treedef = jax.tree.flatten(transition)
+        layout[:] = [treedef, [x.dtype if _packable(x, num_envs) else None for x in leaves]]
+        return r, _pack_scalars(leaves, num_envs)
 
-    return jax.lax.scan(body, runner, keys)
+    runner, (columns, rest) = jax.lax.scan(body, runner, keys)
+    return runner, _unpack_scalars(columns, rest, *layout)
+
+
+def _packable(x: jax.Array, num_envs: int) -> bool:
+    """A per-environment scalar of 32 bits or a bool: it fits one uint32 column. (Wider leaves such as
+    observations stay apart: packing them too made XLA:CPU split the write into more kernels.)"""
+    return x.shape == (num_envs,) and (x.dtype == jnp.bool_ or x.dtype.itemsize == 4)
+
+
+def _pack_scalars(leaves: list[jax.Array], num_envs: int) -> tuple[jax.Array, list[Any]]:
+    """(uint32 [num_envs, k]: the bits of every packable leaf, the leaves with those replaced by None).
+    Bit casts (bools as 0 / 1), so `_unpack_scalars` restores every value exactly."""
+
+    def bits(x: jax.Array) -> jax.Array:
+        return x.astype(jnp.uint32) if x.dtype == jnp.bool_ else jax.lax.bitcast_convert_type(x, jnp.uint32)
+
+    columns = [bits(x) for x in leaves if _packable(x, num_envs)]
+    packed = jnp.stack(columns, axis=-1) if columns else jnp.zeros((num_envs, 0), jnp.uint32)
+    return packed, [None if _packable(x, num_envs) else x for x in leaves]
+
+
+def _unpack_scalars(columns: jax.Array, rest: list[Any], treedef: Any, dtypes: list[Any]) -> Any:
+    """The Transition from `_pack_scalars`'s output stacked over time; `dtypes[i]` is leaf i's dtype if
+    it was packed, else None (kept as it is)."""
+    leaves, j = [], 0
+    for x, dtype in zip(rest, dtypes):
+        if dtype is None:
+            leaves.append(x)
+            continue
+        col = columns[..., j]
+        leaves.append(col.astype(bool) if dtype == jnp.bool_ else jax.lax.bitcast_convert_type(col, dtype))
+        j += 1
+    return jax.tree.unflatten(treedef, leaves)
