@@ -89,6 +89,28 @@ DQN_SETTINGS = {
     "activation": "relu",
 }
 
+# rejax's own CartPole DQN (configs/gymnax/cartpole.yaml of the rejax repository; create_agent fixes
+# hidden_layer_sizes=(64, 64)); target_update_freq is left at rejax's default (every iteration).
+DQN_REJAX_SETTINGS = {
+    "agent": "DuelingQNetwork",
+    "activation": "swish",
+    "hidden_layer_sizes": [64, 64],
+    "num_envs": 10,
+    "buffer_size": 50_000,
+    "fill_buffer": 5_000,
+    "batch_size": 100,
+    "max_grad_norm": 10.0,
+    "learning_rate": 0.001,
+    "num_epochs": 5,
+    "polyak": 0.98,
+    "target_update_freq": 1,
+    "eps_start": 1.0,
+    "eps_end": 0.05,
+    "exploration_fraction": 0.5,
+    "gamma": 0.99,
+    "ddqn": True,
+}
+
 NOTES = {
     "ppo": [
         "rejax PPO has no learning-rate annealing option; an optax.linear_schedule (2.5e-4 -> 0 over "
@@ -110,6 +132,16 @@ NOTES = {
         "update every 10 env steps (PureJaxRL TRAINING_INTERVAL=10 with 10 envs).",
         "rejax's loss is optax.l2_loss (0.5 * squared error); PureJaxRL uses the mean squared error.",
         "learning starts when global_step > fill_buffer (10k env steps).",
+        "rejax's `done` is terminated or truncated: a truncated episode is not bootstrapped (rlcx_jax "
+        "bootstraps it from the pre-reset observation); the compute is the same.",
+    ],
+    "dqn-rejax": [
+        "rejax's own CartPole DQN config (configs/gymnax/cartpole.yaml): dueling (64, 64) swish network, "
+        "double DQN, batch 100, 5 gradient steps per 10 env steps, Polyak target 0.98 every 10 env steps, "
+        "buffer 50k, learning from 5k env steps, lr 1e-3, element-wise gradient clip at 10 (optax.clip).",
+        "rlcx_jax runs the same settings except the clip, which is by global norm at 10 "
+        "(optax.clip_by_global_norm); its loss is the mean squared TD error, rejax's optax.l2_loss (half of it).",
+        "rejax's `done` is terminated or truncated: a truncated episode is not bootstrapped.",
     ],
 }
 
@@ -238,7 +270,28 @@ def build_dqn(total_timesteps: int) -> tuple[object, int, dict]:
     return algo, total, recorded
 
 
-BUILDERS = {"ppo": build_ppo, "dqn": build_dqn}
+def build_dqn_rejax(total_timesteps: int) -> tuple[object, int, dict]:
+    s = DQN_REJAX_SETTINGS
+    total = max(total_timesteps // s["num_envs"], 1) * s["num_envs"]
+    config = {k: v for k, v in s.items() if k not in ("activation", "hidden_layer_sizes")}
+    config.update({
+        "env": "CartPole-v1",
+        "agent_kwargs": {"activation": s["activation"]},
+        "fill_buffer": min(s["fill_buffer"], total),
+        "normalize_observations": False,
+        "normalize_rewards": False,
+        "total_timesteps": total,
+        "eval_freq": total,
+        "skip_initial_evaluation": True,
+    })
+    algo = rejax.DQN.create(**config).replace(eval_callback=_no_eval)
+    recorded = {**config, "hidden_layer_sizes": list(s["hidden_layer_sizes"]), "activation": s["activation"]}
+    recorded.pop("agent_kwargs")
+    return algo, total, recorded
+
+
+BUILDERS = {"ppo": build_ppo, "dqn": build_dqn, "dqn-rejax": build_dqn_rejax}
+SETTINGS = {"ppo": PPO_SETTINGS, "dqn": DQN_SETTINGS, "dqn-rejax": DQN_REJAX_SETTINGS}
 
 
 def make_eval_act(algo_name: str, algo, ts):
@@ -361,7 +414,7 @@ def serve() -> None:
     sys.stdout = sys.stderr  # stray prints from libraries must not corrupt the protocol
     worker = Worker()
     emit({"event": "ready", "versions": versions(), "backend": jax.default_backend(),
-          "devices": [str(d) for d in jax.devices()], "settings": {"ppo": PPO_SETTINGS, "dqn": DQN_SETTINGS},
+          "devices": [str(d) for d in jax.devices()], "settings": SETTINGS,
           "notes": NOTES})
     for line in sys.stdin:
         line = line.strip()

@@ -1,16 +1,27 @@
-"""Throughput benchmark: rlcx_jax PPO / DQN against rejax on CartPole-v1, in one invocation.
+"""Throughput benchmark: rlcx_jax against rejax on CartPole-v1, in one invocation.
 
-    python benchmarks/throughput.py                       # PPO + DQN, 1 / 8 / 32 seeds, 3 repeats
-    python benchmarks/throughput.py --quick               # smoke run, about a minute
+    python benchmarks/throughput.py                       # every workload, 1 / 8 / 32 seeds, 3 repeats
+    python benchmarks/throughput.py --quick               # smoke run, a few minutes
     python benchmarks/throughput.py --algos ppo --seeds 1 8 --repeats 5
 
-For every (algorithm, number of vmapped seeds) point, both libraries train with PureJaxRL's
-CartPole settings under `jax.jit(jax.vmap(train))`. Tracing + compilation is done ahead of time
-(`.lower(...).compile()`) and reported apart from the run time; each timed run executes the
-compiled function and waits for it (`block_until_ready`). The two sides alternate within every
-repeat (ours first on even repeats, rejax first on odd ones), and the figure reported is the median
-over repeats of env steps/s = n_seeds * env steps per seed / run seconds. The final policy of every
-seed is evaluated after timing (untimed) over --eval-episodes episodes, so each throughput figure
+Workloads (`--algos`), each with both libraries on the settings named:
+  ppo        PureJaxRL's CartPole PPO (rejax's PPO differs in details: rejax_runner.py NOTES).
+  dqn        PureJaxRL's CartPole DQN, like for like: the same network, batch, gradient and target
+             steps on both sides, no gradient clipping, Adam's epsilon 1e-8.
+  dqn-rejax  rejax's own CartPole DQN config (dueling swish 64x64, double DQN, batch 100, 5 gradient
+             steps per 10 env steps, Polyak target), like for like, 100k steps (its own budget).
+  a2c, reinforce   rlcx_jax's defaults; rejax has neither, so these rows are ours alone.
+
+Sides (`--sides`): `ours` is `jax.jit(jax.vmap(train))` on one device; `ours-sharded` splits the same
+vmapped seeds over one XLA:CPU device per usable core (`rlcx_jax.shard`, XLA_FLAGS
+--xla_force_host_platform_device_count, what `rlcx sweep --cpu-devices N` does), for 2 seeds or more;
+`rejax` is rejax 0.1.3's `jax.jit(jax.vmap(algo.train))`.
+
+Tracing + compilation is done ahead of time (`.lower(...).compile()`) and reported apart from the run
+time; each timed run executes the compiled function and waits for it (`block_until_ready`). The sides
+alternate within every repeat (the order reverses on odd repeats), and the figure reported is the
+median over repeats of env steps/s = n_seeds * env steps per seed / run seconds. The final policy of
+every seed is evaluated after timing (untimed) over --eval-episodes episodes, so each throughput figure
 sits beside the returns it produced.
 
 Each side runs in its own long-lived worker process that keeps its compiled functions between
@@ -68,8 +79,20 @@ SHARED_FALLBACK_PINS = {
 }
 VERSION_PACKAGES = ("jax", "jaxlib", "flax", "optax", "gymnax", "distrax", "chex", "numpy")
 
-DEFAULT_TOTAL = {"ppo": 500_000, "dqn": 500_000}
-QUICK_TOTAL = {"ppo": 20_480, "dqn": 20_000}
+ALGOS = ("ppo", "dqn", "dqn-rejax", "a2c", "reinforce")
+SIDES = ("ours", "ours-sharded", "rejax")
+REJAX_ALGOS = ("ppo", "dqn", "dqn-rejax")  # what rejax 0.1.3 has (no A2C, no REINFORCE)
+LIKE_FOR_LIKE = {
+    "ppo": False,  # rejax's PPO differs in details (benchmarks/rejax_runner.py NOTES); same workload sizes
+    "dqn": True,
+    "dqn-rejax": True,
+    "a2c": False,
+    "reinforce": False,
+}
+"""Points where both libraries run identical settings (network, batch, gradient steps, target updates,
+optimizer), up to the differences rejax_runner.py's NOTES list for that point."""
+DEFAULT_TOTAL = {**{a: 500_000 for a in ALGOS}, "dqn-rejax": 100_000}  # rejax's config trains for 100k
+QUICK_TOTAL = {"ppo": 20_480, "dqn": 20_000, "dqn-rejax": 20_000, "a2c": 20_480, "reinforce": 20_480}
 
 # PureJaxRL's CartPole settings in rlcx_jax's vocabulary (config fields are static, hparams traced).
 OUR_SETTINGS = {
@@ -107,8 +130,31 @@ OUR_SETTINGS = {
             "eps_decay_fraction": 0.5,
             "net": {"hidden": (120, 84), "activation": "relu"},
         },
-        "hparams": {"lr": 2.5e-4, "gamma": 0.99, "tau": 1.0},
+        # PureJaxRL: no gradient clipping (1e10 never binds) and optax.adam's default epsilon, as rejax.
+        "hparams": {"lr": 2.5e-4, "gamma": 0.99, "tau": 1.0, "max_grad_norm": 1e10, "adam_eps": 1e-8},
     },
+    # rejax's own CartPole DQN (rejax_runner.py DQN_REJAX_SETTINGS) in rlcx_jax's vocabulary.
+    "dqn-rejax": {
+        "config": {
+            "env": "CartPole-v1",
+            "num_envs": 10,
+            "buffer_size": 50_000,
+            "batch_size": 100,
+            "learning_starts": 5_000,
+            "train_frequency": 10,
+            "gradient_steps": 5,
+            "target_update_period": 10,
+            "eps_start": 1.0,
+            "eps_end": 0.05,
+            "eps_decay_fraction": 0.5,
+            "double": True,
+            "net": {"hidden": (64, 64), "activation": "silu", "dueling": True},
+        },
+        "hparams": {"lr": 1e-3, "gamma": 0.99, "tau": 0.02, "max_grad_norm": 10.0, "adam_eps": 1e-8},
+    },
+    # rlcx_jax's own A2C and REINFORCE defaults (no rejax counterpart).
+    "a2c": {"config": {"env": "CartPole-v1"}, "hparams": {}},
+    "reinforce": {"config": {"env": "CartPole-v1"}, "hparams": {}},
 }
 
 
@@ -361,19 +407,20 @@ class OurPoint:
         import jax
         import jax.numpy as jnp
 
+        from rlcx_jax import rl
         from rlcx_jax.nets import NetConfig
-        from rlcx_jax.rl import dqn, ppo
 
         self.jax = jax
         self.algo, self.n_seeds = algo, n_seeds
-        module = {"ppo": ppo, "dqn": dqn}[algo]
-        config_cls = {"ppo": ppo.PPOConfig, "dqn": dqn.DQNConfig}[algo]
-        hparams_cls = {"ppo": ppo.PPOHParams, "dqn": dqn.DQNHParams}[algo]
+        self.rl_name = algo.split("-")[0]  # "dqn-rejax" is DQN with other settings
+        spec = rl.get(self.rl_name)
+        module, config_cls, hparams_cls = spec.module, spec.config_cls, spec.hparams_cls
         settings = OUR_SETTINGS[algo]
 
         t0 = time.perf_counter()
         kwargs = dict(settings["config"])
-        kwargs["net"] = NetConfig(**{k: v for k, v in kwargs["net"].items()})
+        if "net" in kwargs:
+            kwargs["net"] = NetConfig(**kwargs["net"])
         kwargs["total_timesteps"] = total_timesteps
         if os.environ.get("RLCX_BENCH_PRNG_IMPL"):  # set by --prng-impl in the parent process
             kwargs["prng_impl"] = os.environ["RLCX_BENCH_PRNG_IMPL"]
@@ -408,20 +455,35 @@ class OurPoint:
         from rlcx_jax import xla
 
         self.compiler_options = {} if os.environ.get("RLCX_BENCH_COMPILER_OPTIONS") == "off" else xla.compiler_options()
-        lowered = jax.jit(jax.vmap(train), compiler_options=self.compiler_options or None).lower(self.keys, self.hps)
+        options = self.compiler_options or None
+        # ours-sharded: the seed axis split over every device (one XLA:CPU device per core, forced with
+        # XLA_FLAGS by the parent) with rlcx_jax.shard, as `rlcx train --seeds N` runs on several devices.
+        self.sharded = os.environ.get("RLCX_BENCH_SHARDED") == "1"
+        if self.sharded:
+            from rlcx_jax import shard
+
+            mesh = shard.run_mesh()
+            self.args = shard.place_rows((self.keys, self.hps), mesh)
+            jitted = shard.jit_rows(jax.vmap(train), mesh)  # always with rlcx_jax.xla's options
+            self.compiler_options = xla.compiler_options()
+        else:
+            self.args = (self.keys, self.hps)
+            jitted = jax.jit(jax.vmap(train), compiler_options=options)
+        lowered = jitted.lower(*self.args)
         t2 = time.perf_counter()
         self.compiled = lowered.compile()
         t3 = time.perf_counter()
         self.compile_info = {"build_s": t1 - t0, "trace_lower_s": t2 - t1, "xla_compile_s": t3 - t2,
                              "compile_s": t3 - t1}
         self.settings = {"config": _jsonable(cfg), "hparams": _jsonable(hp),
-                         "env_steps_per_seed": self.env_steps_per_seed, "compiler_options": self.compiler_options}
+                         "env_steps_per_seed": self.env_steps_per_seed, "compiler_options": self.compiler_options,
+                         "devices": len(jax.devices()) if self.sharded else 1}
         self.out = None
 
     def run(self) -> dict:
         busy0, cpu0 = _system_busy_s(), time.process_time()
         t0 = time.perf_counter()
-        out = self.compiled(self.keys, self.hps)
+        out = self.compiled(*self.args)
         self.jax.block_until_ready(out)
         run_s = time.perf_counter() - t0
         load = contention(busy0, cpu0, run_s)
@@ -436,9 +498,9 @@ class OurPoint:
 
     def evaluate(self, num_episodes: int) -> dict:
         jax = self.jax
-        state = self.out.state
+        state = jax.tree.map(lambda x: x[: self.n_seeds], self.out.state)  # drop the sharded side's padding
         keys = jax.random.split(self.eval_key, self.n_seeds)
-        greedy = self.algo == "dqn"
+        greedy = self.rl_name == "dqn"
         t0 = time.perf_counter()
         try:  # vmapped over seeds, one compilation
             from rlcx_jax.rl.evaluate import make_evaluator
@@ -452,7 +514,7 @@ class OurPoint:
             rows = []
             for i in range(self.n_seeds):
                 params_i = jax.tree.map(lambda x: x[i], state.params)
-                rows.append(np.asarray(evaluate(self.algo, self.cfg, params_i, keys[i], num_episodes=num_episodes)))
+                rows.append(np.asarray(evaluate(self.rl_name, self.cfg, params_i, keys[i], num_episodes=num_episodes)))
             returns = np.stack(rows)
             how = "rlcx_jax.rl.evaluate.evaluate, per seed"
         eval_s = time.perf_counter() - t0
@@ -568,19 +630,20 @@ def fmt_ret(r: dict | None) -> str:
 
 
 def print_table(points: list[dict]) -> None:
-    head = (f"{'algo':<5}{'seeds':>6} | {'ours steps/s':>13}{'rejax steps/s':>14}{'ours/rejax':>11} | "
-            f"{'compile s ours':>15}{'rejax':>7} | {'CPU s/1M ours':>14}{'rejax':>7} | "
+    head = (f"{'algo':<10}{'seeds':>6} | {'ours steps/s':>13}{'sharded':>10}{'rejax steps/s':>14}{'ours/rejax':>11}"
+            f"{'sharded/rejax':>14} | {'compile s ours':>15}{'rejax':>7} | {'CPU s/1M ours':>14}{'rejax':>7} | "
             f"{'return mean/min ours':>21}{'rejax':>10}")
     print(head)
     print("-" * len(head))
     for p in points:
-        o, r = p["sides"].get("ours"), p["sides"].get("rejax")
-        ratio = p.get("ratio_ours_over_rejax")
+        o, sh, r = (p["sides"].get(k) for k in ("ours", "ours-sharded", "rejax"))
+        ratio, sratio = p.get("ratio_ours_over_rejax"), p.get("ratio_sharded_over_rejax")
         oc = o["compile"]["compile_s"] if o and o.get("compile") else None
         rc = r["compile"]["compile_s"] if r and r.get("compile") else None
-        print(f"{p['algo']:<5}{p['n_seeds']:>6} | "
-              f"{fmt_int(o and o['median_steps_per_s']):>13}{fmt_int(r and r['median_steps_per_s']):>14}"
-              f"{'-' if ratio is None else f'{ratio:.2f}x':>11} | "
+        print(f"{p['algo']:<10}{p['n_seeds']:>6} | "
+              f"{fmt_int(o and o['median_steps_per_s']):>13}{fmt_int(sh and sh['median_steps_per_s']):>10}"
+              f"{fmt_int(r and r['median_steps_per_s']):>14}"
+              f"{'-' if ratio is None else f'{ratio:.2f}x':>11}{'-' if sratio is None else f'{sratio:.2f}x':>14} | "
               f"{'-' if oc is None else f'{oc:.1f}':>15}{'-' if rc is None else f'{rc:.1f}':>7} | "
               f"{fmt_cpu(o):>14}{fmt_cpu(r):>7} | "
               f"{fmt_ret(o and o['returns']):>21}{fmt_ret(r and r['returns']):>10}")
@@ -615,25 +678,57 @@ def merged_points(paths: list[Path]) -> list[dict]:
     return sorted(points.values(), key=lambda p: (p["algo"] != "ppo", p["algo"], p["n_seeds"]))
 
 
+def speed_verdict(ratio: float | None) -> str:
+    """>= 1.3x is the target, within 5% either way a tie."""
+    if ratio is None:
+        return "-"
+    if ratio >= 1.3:
+        return f"{ratio:.2f}x, target 1.3x met"
+    if ratio >= 1.05:
+        return f"{ratio:.2f}x, ahead (below 1.3x)"
+    if ratio > 1 / 1.05:
+        return f"{ratio:.2f}x, a tie"
+    return f"{ratio:.2f}x, behind"
+
+
 def markdown_table(points: list[dict]) -> str:
-    """README's throughput table: speeds, their ratio and the returns beside them, from the JSON."""
-    lines = ["| algorithm | seeds | ours env steps/s | rejax env steps/s | ours / rejax | compile s ours / rejax "
-             "| CPU s per 1M steps ours / rejax | final return ours mean/min | rejax mean/min | measured |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    """README's throughput table: speeds, their ratio and the returns beside them, from the JSON.
+    `ours` is one device (jit(vmap)), `sharded` the seed axis split over one XLA:CPU device per core."""
+    lines = ["| algorithm | seeds | like for like | ours env steps/s | sharded env steps/s | rejax env steps/s "
+             "| ours / rejax | sharded / rejax | compile s ours / rejax | CPU s per 1M steps ours / rejax "
+             "| final return ours mean/min | rejax mean/min | measured |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for p in points:
-        o, r = p["sides"].get("ours"), p["sides"].get("rejax")
-        ratio = p.get("ratio_ours_over_rejax")
-        lines.append(f"| {p['algo'].upper()} | {p['n_seeds']} | {fmt_int(o and o['median_steps_per_s'])} | "
-                     f"{fmt_int(r and r['median_steps_per_s'])} | {'-' if ratio is None else f'{ratio:.2f}x'} | "
+        o, sh, r = (p["sides"].get(k) for k in ("ours", "ours-sharded", "rejax"))
+        lfl = p.get("like_for_like")
+        lines.append(f"| {p['algo'].upper()} | {p['n_seeds']} | {'-' if lfl is None else ('yes' if lfl else 'no')} | "
+                     f"{fmt_int(o and o['median_steps_per_s'])} | {fmt_int(sh and sh['median_steps_per_s'])} | "
+                     f"{fmt_int(r and r['median_steps_per_s'])} | {speed_verdict(p.get('ratio_ours_over_rejax'))} | "
+                     f"{speed_verdict(p.get('ratio_sharded_over_rejax'))} | "
                      f"{compile_pair(o, r)} | {fmt_cpu(o)} / {fmt_cpu(r)} | "
                      f"{fmt_ret(o and o['returns']).replace('/', ' / ')} | {fmt_ret(r and r['returns']).replace('/', ' / ')} | "
                      f"{p.get('measured', '-')} |")
     return "\n".join(lines)
 
 
+def sharded_env(env: dict[str, str], devices: int) -> dict[str, str]:
+    """The environment of the ours-sharded worker: `devices` XLA:CPU devices, sharding switched on."""
+    flags = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}".strip()
+    return {**env, "XLA_FLAGS": flags, "RLCX_BENCH_SHARDED": "1"}
+
+
+def side_applies(side: str, algo: str, n_seeds: int) -> bool:
+    """rejax runs only what it has; sharding needs at least two seeds to split."""
+    if side == "rejax":
+        return algo in REJAX_ALGOS
+    if side == "ours-sharded":
+        return n_seeds > 1
+    return True
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--algos", nargs="+", choices=("ppo", "dqn"), default=None, help="default: ppo dqn")
+    p.add_argument("--algos", nargs="+", choices=ALGOS, default=None, help=f"default: {' '.join(ALGOS)}")
     p.add_argument("--seeds", nargs="+", type=int, default=None, help="vmapped seed counts (default: 1 8 32)")
     p.add_argument("--repeats", type=int, default=None, help="timed runs per point and side (default 3)")
     p.add_argument("--total-timesteps", type=int, default=None,
@@ -641,8 +736,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-episodes", type=int, default=32, help="episodes per seed for the final returns")
     p.add_argument("--seed", type=int, default=0, help="base PRNG seed (same keys for both sides)")
     p.add_argument("--quick", action="store_true", help="smoke run: ~20k steps, seeds [1], 1 repeat")
-    p.add_argument("--sides", nargs="+", choices=("ours", "rejax"), default=["ours", "rejax"],
-                   help="run only one side (e.g. while the other is unavailable)")
+    p.add_argument("--sides", nargs="+", choices=SIDES, default=list(SIDES),
+                   help="sides to run (ours-sharded: the seed axis split over one XLA:CPU device per usable core)")
     p.add_argument("--xla-flags", default=None,
                    help="XLA_FLAGS for both workers (default: inherited), e.g. --xla-flags=--xla_cpu_multi_thread_eigen=false")
     p.add_argument("--prng-impl", default=None, choices=("threefry2x32", "unsafe_rbg", "rbg"),
@@ -667,7 +762,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         os.environ["RLCX_BENCH_PRNG_IMPL"] = args.prng_impl  # inherited by our worker process
     os.environ["RLCX_BENCH_COMPILER_OPTIONS"] = args.compiler_options
     if args.algos is None:
-        args.algos = ["ppo", "dqn"]
+        args.algos = list(ALGOS)
     if args.seeds is None:
         args.seeds = [1] if args.quick else [1, 8, 32]
     if args.repeats is None:
@@ -721,9 +816,14 @@ def main(argv: list[str] | None = None) -> dict | None:
     hangs: list[dict] = []
     points = []
     try:
+        ours_cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "ours"]
         if "ours" in args.sides:
-            workers["ours"] = Worker("ours", [sys.executable, str(Path(__file__).resolve()), "--worker", "ours"], env)
+            workers["ours"] = Worker("ours", ours_cmd, env)
             print(f"[bench] rlcx_jax worker up in {workers['ours'].ready['startup_s']:.1f} s", flush=True)
+        if "ours-sharded" in args.sides and hw["usable_cores"] > 1:
+            workers["ours-sharded"] = Worker("ours-sharded", ours_cmd, sharded_env(env, hw["usable_cores"]))
+            print(f"[bench] rlcx_jax sharded worker up with {len(workers['ours-sharded'].ready['devices'])} "
+                  "devices", flush=True)
         if "rejax" in args.sides:
             venv_info = ensure_rejax_venv(args.rejax_venv, rejax_pins(args.rejax_pin))
             workers["rejax"] = Worker("rejax", [str(venv_python(args.rejax_venv)), str(RUNNER), "--serve"], env)
@@ -731,9 +831,9 @@ def main(argv: list[str] | None = None) -> dict | None:
             print(f"[bench] rejax worker up in {workers['rejax'].ready['startup_s']:.1f} s "
                   f"(rejax {v.get('rejax')}, gymnax {v.get('gymnax')}, jax {v.get('jax')})", flush=True)
 
-        names = [s for s in ("ours", "rejax") if s in workers]
         for algo in args.algos:
             for n in args.seeds:
+                names = [s for s in SIDES if s in workers and side_applies(s, algo, n)]
                 raw: dict[str, list[dict]] = {s: [] for s in names}
                 timeouts = {s: args.timeout for s in names}
                 for r in range(args.repeats):
@@ -751,17 +851,19 @@ def main(argv: list[str] | None = None) -> dict | None:
                         extra = f" (compile {res['compile']['compile_s']:.1f} s)" if "compile" in res else ""
                         if "other_cpu_frac" in res:
                             extra += f"  [other processes: {100 * res['other_cpu_frac']:.0f}% of the CPU]"
-                        print(f"[{name:>5}] {algo} seeds={n:<3} repeat={r} run {res['run_s']:7.2f} s "
+                        print(f"[{name:>12}] {algo} seeds={n:<3} repeat={r} run {res['run_s']:7.2f} s "
                               f"{res['steps_per_s']:>12,.0f} steps/s{extra}", flush=True)
                 point = {"algo": algo, "n_seeds": n, "total_timesteps_requested": totals[algo],
+                         "like_for_like": LIKE_FOR_LIKE[algo],
                          "sides": {name: summarize(runs) for name, runs in raw.items()},
                          "settings": {name: runs[0].get("settings") for name, runs in raw.items()}}
-                if "ours" in raw and "rejax" in raw:
-                    o, j = point["sides"]["ours"], point["sides"]["rejax"]
-                    point["ratio_ours_over_rejax"] = o["median_steps_per_s"] / j["median_steps_per_s"]
-                    if o["env_steps_per_seed"] != j["env_steps_per_seed"]:
-                        print(f"[warn] env steps per seed differ: ours {o['env_steps_per_seed']} "
-                              f"rejax {j['env_steps_per_seed']}", file=sys.stderr)
+                for ours, key in (("ours", "ratio_ours_over_rejax"), ("ours-sharded", "ratio_sharded_over_rejax")):
+                    if ours in raw and "rejax" in raw:
+                        o, j = point["sides"][ours], point["sides"]["rejax"]
+                        point[key] = o["median_steps_per_s"] / j["median_steps_per_s"]
+                        if o["env_steps_per_seed"] != j["env_steps_per_seed"]:
+                            print(f"[warn] env steps per seed differ: {ours} {o['env_steps_per_seed']} "
+                                  f"rejax {j['env_steps_per_seed']}", file=sys.stderr)
                 points.append(point)
     finally:
         for w in workers.values():
@@ -787,11 +889,12 @@ def main(argv: list[str] | None = None) -> dict | None:
         "settings": {
             "algos": args.algos, "seeds": args.seeds, "repeats": args.repeats,
             "total_timesteps": totals, "eval_episodes": args.eval_episodes, "seed": args.seed,
-            "quick": args.quick, "sides": names if workers else [],
+            "quick": args.quick, "sides": list(workers),
             "ours_compiler_options": args.compiler_options,
             "ours": _jsonable({a: OUR_SETTINGS[a] for a in args.algos}),
-            "rejax": rejax_ready and {a: rejax_ready["settings"][a] for a in args.algos},
-            "rejax_notes": rejax_ready and {a: rejax_ready["notes"][a] for a in args.algos},
+            "rejax": rejax_ready and {a: rejax_ready["settings"][a] for a in args.algos if a in REJAX_ALGOS},
+            "rejax_notes": rejax_ready and {a: rejax_ready["notes"][a] for a in args.algos if a in REJAX_ALGOS},
+            "like_for_like": {a: LIKE_FOR_LIKE[a] for a in args.algos},
         },
         "method": ("each side runs in its own worker process (the other is idle meanwhile); "
                    "jax.jit(jax.vmap(train)) over n_seeds keys (ours: with rlcx_jax.xla.compiler_options(), "
