@@ -700,7 +700,7 @@ def markdown_table(points: list[dict]) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for p in points:
         o, sh, r = (p["sides"].get(k) for k in ("ours", "ours-sharded", "rejax"))
-        lfl = p.get("like_for_like")
+        lfl = p.get("like_for_like") if r else None  # no rejax side: nothing to be like
         lines.append(f"| {p['algo'].upper()} | {p['n_seeds']} | {'-' if lfl is None else ('yes' if lfl else 'no')} | "
                      f"{fmt_int(o and o['median_steps_per_s'])} | {fmt_int(sh and sh['median_steps_per_s'])} | "
                      f"{fmt_int(r and r['median_steps_per_s'])} | {speed_verdict(p.get('ratio_ours_over_rejax'))} | "
