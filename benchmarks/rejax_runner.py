@@ -183,6 +183,13 @@ def _no_eval(algo, ts, rng):
     return jnp.zeros(())
 
 
+def timed_run_settings(total: int) -> dict:
+    """What every timed rejax run shares: no normalisation, `total` env steps in one block of
+    iterations, and a single (no-op) evaluation at its end instead of periodic ones."""
+    return {"normalize_observations": False, "normalize_rewards": False, "total_timesteps": total,
+            "eval_freq": total, "skip_initial_evaluation": True}
+
+
 def build_ppo(total_timesteps: int) -> tuple[object, int, dict]:
     s = PPO_SETTINGS
     steps_per_update = s["num_envs"] * s["num_steps"]
@@ -205,15 +212,11 @@ def build_ppo(total_timesteps: int) -> tuple[object, int, dict]:
         "ent_coef": s["ent_coef"],
         "vf_coef": s["vf_coef"],
         "max_grad_norm": s["max_grad_norm"],
-        "normalize_observations": False,
-        "normalize_rewards": False,
         "agent_kwargs": {
             "hidden_layer_sizes": tuple(s["hidden_layer_sizes"]),
             "activation": s["activation"],
         },
-        "total_timesteps": total,
-        "eval_freq": total,  # one block of num_updates iterations, one (no-op) eval at the end
-        "skip_initial_evaluation": True,
+        **timed_run_settings(total),
     }
     algo = rejax.PPO.create(**config).replace(eval_callback=_no_eval)
     recorded = {k: v for k, v in config.items() if k != "learning_rate"}
@@ -246,12 +249,8 @@ def build_dqn(total_timesteps: int) -> tuple[object, int, dict]:
         "num_epochs": s["num_epochs"],
         "gamma": s["gamma"],
         "ddqn": s["ddqn"],
-        "normalize_observations": False,
-        "normalize_rewards": False,
         "agent_kwargs": {"activation": s["activation"]},
-        "total_timesteps": total,
-        "eval_freq": total,
-        "skip_initial_evaluation": True,
+        **timed_run_settings(total),
     }
     if s["max_grad_norm"] is not None:
         config["max_grad_norm"] = s["max_grad_norm"]
@@ -278,11 +277,7 @@ def build_dqn_rejax(total_timesteps: int) -> tuple[object, int, dict]:
         "env": "CartPole-v1",
         "agent_kwargs": {"activation": s["activation"]},
         "fill_buffer": min(s["fill_buffer"], total),
-        "normalize_observations": False,
-        "normalize_rewards": False,
-        "total_timesteps": total,
-        "eval_freq": total,
-        "skip_initial_evaluation": True,
+        **timed_run_settings(total),
     })
     algo = rejax.DQN.create(**config).replace(eval_callback=_no_eval)
     recorded = {**config, "hidden_layer_sizes": list(s["hidden_layer_sizes"]), "activation": s["activation"]}
