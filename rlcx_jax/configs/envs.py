@@ -53,6 +53,7 @@ _EXTRA_ENVS: dict[str, bool] = {
     "Probe-Truncation-v0": True,
     "Probe-TruncationReset-v0": True,
     "PointNavigation-v0": False,  # rlcx_jax.envs.tasks (2D point navigation, MAML)
+    "EntityNavigation-v0": True,  # rlcx_jax.envs.entities (reach the marked goal among entity tokens)
 }
 
 

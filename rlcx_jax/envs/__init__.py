@@ -85,6 +85,9 @@ def make(name: str, **param_overrides: Any) -> tuple[Any, Any]:
                 f"Unknown parameter(s) {unknown} for environment {name!r}; its EnvParams fields are {sorted(fields)}"
             )
         env_params = env_params.replace(**param_overrides)
+    check = getattr(env, "check_params", None)
+    if check is not None:  # our environments may check concrete parameters before anything compiles
+        check(env_params)
     return env, env_params
 
 
@@ -110,7 +113,8 @@ def wrap_for_training(env: Any, env_params: Any, rescale_actions: bool = False) 
     return EpisodeStatsWrapper(env)
 
 
-# Probe environments with known answers and PointNavigation-v0 register themselves on import (kept last:
-# they use `register`).
+# Probe environments with known answers, PointNavigation-v0 and EntityNavigation-v0 register themselves on
+# import (kept last: they use `register`).
+from rlcx_jax.envs import entities as entities  # noqa: E402,F401  (EntityNavigation-v0)
 from rlcx_jax.envs import probes as probes  # noqa: E402,F401
 from rlcx_jax.envs import tasks as tasks  # noqa: E402,F401  (PointNavigation-v0; task families)
