@@ -180,6 +180,10 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
+_ALIASES: dict[str, tuple[str, ...]] = {"net_torso": ("--net",)}
+"""Short spellings of flags: `rlcx train ppo --net attention`."""
+
+
 def train_args_class(algorithm: str, options: type = RunOptions, command: str = "Train") -> type:
     """A flat dataclass of run options (`options`: RunOptions, or SweepOptions for `rlcx sweep`) + the
     algorithm's config, network and hyperparameters."""
@@ -188,7 +192,8 @@ def train_args_class(algorithm: str, options: type = RunOptions, command: str = 
     fields: list[tuple[str, Any, Any]] = []
 
     def add(name: str, hint: Any, default: Any, doc: str | None) -> None:
-        flag_type = Annotated[hint, tyro.conf.arg(help=doc)] if doc else hint
+        aliases = _ALIASES.get(name, ())
+        flag_type = Annotated[hint, tyro.conf.arg(help=doc, aliases=aliases)] if doc or aliases else hint
         fields.append((name, flag_type, dataclasses.field(default=default)))
 
     run_docs = field_docs(options)

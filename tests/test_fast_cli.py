@@ -126,6 +126,10 @@ NEW_FLAG_ERRORS = [
     (["train", "reinforce", "--net-dueling"], "net.dueling applies to Q-networks (dqn) only"),
     (["train", "ppo", "--adam-eps", "0"], "adam_eps must be positive"),
     (["train", "dqn", "--adam-eps", "-1e-8"], "adam_eps must be positive"),
+    (["train", "ppo", "--net", "attention", "--net-attention-heads", "3"], "attention_heads=3 must divide"),
+    (["train", "dqn", "--net", "atention"], "Unknown torso 'atention'. Did you mean 'attention'?"),
+    (["train", "ppo", "--net", "memory", "--net-attention-pool", "max"], "Unknown attention pooling 'max'"),
+    (["train", "ppo", "--net", "attention", "--net-attention-depth", "0"], "attention_depth must be >= 1"),
 ]
 
 
@@ -143,16 +147,19 @@ def test_dueling_gradient_steps_and_adam_eps_errors_are_one_line_before_jax() ->
         "argv = ['--net-dueling', '--gradient-steps', '3', '--adam-eps', '1e-8']\n"
         "config, hparams = build_run('dqn', parse_train_args('dqn', argv))\n"
         "print(json.dumps([config.net.dueling, config.gradient_steps, hparams.adam_eps, 'jax' in sys.modules]))\n"
+        "config, _ = build_run('ppo', parse_train_args('ppo', ['--net', 'memory', '--net-memory-slots', '4']))\n"
+        "print(json.dumps([config.net.torso, config.net.memory_slots, 'jax' in sys.modules]))\n"
     )
     proc = _python(code)
     assert proc.returncode == 0, proc.stderr
-    *answers, accepted = [json.loads(line) for line in proc.stdout.splitlines()]
+    *answers, accepted, attention = [json.loads(line) for line in proc.stdout.splitlines()]
     assert len(answers) == len(NEW_FLAG_ERRORS)
     for (argv, message), (rc, jax_loaded, err) in zip(NEW_FLAG_ERRORS, answers):
         assert rc == 2 and not jax_loaded, (argv, rc, jax_loaded)
         assert "Traceback" not in err and len(err.strip().splitlines()) == 1, (argv, err)
         assert err.startswith("rlcx: error: ") and message in err, (argv, err)
     assert accepted == [True, 3, 1e-8, False]
+    assert attention == ["memory", 4, False]  # `--net` is `--net-torso`
 
 
 def test_cpu_devices_flag_replaces_an_earlier_count_and_keeps_other_xla_flags() -> None:

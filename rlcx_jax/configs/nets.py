@@ -10,10 +10,13 @@ import dataclasses
 import difflib
 from collections.abc import Collection
 
-__all__ = ["NetConfig", "ACTIVATION_NAMES", "TORSO_NAMES", "add_torso_name"]
+__all__ = ["NetConfig", "ACTIVATION_NAMES", "POOL_NAMES", "ATTENTION_TORSOS", "TORSO_NAMES", "add_torso_name"]
 
 ACTIVATION_NAMES = ("tanh", "relu", "gelu", "elu", "silu")
-TORSO_NAMES: set[str] = {"mlp", "cnn"}
+POOL_NAMES = ("attention", "mean")
+ATTENTION_TORSOS = ("attention", "memory")
+"""Torsos built from multi-head self-attention blocks (`rlcx_jax.nets.attention`)."""
+TORSO_NAMES: set[str] = {"mlp", "cnn", "attention", "memory", "deepsets"}
 """Torsos `NetConfig.torso` may name: the built-in ones and every registered one."""
 
 
@@ -34,7 +37,9 @@ class NetConfig:
     """Static network description (hashable; part of an algorithm's config)."""
 
     torso: str = "mlp"
-    """A registered torso: mlp (flattens any observation), cnn (MinAtar-style conv, then hidden) or one of yours."""
+    """A registered torso: mlp (flattens any observation), cnn (MinAtar-style conv, then hidden), attention
+    (tokens, self-attention blocks, pooled, then hidden), memory (attention over the tokens and learned
+    memory slots), deepsets (per-entity MLP, pooled, then hidden) or one of yours."""
     hidden: tuple[int, ...] = (64, 64)
     """Widths of the dense layers."""
     activation: str = "tanh"
@@ -45,6 +50,20 @@ class NetConfig:
     """Channels of the CNN's conv layer (Young & Tian 2019, MinAtar)."""
     conv_kernel: int = 3
     """Kernel size of the CNN's conv layer."""
+    attention_width: int = 64
+    """Attention torsos: the token width (model dimension) of the self-attention blocks."""
+    attention_heads: int = 4
+    """Attention torsos: heads per attention layer; must divide `attention_width`."""
+    attention_depth: int = 2
+    """Attention torsos: pre-norm self-attention blocks (attention + token MLP, each residual)."""
+    attention_pool: str = "attention"
+    """Attention and deepsets torsos: tokens to one feature vector by a learned query ("attention",
+    Lee et al. 2019, PMA) or by the mean over present tokens ("mean")."""
+    memory_slots: int = 8
+    """The memory torso: learned key/value slots every attention layer also attends to."""
+    entity_mask: bool = True
+    """Entity observations (N, F): feature 0 of a token is 1 for a present entity and 0 for padding,
+    and padding tokens are masked out of attention and pooling."""
     dueling: bool = False
     """Q-networks only: Q = V + A - mean(A), a state-value and an advantage stream over the torso (Wang et al. 2016)."""
 
@@ -55,6 +74,15 @@ class NetConfig:
             raise unknown_name("activation", self.activation, ACTIVATION_NAMES)
         if any(int(h) <= 0 for h in self.hidden):
             raise ValueError(f"Hidden widths must be positive, got {self.hidden}")
+        if self.attention_pool not in POOL_NAMES:
+            raise unknown_name("attention pooling", self.attention_pool, POOL_NAMES)
+        for name in ("attention_width", "attention_heads", "attention_depth", "memory_slots"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.attention_width % self.attention_heads:
+            raise ValueError(
+                f"attention_heads={self.attention_heads} must divide attention_width={self.attention_width}"
+            )
         for name in ("conv_features", "conv_kernel"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -467,3 +467,7 @@ def init_params(network: nn.Module, key: jax.Array, obs_shape: Sequence[int], ta
     if task_dim:
         return network.init(key, obs, task=jnp.zeros((1, task_dim), jnp.float32))["params"]
     return network.init(key, obs)["params"]
+
+
+# The attention, memory and deepsets torsos register themselves on import (kept last: they use the helpers above).
+from rlcx_jax.nets import attention as attention  # noqa: E402,F401
