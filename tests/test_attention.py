@@ -326,3 +326,34 @@ def test_pooling_map_and_the_extension_term():
 def test_attention_transfer_bad_config(kwargs, match):
     with pytest.raises(ValueError, match=match):
         at.AttentionTransfer(**kwargs).validate()
+
+
+def test_head_pruned_int8_attention_policy_exports_and_acts_like_the_fake_quantized_one(tmp_path):
+    """Compression reaches attention parameters through the ordinary paths: head masks, int8 fake
+    quantization and the bit-packed artifact, whose loaded policy equals the fake-quantized network."""
+    from rlcx_jax.compress.export import dense_float32_bytes, export, load
+    from rlcx_jax.compress.quant import QuantSpec, quantize_tree
+    from rlcx_jax.nets.policy import greedy_action
+
+    net, params = build(CFG)
+    head_masks = attention.head_masks(params, heads=4, prune=2)
+    qspec = QuantSpec("uniform", 8)
+    export(
+        params,
+        tmp_path / "a.rlcx",
+        masks=head_masks,
+        qspec=qspec,
+        net_config=CFG,
+        obs_shape=ENTITY_SHAPE,
+        action_spec=SPEC,
+    )
+    art = load(tmp_path / "a.rlcx")
+    assert art.net_config == CFG
+    obs = entity_obs(jax.random.PRNGKey(11), 64, present=4)
+    fq = quantize_tree(params, qspec, masks=head_masks)
+    expected = greedy_action(fwd(net)(fq, obs, method="policy"), SPEC)
+    np.testing.assert_array_equal(art.policy(obs), expected)
+    assert len(np.unique(np.asarray(expected))) > 1  # several actions occur: the comparison means something
+    pruned = np.asarray(art.params["actor_torso"]["block_0"]["attention"]["value"]["kernel"])
+    assert np.sum(np.all(pruned == 0.0, axis=0)) == 2 * CFG.attention_width // 4  # two heads' columns are gone
+    assert art.nbytes < dense_float32_bytes(params) / 3
