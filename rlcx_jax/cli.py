@@ -41,6 +41,7 @@ from rlcx_jax.configs.base import Extension, check_directory_path
 from rlcx_jax.configs.compress import CompressConfig, CompressOptions
 from rlcx_jax.configs.envs import check_env_name
 from rlcx_jax.configs.meta import METHODS, MetaConfig, MetaHParams, check_method
+from rlcx_jax.configs.multitask import MultiTask
 from rlcx_jax.configs.nets import NetConfig
 from rlcx_jax.configs.pipeline import Recipe, load_recipe
 from rlcx_jax.configs.sweep import SweepSpec, parse_chunk_size, parse_grid, parse_part, parse_random
@@ -49,7 +50,7 @@ from rlcx_jax.configs.sweep import SweepSpec, parse_chunk_size, parse_grid, pars
 _RENAMED = {"env", "total_timesteps", "env_kwargs", "net", "extensions", "ext"}
 # Extensions whose config and hyperparameter fields are flags of `rlcx train`; an extension is
 # switched on when any of its flags differs from its default.
-CLI_EXTENSIONS: tuple[type[Extension], ...] = (CompressConfig,)
+CLI_EXTENSIONS: tuple[type[Extension], ...] = (MultiTask, CompressConfig)
 COMMANDS = ("pipeline", "train", "eval", "compress", "plot", "sweep", "sweep-merge", "meta", "info")
 
 
@@ -287,6 +288,8 @@ def build_run(algorithm: str, args: Any) -> tuple[Any, Any]:
     hparams = hparams_cls(**{name: values[name] for name in hp_fields}, ext=ext_hparams)
     config.validate()
     hparams.validate(config.extensions)
+    for ext in config.extensions:
+        ext.check_run(config, hparams.ext[ext.name])
     for name in ("seeds", "chunks", "eval_episodes"):
         if getattr(args, name, 1) < 1:
             raise CLIError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")

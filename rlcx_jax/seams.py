@@ -43,6 +43,8 @@ LossFn = Callable[..., tuple[jax.Array, Any]]
 LossTerm = Callable[[Params, Any, Any, Any], tuple[jax.Array, Any]]
 # extras(ext_state, ext_hparams, batch) -> pytree of per-sample arrays (leading batch axis)
 ExtrasFn = Callable[[Any, Any, Any], PyTree]
+# gradient(loss_fn, params, batch, ext_state, ext_hparams, *args) -> ((loss, aux), grads)
+GradientFn = Callable[..., tuple[tuple[jax.Array, Any], Any]]
 
 S = TypeVar("S", bound="HasParams")
 
@@ -82,6 +84,12 @@ class Hooks:
         state: projected gradient descent onto a constraint set, e.g. k-means weight sharing puts
         the weights back onto its codebook exactly, which an additive update cannot do in floating
         point.
+    gradient: how a loss becomes a gradient, `gradient(loss_fn, params, batch, ext_state,
+        ext_hparams, *args) -> ((loss, aux), grads)` with the arguments of an extended loss
+        (`ExtensionTerms.add_to`); None is `jax.value_and_grad(loss_fn, has_aux=True)`. Its grads may
+        have another structure than the parameters (e.g. one gradient per task on a leading axis)
+        when its own `extra_grad_transforms` map them back, which must then run first: an
+        extension that sets `gradient` must come before any extension with gradient transforms.
     """
 
     param_transform: ParamTransform | None = None
@@ -89,15 +97,24 @@ class Hooks:
     extra_grad_transforms: tuple[optax.GradientTransformation, ...] = ()
     post_update: Callable[[Any], optax.GradientTransformation] | None = None
     project_params: Projection | None = None
+    gradient: GradientFn | None = None
 
     def merge(self, other: Hooks) -> Hooks:
         """Both sets of hooks: `self`'s parameter transform and interceptor run first (outermost)."""
+        if self.gradient is not None and other.gradient is not None:
+            raise ValueError("Two extensions replace the gradient (Hooks.gradient); combine them into one")
+        if other.gradient is not None and self.extra_grad_transforms:
+            raise ValueError(
+                "An extension that replaces the gradient (Hooks.gradient) must come before the extensions "
+                "with gradient transforms (its transforms turn its gradients into the parameters' shape)"
+            )
         return Hooks(
             param_transform=_compose(other.param_transform, self.param_transform),
             interceptor=_nest_interceptors(self.interceptor, other.interceptor),
             extra_grad_transforms=self.extra_grad_transforms + other.extra_grad_transforms,
             post_update=_chain_post_updates(self.post_update, other.post_update),
             project_params=_chain_projections(self.project_params, other.project_params),
+            gradient=self.gradient or other.gradient,
         )
 
 

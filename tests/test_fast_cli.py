@@ -29,6 +29,7 @@ JAX_FREE = (
     "rlcx_jax.configs.nets",
     "rlcx_jax.configs.algorithms",
     "rlcx_jax.configs.compress",
+    "rlcx_jax.configs.multitask",
     "rlcx_jax.configs.pipeline",
     "rlcx_jax.configs.sweep",
     "rlcx_jax.configs.meta",
@@ -130,6 +131,33 @@ NEW_FLAG_ERRORS = [
     (["train", "dqn", "--net", "atention"], "Unknown torso 'atention'. Did you mean 'attention'?"),
     (["train", "ppo", "--net", "memory", "--net-attention-pool", "max"], "Unknown attention pooling 'max'"),
     (["train", "ppo", "--net", "attention", "--net-attention-depth", "0"], "attention_depth must be >= 1"),
+    (["train", "ppo", "--task-gradient", "pcgrad"], "multitask needs a multi-task network"),
+    (
+        ["train", "dqn", "--env", "MultiTaskCartPole-v0", "--net-num-tasks", "5", "--task-gradient", "pcgrad"],
+        "MultiTaskCartPole-v0 has 10 tasks, but the network has num_tasks=5",
+    ),
+    (
+        ["train", "ppo", "--env", "MultiTaskCartPole-v0", "--net-num-tasks", "10", "--task-weights", "1", "2"],
+        "task_weights need task_gradient weighted or pcgrad",
+    ),
+    (
+        [
+            "train",
+            "ppo",
+            "--env",
+            "MultiTaskCartPole-v0",
+            "--net-num-tasks",
+            "10",
+            "--task-gradient",
+            "weighted",
+            "--task-weights",
+            "1",
+            "2",
+        ],
+        "task_weights has 2 entries for 10 tasks",
+    ),
+    (["train", "ppo", "--task-gradient", "pcgard"], "Unknown task gradient 'pcgard'"),
+    (["train", "ppo", "--net-num-tasks", "1"], "num_tasks must be 0 (off) or >= 2"),
 ]
 
 

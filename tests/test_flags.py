@@ -42,26 +42,32 @@ ON_POLICY_A = ["--num-envs", "2", "--num-steps", "4", "--log-every", "3", "--prn
                "--normalize-obs", "--lr", "5e-4", "--gamma", "0.9", "--max-grad-norm", "0.8", "--ent-coef", "0.02",
                "--vf-coef", "0.25", "--adam-eps", "1e-6"]
 ON_POLICY_B = ["--num-envs", "2", "--num-steps", "8", "--prng-impl", "rbg"]
+# the "-b" runs: a small memory-attention torso (feature tokens) on the multi-task CartPole, with PCGrad
+EXPANSION_B = ["--env", "MultiTaskCartPole-v0", "--net-torso", "memory", "--net-attention-width", "8",
+               "--net-attention-heads", "2", "--net-attention-depth", "1", "--net-attention-pool", "mean",
+               "--net-memory-slots", "2", "--no-net-entity-mask", "--net-num-tasks", "10", "--net-task-mode",
+               "embedding", "--task-gradient", "pcgrad", "--pcgrad-seed", "3", "--task-weights",
+               *["1"] * 5, *["2"] * 5, "--head-decay", "0.1"]
 
 # run name -> (algorithm, argv); each run is one compilation of a tiny budget
 RUNS: dict[str, tuple[str, list[str]]] = {
     "ppo-a": ("ppo", MINATAR + NET_A + PRUNE_A + QAT_A + ON_POLICY_A + [
         "--total-steps", "128", "--no-anneal-lr", "--no-normalize-advantages", "--update-epochs", "2",
         "--num-minibatches", "2", "--no-clip-value-loss", "--gae-lambda", "0.9", "--clip-eps", "0.1"]),
-    "ppo-b": ("ppo", NET_B + PRUNE_B + QAT_B + ON_POLICY_B + ["--total-steps", "64"]),
+    "ppo-b": ("ppo", NET_B + EXPANSION_B + PRUNE_B + QAT_B + ON_POLICY_B + ["--total-steps", "64"]),
     "a2c-a": ("a2c", MINATAR + NET_A + PRUNE_A + QAT_A + ON_POLICY_A + [
         "--total-steps", "128", "--anneal-lr", "--normalize-advantages", "--gae-lambda", "0.9"]),
-    "a2c-b": ("a2c", NET_B + PRUNE_B + QAT_B + ON_POLICY_B + ["--total-steps", "64"]),
+    "a2c-b": ("a2c", NET_B + EXPANSION_B + PRUNE_B + QAT_B + ON_POLICY_B + ["--total-steps", "64"]),
     "reinforce-a": ("reinforce", MINATAR + NET_A + PRUNE_A + QAT_A + ON_POLICY_A + [
         "--total-steps", "128", "--anneal-lr", "--no-normalize-advantages", "--no-use-baseline"]),
-    "reinforce-b": ("reinforce", NET_B + PRUNE_B + QAT_B + ON_POLICY_B + ["--total-steps", "64"]),
+    "reinforce-b": ("reinforce", NET_B + EXPANSION_B + PRUNE_B + QAT_B + ON_POLICY_B + ["--total-steps", "64"]),
     "dqn-a": ("dqn", MINATAR + NET_A + PRUNE_A + QAT_A + [
         "--total-steps", "400", "--num-envs", "2", "--log-every", "7", "--prng-impl", "unsafe_rbg", "--anneal-lr",
         "--buffer-size", "100", "--batch-size", "8", "--learning-starts", "40", "--train-frequency", "4",
         "--target-update-period", "20", "--eps-start", "0.9", "--eps-end", "0.1", "--eps-decay-fraction", "0.3",
         "--double", "--huber-delta", "1.0", "--lr", "1e-3", "--gamma", "0.9", "--max-grad-norm", "5.0",
         "--tau", "0.5", "--net-dueling", "--gradient-steps", "2"]),
-    "dqn-b": ("dqn", NET_B + PRUNE_B + QAT_B + [
+    "dqn-b": ("dqn", NET_B + EXPANSION_B + PRUNE_B + QAT_B + [
         "--total-steps", "200", "--num-envs", "2", "--prng-impl", "rbg", "--buffer-size", "100", "--batch-size", "8",
         "--learning-starts", "40", "--train-frequency", "4", "--target-update-period", "20", "--adam-eps", "1e-8"]),
 }

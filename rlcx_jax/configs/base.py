@@ -130,6 +130,10 @@ class Extension:
     def validate_hparams(self, hparams: PyTree) -> None:
         """Check concrete hyperparameter values (called by the CLI before compiling)."""
 
+    def check_run(self, config: Any, hparams: PyTree) -> None:
+        """Check this extension against the run it is part of: the algorithm's config (network,
+        environment) and this extension's concrete hyperparameters (called by the CLI before jax loads)."""
+
     def hooks(self, ctx: BuildContext) -> Hooks:
         """Forward-pass and optimizer hooks; `post_update` receives this extension's hparams."""
         from rlcx_jax.seams import Hooks

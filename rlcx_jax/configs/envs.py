@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Mapping
 
-__all__ = ["GYMNAX_ENVS", "known_envs", "add_env", "check_env_name", "has_discrete_actions"]
+__all__ = ["GYMNAX_ENVS", "TASK_SET_SIZES", "known_envs", "add_env", "check_env_name", "has_discrete_actions"]
 
 GYMNAX_ENVS: Mapping[str, bool] = {
     "CartPole-v1": True,
@@ -53,8 +53,13 @@ _EXTRA_ENVS: dict[str, bool] = {
     "Probe-Truncation-v0": True,
     "Probe-TruncationReset-v0": True,
     "PointNavigation-v0": False,  # rlcx_jax.envs.tasks (2D point navigation, MAML)
+    "MultiTaskCartPole-v0": True,  # rlcx_jax.envs.task_set (10 CartPole tasks, half with flipped force)
     "EntityNavigation-v0": True,  # rlcx_jax.envs.entities (reach the marked goal among entity tokens)
 }
+
+
+TASK_SET_SIZES: dict[str, int] = {"MultiTaskCartPole-v0": 10}
+"""Task-set environments (`rlcx_jax.envs.task_set`): id -> number of tasks (the one-hot's length)."""
 
 
 def known_envs() -> dict[str, bool]:

@@ -10,10 +10,20 @@ import dataclasses
 import difflib
 from collections.abc import Collection
 
-__all__ = ["NetConfig", "ACTIVATION_NAMES", "POOL_NAMES", "ATTENTION_TORSOS", "TORSO_NAMES", "add_torso_name"]
+__all__ = [
+    "NetConfig",
+    "ACTIVATION_NAMES",
+    "POOL_NAMES",
+    "TASK_MODES",
+    "ATTENTION_TORSOS",
+    "TORSO_NAMES",
+    "add_torso_name",
+]
 
 ACTIVATION_NAMES = ("tanh", "relu", "gelu", "elu", "silu")
 POOL_NAMES = ("attention", "mean")
+TASK_MODES = ("heads", "embedding", "shared")
+"""Multi-task networks: per-task output layers, the task one-hot joined to the features, or one shared head."""
 ATTENTION_TORSOS = ("attention", "memory")
 """Torsos built from multi-head self-attention blocks (`rlcx_jax.nets.attention`)."""
 TORSO_NAMES: set[str] = {"mlp", "cnn", "attention", "memory", "deepsets"}
@@ -64,6 +74,12 @@ class NetConfig:
     entity_mask: bool = True
     """Entity observations (N, F): feature 0 of a token is 1 for a present entity and 0 for padding,
     and padding tokens are masked out of attention and pooling."""
+    num_tasks: int = 0
+    """Multi-task networks (0: off): flat observations end with a one-hot task id of this length
+    (`multitask.TaskSetEnv`); the torso reads the rest, the task id goes to the heads (`task_mode`)."""
+    task_mode: str = "heads"
+    """Multi-task networks: heads (one output layer per task over the shared torso), embedding (the
+    one-hot joins the torso features before one shared head) or shared (one head, task id unused)."""
     dueling: bool = False
     """Q-networks only: Q = V + A - mean(A), a state-value and an advantage stream over the torso (Wang et al. 2016)."""
 
@@ -83,6 +99,10 @@ class NetConfig:
             raise ValueError(
                 f"attention_heads={self.attention_heads} must divide attention_width={self.attention_width}"
             )
+        if self.num_tasks < 0 or self.num_tasks == 1:
+            raise ValueError(f"num_tasks must be 0 (off) or >= 2, got {self.num_tasks}")
+        if self.task_mode not in TASK_MODES:
+            raise unknown_name("task mode", self.task_mode, TASK_MODES)
         for name in ("conv_features", "conv_kernel"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -249,11 +249,11 @@ def _update(agent: Agent, teacher_apply: Any, state: DistillState) -> tuple[Dist
     batch = batch.replace(extras=agent.terms.batch_extras(state.ext, hp.ext, batch))
 
     # UPDATE THE STUDENT
-    grad_fn = jax.grad(agent.terms.add_to(distillation_loss), has_aux=True)
+    grad_fn = agent.value_and_grad(agent.terms.add_to(distillation_loss))
 
     def minibatch_step(carry: tuple[Any, Any], mb: DistillBatch) -> tuple[tuple[Any, Any], Any]:
         params, opt_state = carry
-        grads, aux = grad_fn(params, mb, state.ext, hp.ext, hp, agent.apply, config, agent.spec)
+        (_, aux), grads = grad_fn(params, mb, state.ext, hp.ext, hp, agent.apply, config, agent.spec)
         return agent.gradient_step(params, opt_state, hp, grads), aux
 
     perms = prng.permutations(key_epochs, config.steps_per_update, config.update_epochs)

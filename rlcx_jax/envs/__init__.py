@@ -113,8 +113,9 @@ def wrap_for_training(env: Any, env_params: Any, rescale_actions: bool = False) 
     return EpisodeStatsWrapper(env)
 
 
-# Probe environments with known answers, PointNavigation-v0 and EntityNavigation-v0 register themselves on
-# import (kept last: they use `register`).
+# Probe environments with known answers, PointNavigation-v0, EntityNavigation-v0 and MultiTaskCartPole-v0
+# register themselves on import (kept last: they use `register`).
 from rlcx_jax.envs import entities as entities  # noqa: E402,F401  (EntityNavigation-v0)
 from rlcx_jax.envs import probes as probes  # noqa: E402,F401
+from rlcx_jax.envs import task_set as task_set  # noqa: E402,F401  (MultiTaskCartPole-v0)
 from rlcx_jax.envs import tasks as tasks  # noqa: E402,F401  (PointNavigation-v0; task families)

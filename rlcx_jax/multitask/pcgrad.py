@@ -28,7 +28,15 @@ from jax.flatten_util import ravel_pytree
 
 from rlcx_jax import prng
 
-__all__ = ["REDUCTIONS", "PCGradState", "pcgrad", "project_conflicting", "projection_order", "weighted_task_sum"]
+__all__ = [
+    "REDUCTIONS",
+    "PCGradState",
+    "pcgrad",
+    "project_conflicting",
+    "projection_order",
+    "sum_tasks",
+    "weighted_task_sum",
+]
 
 REDUCTIONS = ("sum", "mean")
 """How `pcgrad` combines the projected per-task gradients."""
@@ -142,3 +150,21 @@ def weighted_task_sum(per_task: Any, weights: jax.Array) -> Any:
         return jnp.sum(w * leaf, axis=0)
 
     return jax.tree.map(one, per_task)
+
+
+def sum_tasks() -> optax.GradientTransformation:
+    """The stateless transformation sum_t g_t over the leading task axis of every leaf (per-task
+    gradients in, one gradient out, like `pcgrad` without the projection)."""
+
+    def init(params: optax.Params) -> optax.EmptyState:
+        del params
+        return optax.EmptyState()
+
+    def update(
+        updates: optax.Updates, state: optax.EmptyState, params: optax.Params | None = None
+    ) -> tuple[optax.Updates, optax.EmptyState]:
+        del params
+        _num_tasks(updates)
+        return jax.tree.map(lambda leaf: jnp.sum(leaf, axis=0), updates), state
+
+    return optax.GradientTransformation(init, update)

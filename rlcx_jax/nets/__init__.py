@@ -12,6 +12,10 @@
   task vector `t` (float features, e.g. an embedding or a one-hot task id) to the torso features
   before the output layers (task-conditioned heads). A network initialised with a task input must
   always get one.
+* Multi-task networks (`NetConfig(num_tasks=T)`): flat observations end with a one-hot task id of
+  length T. The torso reads the observation without it; with `task_mode="heads"` every output layer
+  is a `TaskDense` (one kernel and bias per task, the task's own chosen by the one-hot), with
+  "embedding" the one-hot joins the torso features, with "shared" it is not used.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ __all__ = [
     "orthogonal_init",
     "dense",
     "action_spec",
+    "TaskDense",
     "ActorCritic",
     "QNetwork",
     "PolicyNetwork",
@@ -270,6 +275,69 @@ class CNNTorso(nn.Module):
         return _mlp(jnp.reshape(x, batch_shape + (-1,)), self.config)
 
 
+class TaskDense(nn.Module):
+    """One Dense layer per task: y = x W_t + b_t for the task t whose one-hot is `task` [..., T].
+
+    kernel [T, in, out] (each task's slice initialised like `dense`: orthogonal of gain `scale`), bias
+    [T, out]. Every task's output is computed and the one-hot picks one by multiplication, so task t's
+    output, and its gradient, involve only W_t and b_t exactly (the others are multiplied by 0)."""
+
+    features: int
+    num_tasks: int
+    scale: float
+
+    @nn.compact
+    def __call__(self, x: jax.Array, task: jax.Array) -> jax.Array:
+        one = orthogonal_init(self.scale)
+
+        def init(key: jax.Array, shape: Sequence[int], dtype: Any = jnp.float32) -> jax.Array:
+            return jax.vmap(lambda k: one(k, tuple(shape[1:]), dtype))(jax.random.split(key, shape[0]))
+
+        kernel = self.param("kernel", init, (self.num_tasks, x.shape[-1], self.features))
+        bias = self.param("bias", nn.initializers.zeros, (self.num_tasks, self.features))
+        every_task = jnp.einsum("...i,tio->...to", x, kernel) + bias
+        return jnp.einsum("...t,...to->...o", task.astype(every_task.dtype), every_task)
+
+
+def _output_layer(config: NetConfig, features: int, scale: float, name: str | None = None) -> nn.Module:
+    """An output layer: a `TaskDense` in a multi-task network with per-task heads, else `dense`."""
+    if config.num_tasks and config.task_mode == "heads":
+        return TaskDense(features, config.num_tasks, scale, name=name)
+    return dense(features, scale, name=name)
+
+
+def _head(layer: nn.Module, features: jax.Array, task_id: jax.Array | None) -> jax.Array:
+    """Apply an output layer (per-task layers get the task one-hot)."""
+    if isinstance(layer, TaskDense):
+        assert task_id is not None
+        return layer(features, task_id)
+    return layer(features)
+
+
+def _split_task(config: NetConfig, obs: jax.Array, obs_ndim: int) -> tuple[jax.Array, jax.Array | None]:
+    """(observation, task one-hot or None): a multi-task network's flat observations end with the one-hot."""
+    if not config.num_tasks:
+        return obs, None
+    if obs_ndim != 1:
+        raise ValueError(f"Multi-task networks (num_tasks > 0) take flat observations, got ndim {obs_ndim}")
+    if obs.shape[-1] <= config.num_tasks:
+        raise ValueError(
+            f"A num_tasks={config.num_tasks} network needs observations longer than the task one-hot, "
+            f"got {obs.shape[-1]} features"
+        )
+    # re-made from the argmax, so it stays an exact one-hot after observation normalisation (which
+    # keeps the task's entry the only positive one)
+    task_id = jax.nn.one_hot(jnp.argmax(obs[..., -config.num_tasks :], axis=-1), config.num_tasks)
+    return obs[..., : -config.num_tasks], task_id
+
+
+def _task_features(config: NetConfig, features: jax.Array, task_id: jax.Array | None) -> jax.Array:
+    """The one-hot joins the features in "embedding" mode; otherwise the features as they are."""
+    if task_id is not None and config.task_mode == "embedding":
+        return jnp.concatenate([features, task_id], axis=-1)
+    return features
+
+
 def _torso(config: NetConfig, obs_ndim: int, name: str) -> nn.Module:
     if config.torso not in TORSOS:
         raise _unknown("torso", config.torso, TORSOS)
@@ -334,28 +402,34 @@ class ActorCritic(nn.Module):
         self.actor_torso = _torso(self.config, self.obs_ndim, "actor_torso")
         if self.config.separate_critic:
             self.critic_torso = _torso(self.config, self.obs_ndim, "critic_torso")
-        self.policy_head = dense(self.spec.dim, 0.01)
-        self.value_head = dense(1, 1.0)
+        self.policy_head = _output_layer(self.config, self.spec.dim, 0.01)
+        self.value_head = _output_layer(self.config, 1, 1.0)
         if not self.spec.discrete:
             self.log_std = self.param("log_std", nn.initializers.zeros, (self.spec.dim,))
 
-    def _policy_from_features(self, features: jax.Array) -> jax.Array:
-        return _policy_output(self.policy_head(features), None if self.spec.discrete else self.log_std)
+    def _features(self, torso: nn.Module, obs: jax.Array, task: jax.Array | None) -> tuple[jax.Array, jax.Array | None]:
+        obs, task_id = _split_task(self.config, obs, self.obs_ndim)
+        return _with_task(_task_features(self.config, torso(obs), task_id), task), task_id
+
+    def _policy_from_features(self, features: jax.Array, task_id: jax.Array | None) -> jax.Array:
+        out = _head(self.policy_head, features, task_id)
+        return _policy_output(out, None if self.spec.discrete else self.log_std)
 
     def policy(self, obs: jax.Array, task: jax.Array | None = None) -> jax.Array:
-        return self._policy_from_features(_with_task(self.actor_torso(obs), task))
+        return self._policy_from_features(*self._features(self.actor_torso, obs, task))
 
     def value(self, obs: jax.Array, task: jax.Array | None = None) -> jax.Array:
         torso = self.critic_torso if self.config.separate_critic else self.actor_torso
-        return self.value_head(_with_task(torso(obs), task))[..., 0]
+        return _head(self.value_head, *self._features(torso, obs, task))[..., 0]
 
     def __call__(self, obs: jax.Array, task: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-        actor_features = _with_task(self.actor_torso(obs), task)
+        actor_features, task_id = self._features(self.actor_torso, obs, task)
         if self.config.separate_critic:
-            critic_features = _with_task(self.critic_torso(obs), task)
+            critic_features = self._features(self.critic_torso, obs, task)[0]
         else:
             critic_features = actor_features
-        return self._policy_from_features(actor_features), self.value_head(critic_features)[..., 0]
+        policy = self._policy_from_features(actor_features, task_id)
+        return policy, _head(self.value_head, critic_features, task_id)[..., 0]
 
 
 @register_head("policy")
@@ -383,13 +457,15 @@ class PolicyNetwork(nn.Module):
 
     def setup(self) -> None:
         self.torso = _torso(self.config, self.obs_ndim, "torso")
-        self.policy_head = dense(self.spec.dim, 0.01)
+        self.policy_head = _output_layer(self.config, self.spec.dim, 0.01)
         if not self.spec.discrete:
             self.log_std = self.param("log_std", nn.initializers.zeros, (self.spec.dim,))
 
     def policy(self, obs: jax.Array, task: jax.Array | None = None) -> jax.Array:
-        features = _with_task(self.torso(obs), task)
-        return _policy_output(self.policy_head(features), None if self.spec.discrete else self.log_std)
+        obs, task_id = _split_task(self.config, obs, self.obs_ndim)
+        features = _with_task(_task_features(self.config, self.torso(obs), task_id), task)
+        out = _head(self.policy_head, features, task_id)
+        return _policy_output(out, None if self.spec.discrete else self.log_std)
 
     def __call__(self, obs: jax.Array, task: jax.Array | None = None) -> jax.Array:
         return self.policy(obs, task)
@@ -423,15 +499,16 @@ class QNetwork(nn.Module):
 
     def setup(self) -> None:
         self.torso = _torso(self.config, self.obs_ndim, "torso")
-        self.q_head = dense(self.spec.num_actions, 1.0)
+        self.q_head = _output_layer(self.config, self.spec.num_actions, 1.0)
         if self.config.dueling:
-            self.q_value = dense(1, 1.0)
+            self.q_value = _output_layer(self.config, 1, 1.0)
 
     def __call__(self, obs: jax.Array, task: jax.Array | None = None) -> jax.Array:
-        features = _with_task(self.torso(obs), task)
-        q = self.q_head(features)
+        obs, task_id = _split_task(self.config, obs, self.obs_ndim)
+        features = _with_task(_task_features(self.config, self.torso(obs), task_id), task)
+        q = _head(self.q_head, features, task_id)
         if self.config.dueling:
-            q = self.q_value(features) + q - jnp.mean(q, axis=-1, keepdims=True)
+            q = _head(self.q_value, features, task_id) + q - jnp.mean(q, axis=-1, keepdims=True)
         return q
 
     def policy(self, obs: jax.Array, task: jax.Array | None = None) -> jax.Array:

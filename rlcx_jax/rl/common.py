@@ -8,6 +8,7 @@ The seams themselves (`Hooks`, `Extension`, loss terms) live in `rlcx_jax.seams`
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, Self, TypeVar
 
@@ -142,6 +143,13 @@ class Agent:
     def optimizer(self, hparams: Any) -> optax.GradientTransformation:
         anneal = self.config.optimizer_steps if self.config.anneal_lr else None
         return make_optimizer(hparams.lr, hparams.max_grad_norm, self.hooks, anneal, hparams.adam_eps, hparams)
+
+    def value_and_grad(self, loss_fn: Callable[..., tuple[jax.Array, Any]]) -> Callable[..., Any]:
+        """`(params, batch, ext_state, ext_hparams, *args) -> ((loss, aux), grads)` of an extended loss
+        (`terms.add_to(loss)`): `jax.value_and_grad`, or the extensions' `Hooks.gradient`."""
+        if self.hooks.gradient is None:
+            return jax.value_and_grad(loss_fn, has_aux=True)
+        return functools.partial(self.hooks.gradient, loss_fn)
 
     def gradient_step(
         self, params: Params, opt_state: optax.OptState, hparams: Any, grads: Params

@@ -116,7 +116,7 @@ def update(agent: Agent, state: DQNState) -> tuple[DQNState, DQNMetrics]:
         params, opt_state = carry
         batch = replay.sample(buffer, key, config.batch_size)
         batch = batch.replace(extras=agent.terms.batch_extras(state.ext, hp.ext, batch))
-        (loss, (aux, ext_aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        (loss, (aux, ext_aux)), grads = agent.value_and_grad(loss_fn)(
             params, batch, state.ext, hp.ext, state.target_params, agent.apply, config.double, config.huber_delta
         )
         return agent.gradient_step(params, opt_state, hp, grads), (loss, aux.q_mean, ext_aux)

@@ -5,7 +5,10 @@ meta-learning inner step can call these directly with any (masked, quantized) pa
 
 Batches are flat: every per-sample field has the batch as its one leading axis [B, ...]. Ranks,
 dtypes and matching batch sizes are checked with chex at trace time (free under jit; AssertionError on
-a bad call); `extras` is any pytree of the extensions and is not checked.
+a bad call); `extras` is any pytree of the extensions and is not checked. A batch's optional
+`weight` [B] turns every mean over samples into the weighted sum `sample_mean(x, w) = sum_b w_b x_b`
+(None: the plain mean, bit for bit as without it); the multi-task gradient takes one task's loss at
+a time this way.
 """
 
 from __future__ import annotations
@@ -20,6 +23,15 @@ from flax import struct
 from rlcx_jax.nets import ActionSpec
 from rlcx_jax.nets.policy import distribution
 from rlcx_jax.seams import ApplyFn, Params
+
+
+def sample_mean(x: jax.Array, weight: jax.Array | None) -> jax.Array:
+    """mean_b x_b, or sum_b w_b x_b with per-sample weights `weight` [B] (x: [B] or [B, ...], where a
+    sample's entries are averaged first)."""
+    if weight is None:
+        return jnp.mean(x)
+    per_sample = jnp.reshape(x, (x.shape[0], -1)).mean(axis=1) if x.ndim > 1 else x
+    return jnp.sum(weight * per_sample)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -39,6 +51,8 @@ class PolicyBatch:
     log_prob: jax.Array | None = None
     value: jax.Array | None = None
     extras: Any = None
+    weight: jax.Array | None = None
+    """Per-sample loss weights [B] (`sample_mean`); None: the plain mean."""
 
 
 @struct.dataclass
@@ -50,18 +64,20 @@ class ActorCriticAux:
     clip_fraction: jax.Array
 
 
-def value_loss(value: jax.Array, target: jax.Array) -> jax.Array:
-    """0.5 * mean squared error.
+def value_loss(value: jax.Array, target: jax.Array, weight: jax.Array | None = None) -> jax.Array:
+    """0.5 * mean squared error (weighted by `weight` [B] when given, `sample_mean`).
 
     Shapes: value, target: float, one shape, usually [B] (any rank: the mean is over all elements,
     but the shapes must match, so a [B, 1] value head against a [B] target is rejected, not broadcast).
     """
     chex.assert_equal_shape([value, target], custom_message="value_loss: value, target must have one shape")
     chex.assert_type([value, target], float, custom_message="value_loss: value, target must be floating point")
-    return 0.5 * jnp.mean(jnp.square(value - target))
+    return 0.5 * sample_mean(jnp.square(value - target), weight)
 
 
-def clipped_value_loss(value: jax.Array, old_value: jax.Array, target: jax.Array, clip_eps: jax.Array) -> jax.Array:
+def clipped_value_loss(
+    value: jax.Array, old_value: jax.Array, target: jax.Array, clip_eps: jax.Array, weight: jax.Array | None = None
+) -> jax.Array:
     """PPO2's value clipping: 0.5 * mean(max((v - G)^2, (v_old + clip(v - v_old) - G)^2)).
 
     Shapes: value, old_value, target: float, one shape, usually [B] (any rank, as in `value_loss`);
@@ -72,7 +88,7 @@ def clipped_value_loss(value: jax.Array, old_value: jax.Array, target: jax.Array
     chex.assert_equal_shape([value, old_value, target], custom_message=f"{where} must have one shape")
     chex.assert_type([value, old_value, target], float, custom_message=f"{where} must be floating point")
     clipped = old_value + jnp.clip(value - old_value, -clip_eps, clip_eps)
-    return 0.5 * jnp.mean(jnp.maximum(jnp.square(value - target), jnp.square(clipped - target)))
+    return 0.5 * sample_mean(jnp.maximum(jnp.square(value - target), jnp.square(clipped - target)), weight)
 
 
 def _check_policy_batch(fn: str, batch: PolicyBatch, spec: ActionSpec, floats: dict[str, jax.Array]) -> None:
@@ -132,12 +148,12 @@ def ppo_loss(
     ratio = jnp.exp(log_ratio)
     eps = hparams.clip_eps
     surrogate = jnp.minimum(ratio * batch.advantage, jnp.clip(ratio, 1.0 - eps, 1.0 + eps) * batch.advantage)
-    policy_loss = -jnp.mean(surrogate)
+    policy_loss = -sample_mean(surrogate, batch.weight)
     if clip_value and batch.value is not None:  # checked above: present whenever clip_value
-        v_loss = clipped_value_loss(value, batch.value, batch.target, eps)
+        v_loss = clipped_value_loss(value, batch.value, batch.target, eps, batch.weight)
     else:
-        v_loss = value_loss(value, batch.target)
-    entropy = jnp.mean(dist.entropy())
+        v_loss = value_loss(value, batch.target, batch.weight)
+    entropy = sample_mean(dist.entropy(), batch.weight)
     loss = policy_loss + hparams.vf_coef * v_loss - hparams.ent_coef * entropy
     aux = ActorCriticAux(
         policy_loss=policy_loss,
@@ -171,9 +187,9 @@ def policy_gradient_loss(
     policy_out, value = apply(params, batch.obs)
     dist = distribution(policy_out, spec)
     log_prob = dist.log_prob(batch.action)
-    policy_loss = -jnp.mean(log_prob * jax.lax.stop_gradient(batch.advantage))
-    v_loss = value_loss(value, batch.target)
-    entropy = jnp.mean(dist.entropy())
+    policy_loss = -sample_mean(log_prob * jax.lax.stop_gradient(batch.advantage), batch.weight)
+    v_loss = value_loss(value, batch.target, batch.weight)
+    entropy = sample_mean(dist.entropy(), batch.weight)
     loss = policy_loss + hparams.vf_coef * v_loss - hparams.ent_coef * entropy
     zero = jnp.zeros((), jnp.float32)
     return loss, ActorCriticAux(policy_loss, v_loss, entropy, zero, zero)
@@ -193,6 +209,8 @@ class QBatch:
     discount: jax.Array
     next_obs: jax.Array
     extras: Any = None
+    weight: jax.Array | None = None
+    """Per-sample loss weights [B] (`sample_mean`); None: the plain mean."""
 
 
 @struct.dataclass
@@ -250,9 +268,9 @@ def q_learning_loss(
     q_a = jnp.take_along_axis(q_tm1, batch.action[..., None].astype(jnp.int32), axis=-1)[..., 0]
     td = q_a - target
     if huber_delta is None:
-        loss = 0.5 * jnp.mean(jnp.square(td))
+        loss = 0.5 * sample_mean(jnp.square(td), batch.weight)
     else:
         abs_td = jnp.abs(td)
         quad = jnp.minimum(abs_td, huber_delta)
-        loss = jnp.mean(0.5 * quad**2 + huber_delta * (abs_td - quad))
+        loss = sample_mean(0.5 * quad**2 + huber_delta * (abs_td - quad), batch.weight)
     return loss, QAux(td_error=jnp.mean(jnp.abs(td)), q_mean=jnp.mean(q_a))

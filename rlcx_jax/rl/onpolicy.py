@@ -171,7 +171,7 @@ def single_step_update(agent: Agent, state: TrainState, estimate: Estimator) -> 
 
     # UPDATE NETWORK (one step)
     loss_fn = agent.terms.add_to(policy_gradient_loss)
-    (loss, (aux, ext_aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+    (loss, (aux, ext_aux)), grads = agent.value_and_grad(loss_fn)(
         state.params, batch, state.ext, state.hparams.ext, loss_hparams, agent.apply, agent.spec
     )
     params, opt_state = agent.gradient_step(state.params, state.opt_state, state.hparams, grads)

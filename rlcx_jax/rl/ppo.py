@@ -43,11 +43,11 @@ def _update(agent: onpolicy.Agent, state: PPOState) -> tuple[PPOState, OnPolicyM
     batch = onpolicy.policy_batch(agent, state, col, advantage, target, behaviour=True)
 
     # UPDATE NETWORK
-    grad_fn = jax.grad(agent.terms.add_to(ppo_loss), has_aux=True)
+    grad_fn = agent.value_and_grad(agent.terms.add_to(ppo_loss))
 
     def minibatch_step(carry: tuple[Any, Any], mb: PolicyBatch) -> tuple[tuple[Any, Any], Any]:
         params, opt_state = carry
-        grads, aux = grad_fn(params, mb, state.ext, hp.ext, hp, agent.apply, agent.spec, config.clip_value_loss)
+        (_, aux), grads = grad_fn(params, mb, state.ext, hp.ext, hp, agent.apply, agent.spec, config.clip_value_loss)
         return agent.gradient_step(params, opt_state, hp, grads), aux
 
     perms = _epoch_permutations(key_epochs, config)
