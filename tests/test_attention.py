@@ -292,7 +292,7 @@ def test_pooling_map_and_the_extension_term():
 
     from rlcx_jax.seams import BuildContext, make_apply
 
-    ext = at.AttentionTransfer(teacher_algorithm="ppo", teacher_net=teacher_cfg)
+    ext = at.AttentionTransfer(teacher_algorithm="ppo", teacher_net=teacher_cfg, mask_padding=False)
     ext.validate()
     ctx = BuildContext(student, ENTITY_SHAPE, SPEC, optimizer_steps=1, apply=make_apply(student))
     batch = type("Batch", (), {})()
@@ -357,3 +357,38 @@ def test_head_pruned_int8_attention_policy_exports_and_acts_like_the_fake_quanti
     pruned = np.asarray(art.params["actor_torso"]["block_0"]["attention"]["value"]["kernel"])
     assert np.sum(np.all(pruned == 0.0, axis=0)) == 2 * CFG.attention_width // 4  # two heads' columns are gone
     assert art.nbytes < dense_float32_bytes(params) / 3
+
+
+def test_attention_transfer_inside_the_distillation_trainers_train():
+    """`policy_distillation.make(config).train(key, hparams, teacher)` installs the teacher in the
+    extension's state itself, and the term's metric is reported."""
+    from rlcx_jax.distill import policy_distillation as pd
+
+    teacher_net, teacher_params = build(CFG, shape=(8, 4), seed=3)
+    config = pd.DistillConfig(
+        env="EntityNavigation-v0",
+        teacher_algorithm="ppo",
+        teacher_net=CFG,
+        net=nets.NetConfig(hidden=(16,)),
+        num_envs=4,
+        num_steps=8,
+        update_epochs=1,
+        num_minibatches=2,
+        total_timesteps=2 * 4 * 8,
+        extensions=(at.AttentionTransfer(teacher_net=CFG),),
+    )
+    trainer = pd.make(config)
+    from rlcx_jax.envs.normalize import init_stats
+
+    teacher = pd.Teacher(params=teacher_params, obs_stats=init_stats((8, 4)))
+    out = jax.jit(trainer.train)(jax.random.PRNGKey(0), pd.DistillHParams(), teacher)
+    values = np.asarray(out.metrics.ext["attention_transfer"]["aux"]["loss"])
+    assert values.shape[0] >= 1 and np.all(np.isfinite(values)) and np.all(values > 0)
+
+
+def test_padding_is_left_out_of_the_maps():
+    ext = at.AttentionTransfer(teacher_net=CFG)
+    obs = entity_obs(jax.random.PRNGKey(12), 2, present=3)
+    m = jnp.ones((2, 6))
+    np.testing.assert_array_equal(ext._masked(m, obs), np.repeat([[1, 1, 1, 0, 0, 0]], 2, axis=0))
+    np.testing.assert_array_equal(dataclasses.replace(ext, mask_padding=False)._masked(m, obs), m)

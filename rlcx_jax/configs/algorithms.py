@@ -62,7 +62,8 @@ class TrainConfig(abc.ABC):
     env: str = "CartPole-v1"
     """Environment id: a gymnax id (CartPole-v1, Breakout-MinAtar, ...) or a registered probe."""
     env_kwargs: tuple[tuple[str, Any], ...] = ()
-    """Keyword arguments of the environment's constructor."""
+    """Overrides of the environment's `EnvParams` fields, (name, value) pairs (`envs.make`), e.g.
+    (("num_entities", 6),); the environment object itself is the registered id's."""
     num_envs: int = 4
     """Environments stepped in parallel per seed."""
     total_timesteps: int = 500_000

@@ -22,7 +22,7 @@ stage) or an RL algorithm (kickstarting). Install the teacher with `with_teacher
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar
 
 import chex
 import jax
@@ -113,6 +113,7 @@ class AttentionTransfer(Extension):
     """coef * mean_i AT(student map_i, teacher map_i), added to the loss of any trainer with extensions."""
 
     name = "attention_transfer"
+    TAKES_TEACHER: ClassVar[bool] = True  # policy distillation installs its teacher here
 
     teacher_algorithm: str = "ppo"
     """Algorithm that trained the teacher (its head: actor-critic or Q)."""
@@ -122,6 +123,9 @@ class AttentionTransfer(Extension):
     """How the teacher's map is read: attention (its pooling weights) or saliency (input gradients)."""
     student_map: str = "saliency"
     """How the student's map is read: saliency (any network) or attention (an attention student)."""
+    mask_padding: bool = True
+    """Entity observations (N, F): compare the maps over present entities only (feature 0 = 1), both
+    normalised there; padding slots, where an attention map is 0 by construction, are left out."""
 
     def teacher_head(self) -> str:
         from rlcx_jax import rl
@@ -159,6 +163,12 @@ class AttentionTransfer(Extension):
             return pooling_map(apply, params, obs, _policy_torso(head))
         return saliency_map(apply, params, obs, network.obs_ndim)
 
+    def _masked(self, token_map: jax.Array, obs: jax.Array) -> jax.Array:
+        """The map with padding slots of entity observations set to 0 (`mask_padding`)."""
+        if self.mask_padding and obs.ndim == 3:
+            return jnp.where(obs[..., 0] > 0.5, token_map, 0.0)
+        return token_map
+
     def extras(self, ctx: BuildContext) -> ExtrasFn:
         head = self.teacher_head()
         teacher = nets.make(self.teacher_net, ctx.obs_shape, ctx.action_spec, head=head)
@@ -170,7 +180,9 @@ class AttentionTransfer(Extension):
                     "AttentionTransfer: no teacher in state.ext['attention_transfer']; install one with "
                     "attention_transfer.with_teacher(state, teacher_params) before learn"
                 )
-            return self._map(self.teacher_map, teacher, teacher_apply, teacher_params, batch.obs, head)
+            return self._masked(
+                self._map(self.teacher_map, teacher, teacher_apply, teacher_params, batch.obs, head), batch.obs
+            )
 
         return teacher_maps
 
@@ -183,7 +195,7 @@ class AttentionTransfer(Extension):
 
         def term(params: Params, batch: Any, teacher_params: Params, hparams: AttentionTransferHParams):
             del teacher_params  # the teacher's maps arrive with the batch
-            student = self._map(self.student_map, network, apply, params, batch.obs, head)
+            student = self._masked(self._map(self.student_map, network, apply, params, batch.obs, head), batch.obs)
             loss = jnp.mean(attention_transfer_loss(student, batch.extras[self.name]))
             return hparams.coef * loss, {"loss": loss}
 

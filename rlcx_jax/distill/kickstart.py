@@ -20,7 +20,7 @@ normalisation, or none on either side.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -49,6 +49,7 @@ class DistillTerm(Extension):
     """A distillation term towards a fixed teacher, added to any algorithm's loss."""
 
     name = "distill"
+    TAKES_TEACHER: ClassVar[bool] = True  # policy distillation installs its teacher here
 
     teacher_algorithm: str = "ppo"
     """Algorithm that trained the teacher (its head: actor-critic or Q)."""

@@ -313,6 +313,11 @@ def make(config: DistillConfig = DistillConfig(), hooks: Hooks = Hooks()) -> Tra
         base = common.init_train_state(agent, key, hparams, env_params)
         fields = {f.name: getattr(base, f.name) for f in dataclasses.fields(base)}
         fields["obs_stats"] = teacher.obs_stats
+        # extensions that read a teacher from their state (kickstart.DistillTerm, AttentionTransfer) get this one
+        fields["ext"] = {
+            e.name: teacher.params if getattr(e, "TAKES_TEACHER", False) else base.ext[e.name]
+            for e in config.extensions
+        }
         return DistillState(**fields, teacher_params=teacher.params)
 
     def learn(state: DistillState, n_updates: int) -> tuple[DistillState, DistillMetrics]:
