@@ -219,9 +219,13 @@ TINY_PPO = ppo.PPOConfig(
 def test_ppo_and_dqn_train_with_per_task_gradients(gradient):
     ext = MultiTask(task_gradient=gradient)
     hp = ppo.PPOHParams(ext={"multitask": MultiTaskHParams(head_decay=0.01)})
-    out = jax.jit(ppo.make(dataclasses.replace(TINY_PPO, extensions=(ext,))).train)(jax.random.PRNGKey(0), hp)
-    assert np.all(np.isfinite(np.asarray(out.metrics.loss)))
+    train = ppo.make(dataclasses.replace(TINY_PPO, extensions=(ext,))).train
+    keys = jax.random.split(jax.random.PRNGKey(0), 2)
+    out = jax.jit(jax.vmap(train, in_axes=(0, None)))(keys, hp)  # seeds vmapped around the task vmap
+    assert out.metrics.loss.shape[0] == 2 and np.all(np.isfinite(np.asarray(out.metrics.loss)))
     assert np.all(np.isfinite(np.asarray(out.metrics.ext["multitask"]["aux"]["head_spread"])))
+    one = jax.jit(train)(keys[1], hp)  # row 1 of the vmapped run is the single run of seed 1
+    np.testing.assert_allclose(np.asarray(out.metrics.loss)[1], np.asarray(one.metrics.loss), rtol=1e-4, atol=1e-6)
     if gradient == "pcgrad":
         cfg = dqn.DQNConfig(
             env="MultiTaskCartPole-v0",
