@@ -210,11 +210,27 @@ def test_head_masks_remove_the_weakest_heads_exactly():
         attention.head_masks({"layer": p}, heads=4, prune=4)
 
 
+@pytest.mark.parametrize(
+    "torso,pool,head", [("memory", "attention", "actor_critic"), ("attention", "mean", "q"), ("deepsets", "attention", "q")]
+)
+def test_the_layout_declares_every_attention_layer(torso, pool, head):
+    cfg = dataclasses.replace(CFG, torso=torso, attention_pool=pool, attention_depth=2)
+    net = nets.make(cfg, ENTITY_SHAPE, SPEC, head=head)
+    shapes = jax.eval_shape(lambda k: nets.init_params(net, k, ENTITY_SHAPE), jax.random.PRNGKey(0))
+    declared = nets.layout(cfg, head).attention
+    assert sorted(declared) == sorted("/".join(p) for p in attention.attention_layers(shapes))
+    assert declared  # every case has at least one attention layer
+
+
 def test_head_masks_find_every_attention_layer_of_a_network():
     net, params = build(dataclasses.replace(CFG, torso="memory"))
     layers = attention.attention_layers(params)
     assert len(layers) == 2 * (CFG.attention_depth + 1)  # actor and critic: blocks + pooling
-    m = attention.head_masks(params, heads=4, prune=2)
+    declared = nets.layout(dataclasses.replace(CFG, torso="memory")).attention
+    m = attention.head_masks(params, heads=4, prune=2, layers=declared)
+    assert jax.tree.structure(m) == jax.tree.structure(attention.head_masks(params, heads=4, prune=2))
+    with pytest.raises(ValueError, match="is not an attention layer"):
+        attention.head_masks(params, heads=4, prune=2, layers=("actor_torso/tokens",))
     zeros = sum(int(np.sum(~np.asarray(x))) for x in jax.tree.leaves(m))
     d = CFG.attention_width // 4
     per_layer = 2 * d * (3 * CFG.attention_width + 3) + 2 * d * CFG.attention_width
@@ -336,7 +352,7 @@ def test_head_pruned_int8_attention_policy_exports_and_acts_like_the_fake_quanti
     from rlcx_jax.nets.policy import greedy_action
 
     net, params = build(CFG)
-    head_masks = attention.head_masks(params, heads=4, prune=2)
+    head_masks = attention.head_masks(params, heads=4, prune=2, layers=nets.layout(CFG).attention)
     qspec = QuantSpec("uniform", 8)
     export(
         params,

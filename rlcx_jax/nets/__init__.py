@@ -109,10 +109,14 @@ class Layout:
       "policy"       everything a greedy action needs (actor torso + actor head, or the Q-network),
       "critic"       what only the value estimate needs (critic torso and value head).
     feeds: (torso, output layers that read its features): what structured shrinking must resize.
+    attention: '/'-joined paths of the attention layers inside the torsos (modules holding `query`,
+      `key`, `value` and `out`, e.g. "actor_torso/block_0/attention"), declared by torsos with a
+      classmethod `attention_paths(config)`: what head pruning selects.
     """
 
     roles: tuple[tuple[str, tuple[str, ...]], ...]
     feeds: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    attention: tuple[str, ...] = ()
 
     def groups(self, *roles: str) -> tuple[str, ...]:
         """Top-level parameter names in any of `roles` (unknown roles are an error)."""
@@ -344,6 +348,14 @@ def _torso(config: NetConfig, obs_ndim: int, name: str) -> nn.Module:
     return TORSOS[config.torso](config, obs_ndim, name=name)
 
 
+def _attention_paths(config: NetConfig, torsos: Sequence[str]) -> tuple[str, ...]:
+    """The attention layers of `torsos`, as the registered torso declares them (`attention_paths`)."""
+    declare = getattr(TORSOS.get(config.torso), "attention_paths", None)
+    if declare is None:
+        return ()
+    return tuple(f"{torso}/{path}" for torso in torsos for path in declare(config))
+
+
 def _policy_output(head_out: jax.Array, log_std: jax.Array | None) -> jax.Array:
     """The policy head's output: logits as they are (`log_std` None), or concat(mean, log_std) for a
     diagonal Gaussian with a state-independent log standard deviation."""
@@ -396,7 +408,7 @@ class ActorCritic(nn.Module):
             ("policy", ("actor_torso",) + actor_head),
             ("critic", critic),
         )
-        return Layout(roles=roles, feeds=feeds)
+        return Layout(roles=roles, feeds=feeds, attention=_attention_paths(config, torsos))
 
     def setup(self) -> None:
         self.actor_torso = _torso(self.config, self.obs_ndim, "actor_torso")
@@ -453,7 +465,7 @@ class PolicyNetwork(nn.Module):
             ("policy", ("torso",) + actor_head),
             ("critic", ()),
         )
-        return Layout(roles=roles, feeds=(("torso", ("policy_head",)),))
+        return Layout(roles=roles, feeds=(("torso", ("policy_head",)),), attention=_attention_paths(config, ("torso",)))
 
     def setup(self) -> None:
         self.torso = _torso(self.config, self.obs_ndim, "torso")
@@ -495,7 +507,7 @@ class QNetwork(nn.Module):
             ("policy", ("torso",) + heads),
             ("critic", ()),
         )
-        return Layout(roles=roles, feeds=(("torso", heads),))
+        return Layout(roles=roles, feeds=(("torso", heads),), attention=_attention_paths(config, ("torso",)))
 
     def setup(self) -> None:
         self.torso = _torso(self.config, self.obs_ndim, "torso")

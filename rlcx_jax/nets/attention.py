@@ -35,7 +35,7 @@ layer, and `head_masks` prunes whole heads (structured) by zeroing those blocks.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -173,12 +173,21 @@ def _attention_features(module: nn.Module, obs: jax.Array, memory_slots: int) ->
     return _mlp(_pool(cfg, tokens, mask, module), cfg)
 
 
+def _pool_path(config: NetConfig) -> tuple[str, ...]:
+    return ("pool",) if config.attention_pool == "attention" else ()
+
+
 @register_torso("attention")
 class AttentionTorso(nn.Module):
     """Tokens, `attention_depth` pre-norm self-attention blocks, LN, pooling, `hidden` dense layers."""
 
     config: NetConfig
     obs_ndim: int
+
+    @classmethod
+    def attention_paths(cls, config: NetConfig) -> tuple[str, ...]:
+        """The attention layers inside this torso (for `nets.Layout.attention`)."""
+        return tuple(f"block_{i}/attention" for i in range(config.attention_depth)) + _pool_path(config)
 
     @nn.compact
     def __call__(self, obs: jax.Array) -> jax.Array:
@@ -192,6 +201,10 @@ class MemoryTorso(nn.Module):
     config: NetConfig
     obs_ndim: int
 
+    @classmethod
+    def attention_paths(cls, config: NetConfig) -> tuple[str, ...]:
+        return AttentionTorso.attention_paths(config)
+
     @nn.compact
     def __call__(self, obs: jax.Array) -> jax.Array:
         return _attention_features(self, obs, memory_slots=self.config.memory_slots)
@@ -204,6 +217,10 @@ class DeepSetsTorso(nn.Module):
 
     config: NetConfig
     obs_ndim: int
+
+    @classmethod
+    def attention_paths(cls, config: NetConfig) -> tuple[str, ...]:
+        return _pool_path(config)
 
     @nn.compact
     def __call__(self, obs: jax.Array) -> jax.Array:
@@ -252,11 +269,32 @@ def _node(params: Mapping[str, Any], path: tuple[str, ...]) -> Any:
     return params
 
 
-def head_scores(params: Mapping[str, Any], heads: int) -> dict[str, jax.Array]:
+def _layers(params: Mapping[str, Any], layers: Sequence[str] | None) -> list[tuple[str, ...]]:
+    if layers is None:
+        return attention_layers(params)
+    found = []
+    for path in layers:
+        keys = tuple(path.split("/"))
+        try:
+            node = _node(params, keys)
+        except (KeyError, TypeError):
+            node = None
+        if not isinstance(node, Mapping) or not all(name in node for name in ATTENTION_LAYERS):
+            raise ValueError(f"{path} is not an attention layer of these params (a module with {ATTENTION_LAYERS})")
+        found.append(keys)
+    return found
+
+
+def head_scores(
+    params: Mapping[str, Any], heads: int, layers: Sequence[str] | None = None
+) -> dict[str, jax.Array]:
     """{attention layer path: [heads] importance}: the L2 norm of a head's query, key and value columns
-    and its output rows (the weights that only that head uses; Michel et al. 2019 prune by importance)."""
+    and its output rows (the weights that only that head uses; Michel et al. 2019 prune by importance).
+
+    layers: the attention layers, as a network declares them (`nets.layout(net_config, head).attention`);
+    None finds every module holding query, key, value and out."""
     scores = {}
-    for path in attention_layers(params):
+    for path in _layers(params, layers):
         layer = _node(params, path)
         total = jnp.zeros(heads)
         for name in ("query", "key", "value"):
@@ -268,15 +306,17 @@ def head_scores(params: Mapping[str, Any], heads: int) -> dict[str, jax.Array]:
     return scores
 
 
-def head_masks(params: Mapping[str, Any], heads: int, prune: int) -> dict[str, Any]:
+def head_masks(
+    params: Mapping[str, Any], heads: int, prune: int, layers: Sequence[str] | None = None
+) -> dict[str, Any]:
     """A bool mask tree like `params` (for `compress.masks.apply_masks`) that removes the `prune` heads of
-    lowest `head_scores` in every attention layer: their query/key/value kernel columns and biases, and
-    their rows of `out`'s kernel, are zero. A pruned head then contributes exactly 0 to the layer's output
-    (its values are 0; its softmax weights are not used)."""
+    lowest `head_scores` in every attention layer (`layers`, as in `head_scores`): their query/key/value
+    kernel columns and biases, and their rows of `out`'s kernel, are zero. A pruned head then contributes
+    exactly 0 to the layer's output (its values are 0; its softmax weights are not used)."""
     if not 0 <= prune < heads:
         raise ValueError(f"Can prune 0 to {heads - 1} of {heads} heads per layer, got {prune}")
     masks = jax.tree.map(lambda x: jnp.ones(jnp.shape(x), bool), dict(params))
-    for key, score in head_scores(params, heads).items():
+    for key, score in head_scores(params, heads, layers).items():
         keep = jnp.ones(heads, bool).at[jnp.argsort(score, stable=True)[:prune]].set(False)
         node = _node(masks, tuple(key.split("/")))
         layer = _node(params, tuple(key.split("/")))
