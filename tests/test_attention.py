@@ -211,7 +211,8 @@ def test_head_masks_remove_the_weakest_heads_exactly():
 
 
 @pytest.mark.parametrize(
-    "torso,pool,head", [("memory", "attention", "actor_critic"), ("attention", "mean", "q"), ("deepsets", "attention", "q")]
+    "torso,pool,head",
+    [("memory", "attention", "actor_critic"), ("attention", "mean", "q"), ("deepsets", "attention", "q")],
 )
 def test_the_layout_declares_every_attention_layer(torso, pool, head):
     cfg = dataclasses.replace(CFG, torso=torso, attention_pool=pool, attention_depth=2)

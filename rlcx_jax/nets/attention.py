@@ -285,9 +285,7 @@ def _layers(params: Mapping[str, Any], layers: Sequence[str] | None) -> list[tup
     return found
 
 
-def head_scores(
-    params: Mapping[str, Any], heads: int, layers: Sequence[str] | None = None
-) -> dict[str, jax.Array]:
+def head_scores(params: Mapping[str, Any], heads: int, layers: Sequence[str] | None = None) -> dict[str, jax.Array]:
     """{attention layer path: [heads] importance}: the L2 norm of a head's query, key and value columns
     and its output rows (the weights that only that head uses; Michel et al. 2019 prune by importance).
 
