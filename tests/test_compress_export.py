@@ -306,3 +306,18 @@ def test_write_is_atomic_and_bad_files_fail_clearly(agent, tmp_path) -> None:
         export(params, tmp_path / "x.rlcx", qspec=QuantSpec(bits=17))
     with pytest.raises(ValueError, match="exported without net_config"):
         load(path).policy(np.zeros((1, 4), F32))
+
+
+def test_later_net_config_fields_are_written_only_when_set(tmp_path) -> None:
+    """Fields added to NetConfig after format 3 leave a plain network's header as it was, and round-trip
+    when set (a missing field loads as its default)."""
+    from rlcx_jax.compress.export import _read
+
+    spec = nets.ActionSpec(discrete=True, num_actions=2)
+    params = {"w": np.ones((2, 2), F32)}
+    for config in (nets.NetConfig(), nets.NetConfig(num_tasks=3, task_mode="embedding", dueling=True)):
+        export(params, tmp_path / "a.rlcx", net_config=config, obs_shape=(4,), action_spec=spec)
+        assert load(tmp_path / "a.rlcx").net_config == config
+    export(params, tmp_path / "b.rlcx", net_config=nets.NetConfig(), obs_shape=(4,), action_spec=spec)
+    header = _read(str(tmp_path / "b.rlcx"))[0]["net_config"]
+    assert sorted(header) == sorted(("torso", "hidden", "activation", "separate_critic", "conv_features", "conv_kernel"))

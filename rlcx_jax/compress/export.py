@@ -119,6 +119,11 @@ _ZDICT = (
     b'["actor_torso/Dense_0/kernel",[4,64]],["actor_torso/Dense_1/bias",[64]],'
     b'["actor_torso/Dense_1/kernel",[64,64]],["policy_head/bias",[2]],["policy_head/kernel",[64,2]]]}'
 )
+_FORMAT3_NET_FIELDS = ("torso", "hidden", "activation", "separate_critic", "conv_features", "conv_kernel")
+"""The `NetConfig` fields format 3 was fixed with (and its dictionary holds): always written. A field added
+to `NetConfig` later is written only when it differs from its default, so the headers of networks that do
+not use it keep their size; a missing field loads as its default (changing such a default would need a
+new format version)."""
 PAYLOAD_CODECS = ("none", "lzma")
 # Raw LZMA2 (no container header: small files stay small), strongest preset; the payloads are tiny.
 _LZMA_FILTERS = [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}]
@@ -512,6 +517,13 @@ def _jsonable(obj: Any) -> Any:
     return to_jsonable(obj)
 
 
+def _net_config_json(net_config: Any) -> dict[str, Any]:
+    """`to_jsonable(net_config)` without the later fields that hold their defaults (`_FORMAT3_NET_FIELDS`)."""
+    full = to_jsonable(net_config)
+    default = to_jsonable(type(net_config)())
+    return {k: v for k, v in full.items() if k in _FORMAT3_NET_FIELDS or v != default.get(k)}
+
+
 def _metadata(
     net_config: Any,
     obs_shape: Sequence[int] | None,
@@ -523,7 +535,7 @@ def _metadata(
     meta: Mapping[str, Any] | None,
 ) -> dict[str, Any]:
     return {
-        "net_config": None if net_config is None else to_jsonable(net_config),
+        "net_config": None if net_config is None else _net_config_json(net_config),
         "obs_shape": None if obs_shape is None else [int(d) for d in obs_shape],
         "action_spec": None if action_spec is None else to_jsonable(action_spec),
         "head": head,
