@@ -5,6 +5,7 @@ of the environment with `vmap`, and runs `num_steps` steps in `lax.scan`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -127,52 +128,79 @@ def collect(
 ) -> tuple[EnvRunner, Transition]:
     """Run `num_steps` vectorised steps; returns the new runner and a time-major Transition.
 
-    Every key the rollout needs is split up front in one call, outside the sequential loop. The
-    per-environment scalars of a step (reward, flags, discrete action, episode statistics) leave the
-    loop packed into one uint32 array (`_pack_scalars`): one write per step instead of one per field,
-    the same values bit for bit.
+    Every key the rollout needs is split up front in one call, outside the sequential loop. Small
+    per-environment values travel through the loop bit-cast into one uint32 array each way
+    (`_pack`): the environment states in the loop's carry (one loop-carried buffer instead of one per
+    state field, each of which XLA copied every step), and the step's scalars (reward, flags,
+    discrete action, episode statistics) in its output (one write per step instead of one per field).
+    The same values bit for bit.
     """
-    keys = jax.random.split(key, (num_steps, runner.obs.shape[0] + 1))
     num_envs = runner.obs.shape[0]
-    layout: list[Any] = []  # the Transition's structure, recorded while the body is traced
+    keys = jax.random.split(key, (num_steps, num_envs + 1))
+    state_leaves, state_def = jax.tree.flatten(runner.env_state)
+    state_layout = _layout(state_leaves, num_envs, max_width=16)
+    out_layout: list[Any] = []  # the Transition's structure and layout, recorded while the body is traced
 
-    def body(r: EnvRunner, k: jax.Array) -> tuple[EnvRunner, tuple[jax.Array, list[Any]]]:
-        r, transition = _step(env, env_params, policy_fn, r, k)
+    def body(carry: tuple[Any, jax.Array], k: jax.Array) -> tuple[tuple[Any, jax.Array], Any]:
+        packed_state, obs = carry
+        env_state = jax.tree.unflatten(state_def, _unpack(packed_state[0], packed_state[1], state_layout))
+        r, transition = _step(env, env_params, policy_fn, EnvRunner(env_state=env_state, obs=obs), k)
         leaves, treedef = jax.tree.flatten(transition)
-        layout[:] = [treedef, [x.dtype if _packable(x, num_envs) else None for x in leaves]]
-        return r, _pack_scalars(leaves, num_envs)
+        out_layout[:] = [treedef, _layout(leaves, num_envs, max_width=1)]
+        packed_state = _pack(jax.tree.leaves(r.env_state), state_layout, num_envs)
+        return (packed_state, r.obs), _pack(leaves, out_layout[1], num_envs)
 
-    runner, (columns, rest) = jax.lax.scan(body, runner, keys)
-    return runner, _unpack_scalars(columns, rest, *layout)
-
-
-def _packable(x: jax.Array, num_envs: int) -> bool:
-    """A per-environment scalar of 32 bits or a bool: it fits one uint32 column. (Wider leaves such as
-    observations stay apart: packing them too made XLA:CPU split the write into more kernels.)"""
-    return x.shape == (num_envs,) and (x.dtype == jnp.bool_ or x.dtype.itemsize == 4)
+    init = (_pack(state_leaves, state_layout, num_envs), runner.obs)
+    (packed_state, obs), (columns, rest) = jax.lax.scan(body, init, keys)
+    env_state = jax.tree.unflatten(state_def, _unpack(packed_state[0], packed_state[1], state_layout))
+    treedef, layout = out_layout
+    return EnvRunner(env_state=env_state, obs=obs), jax.tree.unflatten(treedef, _unpack(columns, rest, layout))
 
 
-def _pack_scalars(leaves: list[jax.Array], num_envs: int) -> tuple[jax.Array, list[Any]]:
-    """(uint32 [num_envs, k]: the bits of every packable leaf, the leaves with those replaced by None).
-    Bit casts (bools as 0 / 1), so `_unpack_scalars` restores every value exactly."""
+Layout = list["tuple[Any, tuple[int, ...]] | None"]
+"""Per leaf: (dtype, per-environment shape) if it is packed, else None."""
+
+
+def _layout(leaves: list[jax.Array], num_envs: int, max_width: int) -> Layout:
+    """Which leaves `_pack` bit-casts into uint32 columns: per-environment values ([num_envs, ...]) of 32
+    bits or bools with at most `max_width` entries per environment. (Wider leaves such as observations
+    stay apart: packing them too made XLA:CPU split the step into more kernels.)"""
+
+    def packable(x: jax.Array) -> bool:
+        return (
+            x.ndim >= 1
+            and x.shape[0] == num_envs
+            and (x.dtype == jnp.bool_ or x.dtype.itemsize == 4)
+            and math.prod(x.shape[1:]) <= max_width
+        )
+
+    return [(x.dtype, tuple(x.shape[1:])) if packable(x) else None for x in leaves]
+
+
+def _pack(leaves: list[jax.Array], layout: Layout, num_envs: int) -> tuple[jax.Array, list[Any]]:
+    """(uint32 [num_envs, k]: the bits of every leaf `layout` packs, side by side; the leaves with those
+    replaced by None). Bit casts (bools as 0 / 1), so `_unpack` restores every value exactly."""
 
     def bits(x: jax.Array) -> jax.Array:
+        x = jnp.reshape(x, (num_envs, -1))
         return x.astype(jnp.uint32) if x.dtype == jnp.bool_ else jax.lax.bitcast_convert_type(x, jnp.uint32)
 
-    columns = [bits(x) for x in leaves if _packable(x, num_envs)]
-    packed = jnp.stack(columns, axis=-1) if columns else jnp.zeros((num_envs, 0), jnp.uint32)
-    return packed, [None if _packable(x, num_envs) else x for x in leaves]
+    columns = [bits(x) for x, spec in zip(leaves, layout) if spec is not None]
+    packed = jnp.concatenate(columns, axis=-1) if columns else jnp.zeros((num_envs, 0), jnp.uint32)
+    return packed, [None if spec is not None else x for x, spec in zip(leaves, layout)]
 
 
-def _unpack_scalars(columns: jax.Array, rest: list[Any], treedef: Any, dtypes: list[Any]) -> Any:
-    """The Transition from `_pack_scalars`'s output stacked over time; `dtypes[i]` is leaf i's dtype if
-    it was packed, else None (kept as it is)."""
+def _unpack(packed: jax.Array, rest: list[Any], layout: Layout) -> list[Any]:
+    """The leaves `_pack` took apart, from its output (possibly stacked: any leading axes before the
+    environment axis, as a scan stacks them over time)."""
     leaves, j = [], 0
-    for x, dtype in zip(rest, dtypes):
-        if dtype is None:
+    for x, spec in zip(rest, layout):
+        if spec is None:
             leaves.append(x)
             continue
-        col = columns[..., j]
-        leaves.append(col.astype(bool) if dtype == jnp.bool_ else jax.lax.bitcast_convert_type(col, dtype))
-        j += 1
-    return jax.tree.unflatten(treedef, leaves)
+        dtype, shape = spec
+        width = math.prod(shape)
+        column = jnp.reshape(packed[..., j : j + width], packed.shape[:-1] + shape)
+        j += width
+        leaves.append(column.astype(bool) if dtype == jnp.bool_ else jax.lax.bitcast_convert_type(column, dtype))
+    return leaves
