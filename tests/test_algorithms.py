@@ -213,6 +213,39 @@ def test_collect_bootstraps_from_final_observation_only_on_truncation():
     np.testing.assert_array_equal(traj.next_obs[:-1][cont], traj.obs[1:][cont])
 
 
+def test_truncation_values_evaluate_every_truncated_step_in_groups_under_vmap():
+    """The critic on the pre-reset observation at every truncated step and zero elsewhere, for no
+    truncation, fewer than one group (num_envs) of them and several groups; vmapped over the three
+    cases at once (where the group loop runs for the longest), equal to each case alone."""
+    num_steps, num_envs = 6, 4
+
+    def apply(params, obs, method=None):
+        assert method == "value"
+        return known_value(obs)
+
+    config = onpolicy.OnPolicyConfig(num_envs=num_envs, num_steps=num_steps)
+    agent = onpolicy.Agent(config, None, None, None, (3,), None, apply, Hooks(), ExtensionTerms())
+    state = onpolicy.ActorCriticState(
+        params={}, opt_state=None, runner=None, obs_stats=init_stats((3,)), key=None, update_step=None,
+        hparams=None, env_params=None, ext={},
+    )  # fmt: skip
+    rng = np.random.default_rng(0)
+    obs = rng.normal(size=(3, num_steps, num_envs, 3)).astype(np.float32)
+    truncated = np.zeros((3, num_steps, num_envs), bool)
+    truncated[1, [0, 5], [2, 1]] = True  # two
+    truncated[2] = rng.random((num_steps, num_envs)) < 0.6  # several groups of four
+    assert truncated[2].sum() > 2 * num_envs
+    want = np.where(truncated, known_value(obs), 0.0)
+
+    def values(t, o):
+        return onpolicy.truncation_values(agent, state, t, o)
+
+    batched = jax.jit(jax.vmap(values))(truncated, obs)
+    np.testing.assert_allclose(np.asarray(batched), want, rtol=1e-6)
+    for i in range(3):
+        np.testing.assert_allclose(np.asarray(jax.jit(values)(truncated[i], obs[i])), want[i], rtol=1e-6)
+
+
 # The truncation probe (f): values learn 1 / (1 - gamma), never the remaining steps' return.
 T_LIMIT = probes.Truncation.time_limit
 PHASES = [2.0 * k / T_LIMIT - 1.0 for k in range(T_LIMIT)]

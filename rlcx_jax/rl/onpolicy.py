@@ -17,7 +17,7 @@ from rlcx_jax.configs.algorithms import ActorCriticHParams as ActorCriticHParams
 from rlcx_jax.configs.algorithms import GAEHParams as GAEHParams
 from rlcx_jax.configs.algorithms import OnPolicyConfig as OnPolicyConfig
 from rlcx_jax.envs.normalize import RunningStats, update_stats
-from rlcx_jax.nets.policy import distribution, greedy_action
+from rlcx_jax.nets.policy import distribution, greedy_action, sample_action
 from rlcx_jax.rl import common, rollout
 from rlcx_jax.rl.common import Agent, Hooks, Params, Trainer, TrainState
 from rlcx_jax.rl.losses import ActorCriticAux, PolicyBatch, policy_gradient_loss
@@ -48,7 +48,7 @@ def behaviour_policy(agent: Agent, params: Params, stats: RunningStats) -> rollo
 
     def policy_fn(key: jax.Array, obs: jax.Array) -> tuple[jax.Array, None]:
         policy_out = agent.apply(params, agent.prep_obs(stats, obs), method="policy")
-        return distribution(policy_out, agent.spec).sample(seed=key), None
+        return sample_action(policy_out, agent.spec, key), None
 
     return policy_fn
 
@@ -80,15 +80,37 @@ def collect(agent: Agent, state: TrainState, key: jax.Array) -> tuple[TrainState
     policy_out, values = agent.apply(state.params, agent.prep_obs(state.obs_stats, all_obs))
     log_prob = distribution(policy_out[:-1], agent.spec).log_prob(traj.action)
     v_tm1, v_next = values[:-1], values[1:]
-    v_final = jax.lax.cond(
-        jnp.any(traj.truncated),
-        lambda: value(agent, state.params, state.obs_stats, traj.next_obs),
-        lambda: jnp.zeros_like(v_tm1),
-    )
+    v_final = truncation_values(agent, state, traj.truncated, traj.next_obs)
     v_t = jnp.where(traj.truncated, v_final, v_next)
     discount_t = state.hparams.gamma * (1.0 - traj.terminated.astype(jnp.float32))
     state = state.replace(runner=runner)
     return state, Collected(traj=traj, log_prob=log_prob, v_tm1=v_tm1, v_t=v_t, discount_t=discount_t)
+
+
+def truncation_values(agent: Agent, state: TrainState, truncated: jax.Array, next_obs: jax.Array) -> jax.Array:
+    """V(s') on the pre-reset observation of every truncated step ([T, N]; zero elsewhere).
+
+    Truncations are rare, so the critic runs on groups of N (= num_envs) of them, gathered by
+    position, in a `while_loop` that stops once every truncation is evaluated: usually no group or
+    one. (A `lax.cond` on "any truncation" would be cheaper unbatched, but under `vmap` over seeds
+    it becomes a select that runs the critic on all T * N observations every update.)
+    """
+    flags = jnp.reshape(truncated, (-1,))
+    obs = jnp.reshape(next_obs, (-1,) + next_obs.shape[2:])
+    size, group = flags.shape[0], truncated.shape[1]
+    rank = jnp.cumsum(flags) - 1  # among the truncated steps
+    count = rank[-1] + 1
+
+    def evaluate_group(carry: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        i, values = carry
+        (idx,) = jnp.nonzero(flags & (rank // group == i), size=group, fill_value=size)
+        v = value(agent, state.params, state.obs_stats, obs[jnp.minimum(idx, size - 1)])
+        return i + 1, values.at[idx].set(v, mode="drop")
+
+    _, values = jax.lax.while_loop(
+        lambda c: c[0] * group < count, evaluate_group, (jnp.zeros((), count.dtype), jnp.zeros((size,), jnp.float32))
+    )
+    return jnp.reshape(values, truncated.shape)
 
 
 def finish_update(
@@ -191,7 +213,7 @@ def act(
     policy_out = agent.apply(params, agent.prep_obs(obs_stats, obs), method="policy")
     if greedy:
         return greedy_action(policy_out, agent.spec)
-    return distribution(policy_out, agent.spec).sample(seed=key)
+    return sample_action(policy_out, agent.spec, key)
 
 
 def make_trainer(
