@@ -37,7 +37,7 @@ QAT_A = ["--qat-bits", "6", "--qat-scheme", "kmeans", "--no-qat-per-channel", "-
          "--qat-recluster-every", "2", "--qat-recluster-iters", "2"]
 QAT_B = ["--qat-bits", "8", "--qat-activation-range", "tensor", "--no-qat-symmetric"]
 NET_A = ["--net-hidden", "16", "--net-activation", "gelu", "--no-net-separate-critic"]
-NET_B = ["--net-hidden", "8", "8", "--net-activation", "elu"]
+NET_B = ["--net-hidden", "8", "8", "--net-activation", "elu", "--net-dense-grad", "autodiff"]
 ON_POLICY_A = ["--num-envs", "2", "--num-steps", "4", "--log-every", "3", "--prng-impl", "unsafe_rbg",
                "--normalize-obs", "--lr", "5e-4", "--gamma", "0.9", "--max-grad-norm", "0.8", "--ent-coef", "0.02",
                "--vf-coef", "0.25", "--adam-eps", "1e-6"]

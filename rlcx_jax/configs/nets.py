@@ -13,6 +13,7 @@ from collections.abc import Collection
 __all__ = [
     "NetConfig",
     "ACTIVATION_NAMES",
+    "DENSE_GRADS",
     "POOL_NAMES",
     "TASK_MODES",
     "ATTENTION_TORSOS",
@@ -23,6 +24,7 @@ __all__ = [
 ACTIVATION_NAMES = ("tanh", "relu", "gelu", "elu", "silu")
 POOL_NAMES = ("attention", "mean")
 TASK_MODES = ("heads", "embedding", "shared")
+DENSE_GRADS = ("transposed", "autodiff")
 """Multi-task networks: per-task output layers, the task one-hot joined to the features, or one shared head."""
 ATTENTION_TORSOS = ("attention", "memory")
 """Torsos built from multi-head self-attention blocks (`rlcx_jax.nets.attention`)."""
@@ -82,6 +84,10 @@ class NetConfig:
     one-hot joins the torso features before one shared head) or shared (one head, task id unused)."""
     dueling: bool = False
     """Q-networks only: Q = V + A - mean(A), a state-value and an advantage stream over the torso (Wang et al. 2016)."""
+    dense_grad: str = "transposed"
+    """How dense layers take their kernel gradient: "transposed" (a standard matrix product on a transposed
+    copy of the inputs, faster on XLA:CPU; reverse mode only) or "autodiff" (JAX's own rule; needed for
+    forward mode: jax.jvp, jacfwd, hessian). The same values either way, up to float rounding."""
 
     def validate(self) -> None:
         if self.torso not in TORSO_NAMES:
@@ -103,6 +109,8 @@ class NetConfig:
             raise ValueError(f"num_tasks must be 0 (off) or >= 2, got {self.num_tasks}")
         if self.task_mode not in TASK_MODES:
             raise unknown_name("task mode", self.task_mode, TASK_MODES)
+        if self.dense_grad not in DENSE_GRADS:
+            raise unknown_name("dense gradient", self.dense_grad, DENSE_GRADS)
         for name in ("conv_features", "conv_kernel"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlcx_jax.configs.nets import NetConfig, add_torso_name, unknown_name
+from rlcx_jax.configs.nets import DENSE_GRADS, NetConfig, add_torso_name, unknown_name
 
 __all__ = [
     "NetConfig",
@@ -202,9 +202,65 @@ def orthogonal_init(scale: float = 1.0) -> Callable[..., jax.Array]:
     return init
 
 
-def dense(features: int, scale: float, name: str | None = None) -> nn.Dense:
-    """A Dense layer with orthogonal kernel init of gain `scale` and zero bias (PPO's init)."""
-    return nn.Dense(features, kernel_init=orthogonal_init(scale), bias_init=nn.initializers.zeros, name=name)
+def _dot_last_first(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """x [..., in] @ kernel [in, out]."""
+    return jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+
+
+@jax.custom_vjp
+def transposed_grad_matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """`x @ kernel` whose kernel gradient is a standard matrix product on a transposed copy.
+
+    Forward: y = x W. Backward: dx = dy W^T and dW = (x^T) dy, with x^T materialised first (or
+    dW = ((dy^T) x)^T when the layer has fewer outputs than inputs, transposing the smaller operand).
+    The values are those of autodiff; what changes is the form XLA:CPU sees: autodiff's dW is a
+    product that contracts both operands' leading (batch) axis, which XLA:CPU hands to Eigen, while a
+    product contracting lhs-last with rhs-first goes to its faster YNNPACK kernels (with the
+    transpose, about 1.1x faster PPO training on CartPole at 1 and 32 seeds; README, "Throughput").
+    Reverse mode only (grad, vjp, grad of grad); forward mode (jvp, jacfwd, hessian) needs
+    `NetConfig(dense_grad="autodiff")`.
+    """
+    return _dot_last_first(x, kernel)
+
+
+def _tgm_fwd(x: jax.Array, kernel: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    return _dot_last_first(x, kernel), (x, kernel)
+
+
+def _tgm_bwd(residuals: tuple[jax.Array, jax.Array], dy: jax.Array) -> tuple[jax.Array, jax.Array]:
+    x, kernel = residuals
+    dx = jax.lax.dot_general(dy, kernel, (((dy.ndim - 1,), (1,)), ((), ())))
+    rows, d_rows = jnp.reshape(x, (-1, x.shape[-1])), jnp.reshape(dy, (-1, dy.shape[-1]))
+    # The barrier keeps XLA from folding the transpose back into the product's dimension numbers.
+    if d_rows.shape[1] < rows.shape[1]:
+        return dx, jnp.dot(jax.lax.optimization_barrier(d_rows.T), rows).T
+    return dx, jnp.dot(jax.lax.optimization_barrier(rows.T), d_rows)
+
+
+transposed_grad_matmul.defvjp(_tgm_fwd, _tgm_bwd)
+
+
+def _transposed_grad_dot(
+    lhs: jax.Array, rhs: jax.Array, dimension_numbers: Any, precision: Any = None, **kwargs: Any
+) -> jax.Array:
+    """`lax.dot_general` for `nn.Dense`: its product (last axis of lhs with the kernel's first) goes through
+    `transposed_grad_matmul`; anything else (a precision, another contraction) to `lax.dot_general`."""
+    if precision is None and not kwargs and rhs.ndim == 2 and dimension_numbers == (((lhs.ndim - 1,), (0,)), ((), ())):
+        return transposed_grad_matmul(lhs, rhs)
+    return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision, **kwargs)
+
+
+def dense(features: int, scale: float, name: str | None = None, grad: str = "transposed") -> nn.Dense:
+    """A Dense layer with orthogonal kernel init of gain `scale` and zero bias (PPO's init).
+
+    `grad`: "transposed" takes the kernel gradient with `transposed_grad_matmul` (faster on XLA:CPU,
+    reverse mode only), "autodiff" leaves it to JAX (`NetConfig.dense_grad`)."""
+    if grad not in DENSE_GRADS:
+        raise ValueError(f"dense grad must be one of {DENSE_GRADS}, got {grad!r}")
+    dot = _transposed_grad_dot if grad == "transposed" else None
+    return nn.Dense(
+        features, kernel_init=orthogonal_init(scale), bias_init=nn.initializers.zeros, name=name, dot_general=dot
+    )
 
 
 def _flatten_obs(obs: jax.Array, obs_ndim: int) -> jax.Array:
@@ -215,7 +271,7 @@ def _flatten_obs(obs: jax.Array, obs_ndim: int) -> jax.Array:
 def _mlp(x: jax.Array, config: NetConfig) -> jax.Array:
     act = ACTIVATIONS[config.activation]
     for width in config.hidden:
-        x = act(dense(width, np.sqrt(2.0))(x))
+        x = act(dense(width, np.sqrt(2.0), grad=config.dense_grad)(x))
     return x
 
 
@@ -307,7 +363,7 @@ def _output_layer(config: NetConfig, features: int, scale: float, name: str | No
     """An output layer: a `TaskDense` in a multi-task network with per-task heads, else `dense`."""
     if config.num_tasks and config.task_mode == "heads":
         return TaskDense(features, config.num_tasks, scale, name=name)
-    return dense(features, scale, name=name)
+    return dense(features, scale, name=name, grad=config.dense_grad)
 
 
 def _head(layer: nn.Module, features: jax.Array, task_id: jax.Array | None) -> jax.Array:

@@ -75,13 +75,14 @@ class MultiHeadAttention(nn.Module):
     width: int
     heads: int
     memory_slots: int = 0
+    dense_grad: str = "transposed"
 
     @nn.compact
     def __call__(self, queries: jax.Array, inputs: jax.Array, mask: jax.Array | None = None) -> jax.Array:
         d = self.width // self.heads
-        q = dense(self.width, 1.0, name="query")(queries)
-        k = dense(self.width, 1.0, name="key")(inputs)
-        v = dense(self.width, 1.0, name="value")(inputs)
+        q = dense(self.width, 1.0, name="query", grad=self.dense_grad)(queries)
+        k = dense(self.width, 1.0, name="key", grad=self.dense_grad)(inputs)
+        v = dense(self.width, 1.0, name="value", grad=self.dense_grad)(inputs)
         if self.memory_slots:
             init = nn.initializers.normal(1.0)
             batch = k.shape[:-2]
@@ -99,7 +100,8 @@ class MultiHeadAttention(nn.Module):
         weights = jax.nn.softmax(logits, axis=-1)
         self.sow("intermediates", "attention", weights)
         mixed = jnp.einsum("...hqk,...khd->...qhd", weights, split(v))
-        return dense(self.width, 1.0, name="out")(jnp.reshape(mixed, mixed.shape[:-2] + (self.width,)))
+        mixed = jnp.reshape(mixed, mixed.shape[:-2] + (self.width,))
+        return dense(self.width, 1.0, name="out", grad=self.dense_grad)(mixed)
 
 
 class AttentionBlock(nn.Module):
@@ -112,13 +114,13 @@ class AttentionBlock(nn.Module):
     def __call__(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:
         cfg = self.config
         y = nn.LayerNorm(name="norm_attention")(x)
-        x = x + MultiHeadAttention(cfg.attention_width, cfg.attention_heads, self.memory_slots, name="attention")(
-            y, y, mask
-        )
+        x = x + MultiHeadAttention(
+            cfg.attention_width, cfg.attention_heads, self.memory_slots, cfg.dense_grad, name="attention"
+        )(y, y, mask)
         y = nn.LayerNorm(name="norm_mlp")(x)
         act = ACTIVATIONS[cfg.activation]
-        y = dense(cfg.attention_width, 1.0, name="mlp_out")(
-            act(dense(2 * cfg.attention_width, np.sqrt(2.0), name="mlp_in")(y))
+        y = dense(cfg.attention_width, 1.0, name="mlp_out", grad=cfg.dense_grad)(
+            act(dense(2 * cfg.attention_width, np.sqrt(2.0), name="mlp_in", grad=cfg.dense_grad)(y))
         )
         return x + y
 
@@ -141,13 +143,13 @@ class Tokenizer(nn.Module):
         if self.obs_ndim == 2:
             if obs.shape[-2] < 1:
                 raise ValueError("An entity observation needs at least one entity slot, got 0")
-            tokens = dense(width, 1.0, name="embed")(obs)
+            tokens = dense(width, 1.0, name="embed", grad=self.config.dense_grad)(obs)
             return tokens, (obs[..., 0] > 0.5) if self.config.entity_mask else None
         if self.obs_ndim == 3:
             h, w, c = obs.shape[-3:]
             cells = jnp.reshape(obs, obs.shape[:-3] + (h * w, c))
             position = self.param("position", nn.initializers.normal(0.02), (h * w, width))
-            return dense(width, 1.0, name="embed")(cells) + position, None
+            return dense(width, 1.0, name="embed", grad=self.config.dense_grad)(cells) + position, None
         raise ValueError(f"Attention torsos take (D,), (N, F) or (H, W, C) observations, got ndim {self.obs_ndim}")
 
 
@@ -160,7 +162,9 @@ def _pool(config: NetConfig, tokens: jax.Array, mask: jax.Array | None, module: 
         return jnp.sum(tokens * m, axis=-2) / jnp.maximum(jnp.sum(m, axis=-2), 1.0)
     query = module.param("pool_query", nn.initializers.normal(1.0), (1, config.attention_width))
     query = jnp.broadcast_to(query, tokens.shape[:-2] + query.shape)
-    pooled = MultiHeadAttention(config.attention_width, config.attention_heads, name="pool")(query, tokens, mask)
+    pooled = MultiHeadAttention(
+        config.attention_width, config.attention_heads, dense_grad=config.dense_grad, name="pool"
+    )(query, tokens, mask)
     return pooled[..., 0, :]
 
 
@@ -227,8 +231,8 @@ class DeepSetsTorso(nn.Module):
         cfg = self.config
         tokens, mask = Tokenizer(cfg, self.obs_ndim, name="tokens")(obs)
         act = ACTIVATIONS[cfg.activation]
-        phi = act(dense(cfg.attention_width, np.sqrt(2.0), name="phi_0")(act(tokens)))
-        phi = act(dense(cfg.attention_width, np.sqrt(2.0), name="phi_1")(phi))
+        phi = act(dense(cfg.attention_width, np.sqrt(2.0), name="phi_0", grad=cfg.dense_grad)(act(tokens)))
+        phi = act(dense(cfg.attention_width, np.sqrt(2.0), name="phi_1", grad=cfg.dense_grad)(phi))
         return _mlp(_pool(cfg, phi, mask, self), cfg)
 
 
