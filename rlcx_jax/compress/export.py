@@ -77,7 +77,7 @@ from rlcx_jax.compress.quant import (
     quantize_codes,
     select_paths,
 )
-from rlcx_jax.nets.policy import distribution, executed_action, greedy_action
+from rlcx_jax.nets.policy import executed_action, greedy_action, sample_action
 
 __all__ = [
     "MAGIC",
@@ -681,7 +681,7 @@ class Artifact:
             return greedy_action(policy_out(params, obs), spec)
 
         def sample(params: Any, obs: jax.Array, key: jax.Array) -> jax.Array:
-            return executed_action(distribution(policy_out(params, obs), spec).sample(seed=key), spec)
+            return executed_action(sample_action(policy_out(params, obs), spec, key), spec)
 
         return jax.jit(greedy), jax.jit(sample)
 

@@ -39,7 +39,7 @@ from rlcx_jax.configs.base import check_minibatches
 from rlcx_jax.distill import losses
 from rlcx_jax.envs.normalize import RunningStats
 from rlcx_jax.nets.paths import flatten_with_paths
-from rlcx_jax.nets.policy import distribution, greedy_action
+from rlcx_jax.nets.policy import greedy_action, sample_action
 from rlcx_jax.rl import common, onpolicy, rollout
 from rlcx_jax.rl.common import Agent, Hooks, HParams, Params, TrainConfig, Trainer, TrainOutput, TrainState
 from rlcx_jax.rl.evaluate import default_greedy
@@ -229,12 +229,10 @@ def _update(agent: Agent, teacher_apply: Any, state: DistillState) -> tuple[Dist
         a_student = (
             greedy_action(student, agent.spec)
             if config.greedy_student
-            else distribution(student, agent.spec).sample(seed=k_student)
+            else sample_action(student, agent.spec, k_student)
         )
         a_teacher = (
-            greedy_action(teacher, agent.spec)
-            if teacher_greedy
-            else distribution(teacher, agent.spec).sample(seed=k_teacher)
+            greedy_action(teacher, agent.spec) if teacher_greedy else sample_action(teacher, agent.spec, k_teacher)
         )
         use_teacher = jax.random.uniform(k_mix, (obs.shape[0],)) < beta
         use_teacher = jnp.reshape(use_teacher, use_teacher.shape + (1,) * (a_student.ndim - 1))

@@ -23,6 +23,16 @@ def distribution(policy_out: jax.Array, spec: ActionSpec) -> distrax.Distributio
     return distrax.MultivariateNormalDiag(loc=mean, scale_diag=jnp.exp(log_std))
 
 
+def sample_action(policy_out: jax.Array, spec: ActionSpec, key: jax.Array) -> jax.Array:
+    """A sample of `distribution(policy_out, spec)`. Discrete: the Gumbel-max draw
+    argmax(logits + Gumbel noise) straight from the raw logits (`jax.random.categorical`), skipping the
+    log-softmax that `distrax.Categorical` applies first: the argmax does not change when a constant is
+    subtracted, and the rollout saves those kernels at every step."""
+    if spec.discrete:
+        return jax.random.categorical(key, policy_out, axis=-1)
+    return distribution(policy_out, spec).sample(seed=key)
+
+
 def greedy_action(policy_out: jax.Array, spec: ActionSpec) -> jax.Array:
     """The mode: argmax of the logits, or the Gaussian mean."""
     if spec.discrete:
