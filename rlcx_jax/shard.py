@@ -100,10 +100,11 @@ def gather(tree: Any) -> Any:
     return jax.tree.map(one, tree)
 
 
-def jit_rows(fn: Callable[..., Any], mesh: Mesh) -> Any:
-    """`fn` jitted (rlcx_jax.xla options) with every output split along its leading axis over `mesh`;
-    inputs come split the same way from `place_rows`. `.lower(*placed).compile()` compiles ahead."""
-    return xla.jit(fn, out_shardings=NamedSharding(mesh, PartitionSpec(AXIS)))
+def jit_rows(fn: Callable[..., Any], mesh: Mesh, envs_at_once: int | None = None) -> Any:
+    """`fn` jitted (rlcx_jax.xla options; `envs_at_once`: environments one device steps at once) with
+    every output split along its leading axis over `mesh`; inputs come split the same way from
+    `place_rows`. `.lower(*placed).compile()` compiles ahead."""
+    return xla.jit(fn, envs_at_once=envs_at_once, out_shardings=NamedSharding(mesh, PartitionSpec(AXIS)))
 
 
 def place_rows(args: Any, mesh: Mesh) -> Any:

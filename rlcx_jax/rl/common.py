@@ -276,13 +276,22 @@ def vmap_learn(trainer: Trainer, n_updates: int, batched_state: Any) -> Callable
     return learn
 
 
+def envs_at_once(trainer: Trainer, batched_state: Any) -> int:
+    """Environments one vectorised step of `vmap_learn` over `batched_state` steps: seeds x num_envs
+    (what `xla.compiler_options` sizes its options by)."""
+    seeds = int(jax.tree.leaves(batched_state)[0].shape[0])
+    return seeds * int(getattr(trainer.config, "num_envs", 1))
+
+
 def batched_learner(trainer: Trainer) -> Callable[[Any, int], tuple[Any, Any]]:
     """`learn(batched_state, n_updates)`: `vmap_learn`, jitted once per `n_updates`."""
     compiled: dict[int, Callable[[Any], tuple[Any, Any]]] = {}
 
     def learn(state: Any, n_updates: int) -> tuple[Any, Any]:
         if n_updates not in compiled:
-            compiled[n_updates] = xla.jit(vmap_learn(trainer, n_updates, state))
+            compiled[n_updates] = xla.jit(
+                vmap_learn(trainer, n_updates, state), envs_at_once=envs_at_once(trainer, state)
+            )
         return compiled[n_updates](state)
 
     return learn
