@@ -454,10 +454,9 @@ class OurPoint:
         # options); --compiler-options off compiles with plain jax.jit for the ablation.
         from rlcx_jax import xla
 
-        # environments one vectorised step runs, what xla.compiler_options sizes its options by
-        envs = n_seeds * int(getattr(cfg, "num_envs", 1))
+        # the config decides whether this many seeds on one device compile with the fused-product options
         off = os.environ.get("RLCX_BENCH_COMPILER_OPTIONS") == "off"
-        self.compiler_options = {} if off else xla.compiler_options(envs_at_once=envs)
+        self.compiler_options = {} if off else xla.compiler_options(fused_products=cfg.fused_products(n_seeds))
         options = self.compiler_options or None
         # ours-sharded: the seed axis split over every device (one XLA:CPU device per core, forced with
         # XLA_FLAGS by the parent) with rlcx_jax.shard, as `rlcx train --seeds N` runs on several devices.
@@ -467,9 +466,9 @@ class OurPoint:
 
             mesh = shard.run_mesh()
             self.args = shard.place_rows((self.keys, self.hps), mesh)
-            envs_per_device = math.ceil(n_seeds / len(jax.devices())) * int(getattr(cfg, "num_envs", 1))
-            jitted = shard.jit_rows(jax.vmap(train), mesh, envs_per_device)  # always with rlcx_jax.xla's options
-            self.compiler_options = xla.compiler_options(envs_at_once=envs_per_device)
+            fused = cfg.fused_products(math.ceil(n_seeds / len(jax.devices())))  # seeds on one device
+            jitted = shard.jit_rows(jax.vmap(train), mesh, fused)  # always with rlcx_jax.xla's options
+            self.compiler_options = xla.compiler_options(fused_products=fused)
         else:
             self.args = (self.keys, self.hps)
             jitted = jax.jit(jax.vmap(train), compiler_options=options)

@@ -26,7 +26,7 @@ from rlcx_jax.cli import CLIError, compile_cache_dir
 from rlcx_jax.configs.compress import CompressOptions
 from rlcx_jax.configs.pipeline import Recipe
 from rlcx_jax.nets.policy import AGREEMENT_TOLERANCE, agreement_label
-from rlcx_jax.rl.common import envs_at_once, vmap_learn
+from rlcx_jax.rl.common import fused_products, vmap_learn
 from rlcx_jax.rl.evaluate import default_greedy, make_evaluator
 from rlcx_jax.workflows import meta_run, pipeline
 from rlcx_jax.workflows.compress_run import compress_run
@@ -114,7 +114,7 @@ def run_train(algorithm: str, args: Any, config: Any, hparams: Any, note: str | 
 
     def learn_fn(n: int) -> Any:
         if n not in compiled:
-            jitted = xla.jit(vmap_learn(trainer, n, abstract), envs_at_once=envs_at_once(trainer, abstract))
+            jitted = xla.jit(vmap_learn(trainer, n, abstract), fused_products=fused_products(trainer, abstract))
             lowered = timed("trace", lambda: jitted.lower(abstract))
             compiled[n] = timed("compile", lowered.compile)
         return compiled[n]

@@ -100,11 +100,12 @@ def gather(tree: Any) -> Any:
     return jax.tree.map(one, tree)
 
 
-def jit_rows(fn: Callable[..., Any], mesh: Mesh, envs_at_once: int | None = None) -> Any:
-    """`fn` jitted (rlcx_jax.xla options; `envs_at_once`: environments one device steps at once) with
+def jit_rows(fn: Callable[..., Any], mesh: Mesh, fused_products: bool = False) -> Any:
+    """`fn` jitted (rlcx_jax.xla options; `fused_products`: `TrainConfig.fused_products` for the seeds
+    one device trains) with
     every output split along its leading axis over `mesh`; inputs come split the same way from
     `place_rows`. `.lower(*placed).compile()` compiles ahead."""
-    return xla.jit(fn, envs_at_once=envs_at_once, out_shardings=NamedSharding(mesh, PartitionSpec(AXIS)))
+    return xla.jit(fn, fused_products=fused_products, out_shardings=NamedSharding(mesh, PartitionSpec(AXIS)))
 
 
 def place_rows(args: Any, mesh: Mesh) -> Any:

@@ -1,5 +1,5 @@
 """rlcx_jax.xla: the always-on compiler options change how programs run, never what they compute; the
-fused-product options (from 32 environments stepped at once) change only the last bits."""
+fused-product options (PPO and A2C from 32 environments stepped at once) change only the last bits."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import pytest
 from conftest import assert_trees_equal
 
 from rlcx_jax import xla
+from rlcx_jax.configs import algorithms
 from rlcx_jax.nets import NetConfig
 from rlcx_jax.rl import dqn, ppo
 
@@ -28,17 +29,23 @@ def test_cpu_backend_has_options_and_jit_passes_them(monkeypatch):
     xla.jit(lambda x: x + 1, compiler_options={"xla_cpu_enable_fast_math": False}, donate_argnums=())
     assert seen["compiler_options"] == {**xla.OPTIONS["cpu"], "xla_cpu_enable_fast_math": False}
     assert seen["donate_argnums"] == ()
-    xla.jit(lambda x: x + 1, envs_at_once=64)
+    xla.jit(lambda x: x + 1, fused_products=True)
     assert seen["compiler_options"] == {**xla.OPTIONS["cpu"], **xla.FUSED_DOT_OPTIONS["cpu"]}
 
 
-def test_fused_product_options_apply_from_32_environments_at_once():
+def test_fused_product_options_are_chosen_per_algorithm_and_size():
+    """PPO and A2C take the fused-product options from 32 environments stepped at once on one device;
+    REINFORCE and DQN never (slower with them, README "Throughput")."""
     base = dict(xla.OPTIONS["cpu"])
-    assert xla.compiler_options(envs_at_once=None) == base
-    assert xla.compiler_options(envs_at_once=xla.FUSED_DOT_MIN_ENVS - 1) == base
-    fused = xla.compiler_options(envs_at_once=xla.FUSED_DOT_MIN_ENVS)
-    assert fused == {**base, **xla.FUSED_DOT_OPTIONS["cpu"]} and fused != base
-    assert xla.compiler_options("tpu", envs_at_once=1024) == {}
+    fused = xla.compiler_options(fused_products=True)
+    assert xla.compiler_options() == base and fused == {**base, **xla.FUSED_DOT_OPTIONS["cpu"]} and fused != base
+    assert xla.compiler_options("tpu", fused_products=True) == {}
+    ppo_config = ppo.PPOConfig(num_envs=4)  # 4 x 8 = 32 environments at 8 seeds
+    assert not ppo_config.fused_products(1) and not ppo_config.fused_products(7) and ppo_config.fused_products(8)
+    a2c_config = algorithms.A2CConfig(num_envs=16)
+    assert not a2c_config.fused_products(1) and a2c_config.fused_products(2)
+    for config in (algorithms.ReinforceConfig(), algorithms.DQNConfig()):
+        assert not config.fused_products(1) and not config.fused_products(1024)
 
 
 @pytest.mark.parametrize(
@@ -79,7 +86,8 @@ def test_fused_product_options_train_to_the_same_values_up_to_rounding():
     train = jax.vmap(ppo.make_train(config), in_axes=(0, None))
     keys = jax.random.split(jax.random.PRNGKey(3), 8)
     plain = jax.jit(train)(keys, ppo.PPOHParams())
-    fused_jit = xla.jit(train, envs_at_once=8 * config.num_envs)
+    assert config.fused_products(8)
+    fused_jit = xla.jit(train, fused_products=True)
     fused = fused_jit(keys, ppo.PPOHParams())
     for a, b in zip(jax.tree.leaves(plain.state.params), jax.tree.leaves(fused.state.params)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)

@@ -276,11 +276,12 @@ def vmap_learn(trainer: Trainer, n_updates: int, batched_state: Any) -> Callable
     return learn
 
 
-def envs_at_once(trainer: Trainer, batched_state: Any) -> int:
-    """Environments one vectorised step of `vmap_learn` over `batched_state` steps: seeds x num_envs
-    (what `xla.compiler_options` sizes its options by)."""
-    seeds = int(jax.tree.leaves(batched_state)[0].shape[0])
-    return seeds * int(getattr(trainer.config, "num_envs", 1))
+def fused_products(trainer: Trainer, batched_state: Any) -> bool:
+    """Whether `vmap_learn` over `batched_state` compiles with `xla.FUSED_DOT_OPTIONS`: what the
+    trainer's config says for that many seeds (`TrainConfig.fused_products`; False for configs
+    without the method)."""
+    decide = getattr(trainer.config, "fused_products", None)
+    return bool(decide(int(jax.tree.leaves(batched_state)[0].shape[0]))) if callable(decide) else False
 
 
 def batched_learner(trainer: Trainer) -> Callable[[Any, int], tuple[Any, Any]]:
@@ -290,7 +291,7 @@ def batched_learner(trainer: Trainer) -> Callable[[Any, int], tuple[Any, Any]]:
     def learn(state: Any, n_updates: int) -> tuple[Any, Any]:
         if n_updates not in compiled:
             compiled[n_updates] = xla.jit(
-                vmap_learn(trainer, n_updates, state), envs_at_once=envs_at_once(trainer, state)
+                vmap_learn(trainer, n_updates, state), fused_products=fused_products(trainer, state)
             )
         return compiled[n_updates](state)
 
