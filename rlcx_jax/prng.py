@@ -18,6 +18,7 @@ Threefry-2x32-20: Salmon, Moraes, Dror & Shaw (2011), "Parallel random numbers: 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +27,7 @@ from jax.extend import random as jex_random
 
 from rlcx_jax.configs.base import PRNG_IMPLS
 
-__all__ = ["IMPLS", "THREEFRY", "jax_impl", "loop_free", "permutations", "threefry2x32_hash"]
+__all__ = ["IMPLS", "THREEFRY", "jax_impl", "loop_free", "normals", "permutations", "threefry2x32_hash"]
 
 _ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
 _PARITY = np.uint32(0x1BD11BDA)  # key-schedule constant of Threefry
@@ -148,3 +149,43 @@ def loop_free(key: jax.Array) -> jax.Array:
     if key.dtype != jnp.uint32 or key.shape[-1:] != (2,):
         return key  # not threefry key data: left to JAX's default handling
     return jax.random.wrap_key_data(key, impl=THREEFRY)
+
+
+def _threefry_words(key: jax.Array) -> jax.Array | None:
+    """The two uint32 key words of a threefry key (ours or JAX's: the same bits), else None."""
+    if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+        if str(jax.random.key_impl(key)) not in ("threefry2x32", "rfry"):
+            return None
+        return jax.random.key_data(key)
+    default = jax.config.jax_default_prng_impl  # type: ignore[attr-defined]
+    if default == "threefry2x32" and key.dtype == jnp.uint32 and key.shape == (2,):
+        return key  # raw key data, which JAX reads with its default implementation
+    return None
+
+
+def normals(keys: Sequence[jax.Array], shapes: Sequence[Sequence[int]]) -> list[jax.Array]:
+    """`[jax.random.normal(k, s, jnp.float32) for k, s in zip(keys, shapes)]`, bit for bit, as one draw.
+
+    Each `jax.random.normal` is a hash plus an inverse-error-function transform that XLA compiles
+    as its own kernel; a network initialiser draws one per layer, and those kernels are a visible
+    share of a training program's compile time. Here the 32-bit words of every draw are made at
+    once (for threefry keys one hash over all values, each with its own key words; other keys draw
+    their words with `jax.random.bits`) and transformed at once, as JAX does: u = max(lo, (f - 1)(1
+    - lo) + lo) with f the float in [1, 2) whose mantissa is the top 23 bits and lo = nextafter(-1,
+    0), then sqrt(2) erfinv(u). Tested against `jax.random.normal`."""
+    sizes = [math.prod(tuple(shape)) for shape in shapes]
+    words = [w for w in map(_threefry_words, keys) if w is not None]
+    if len(words) == len(keys):
+        k1, k2 = (jnp.concatenate([jnp.broadcast_to(w[i], (n,)) for w, n in zip(words, sizes)]) for i in (0, 1))
+        counters = jnp.asarray(np.concatenate([np.arange(n, dtype=np.uint32) for n in sizes]))
+        high, low = threefry2x32_hash(k1, k2, jnp.zeros_like(counters), counters)
+        bits = high ^ low
+    else:
+        bits = jnp.concatenate([jax.random.bits(k, (n,), jnp.uint32) for k, n in zip(keys, sizes)])
+    lo = np.nextafter(np.float32(-1.0), np.float32(0.0))
+    unit = jax.lax.bitcast_convert_type((bits >> np.uint32(9)) | np.uint32(0x3F800000), jnp.float32) - np.float32(1.0)
+    uniform = jax.lax.max(lo, unit * (np.float32(1.0) - lo) + lo)
+    # materialised once: left fusable, XLA copies the whole draw into each consumer of each slice
+    flat = jax.lax.optimization_barrier(np.float32(np.sqrt(2)) * jax.lax.erf_inv(uniform))
+    offsets = np.cumsum([0, *sizes])
+    return [flat[a:b].reshape(tuple(shape)) for a, b, shape in zip(offsets[:-1], offsets[1:], shapes)]

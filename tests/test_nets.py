@@ -11,7 +11,7 @@ import numpy as np
 import optax
 import pytest
 
-from rlcx_jax import envs, nets
+from rlcx_jax import envs, nets, prng
 from rlcx_jax.envs.normalize import init_stats
 from rlcx_jax.nets.policy import distribution, sample_action
 from rlcx_jax.rl import dqn
@@ -257,6 +257,61 @@ def test_orthogonal_init_matches_flax_reference(shape: tuple[int, ...]) -> None:
     batched = jax.jit(jax.vmap(lambda k: nets.orthogonal_init(1.4)(k, shape)))(keys)
     for i in range(3):
         np.testing.assert_allclose(np.asarray(batched[i]), np.asarray(nets.orthogonal_init(1.4)(keys[i], shape)), atol=2e-5)
+
+
+def _while_loops(fn, *args) -> int:
+    return jax.jit(fn).lower(*args).compile().as_text().count(" while(")
+
+
+def test_init_variables_makes_the_orthogonal_kernels_together() -> None:
+    """`init_variables` gives `module.init`'s parameters to float rounding (the same keys and normal
+    draws), biases and shapes exactly, with one Gram-Schmidt loop for the whole network where
+    `module.init` compiles one per kernel; it also works under vmap over keys."""
+    net = nets.make(nets.NetConfig(hidden=(64, 64)), (4,), nets.ActionSpec(discrete=True, num_actions=2))
+    obs = jnp.zeros((1, 4))
+    key = jax.random.PRNGKey(5)
+    ref = net.init(key, obs)["params"]
+    ours = nets.init_variables(net, key, obs)["params"]
+    assert jax.tree.structure(ours) == jax.tree.structure(ref)
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref)):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-6)
+        assert np.any(np.asarray(b) != 0) == np.any(np.asarray(a) != 0)  # kernels set, biases zero
+    kernels = len([p for p in jax.tree.leaves(ref) if p.ndim == 2])
+    assert kernels == 6
+    loop_free = prng.loop_free(key)  # training's keys: random draws without loops, only Gram-Schmidt loops left
+    # one loop per kernel, except the critic's one-column kernel, whose 1-trip loop XLA removes
+    assert _while_loops(lambda k: net.init(k, obs), loop_free) == kernels - 1
+    assert _while_loops(lambda k: nets.init_variables(net, k, obs), loop_free) == 1
+    keys = jax.random.split(key, 3)
+    batched = jax.vmap(lambda k: nets.init_variables(net, k, obs)["params"])(keys)
+    for i in range(3):
+        one = nets.init_variables(net, keys[i], obs)["params"]
+        for a, b in zip(jax.tree.leaves(batched), jax.tree.leaves(one)):
+            np.testing.assert_allclose(np.asarray(a[i]), np.asarray(b), rtol=0, atol=1e-6)
+
+
+def test_init_variables_with_per_task_kernels_and_a_changed_kernel() -> None:
+    """Multi-task heads (`TaskDense`, kernels made inside their own vmap) initialise as with
+    `module.init`; a module that stores something other than the drawn kernel is a one-line error."""
+    config = nets.NetConfig(hidden=(16,), num_tasks=3)
+    net = nets.make(config, (7,), nets.ActionSpec(discrete=True, num_actions=2))
+    obs = jnp.zeros((1, 7))
+    for a, b in zip(
+        jax.tree.leaves(nets.init_variables(net, jax.random.PRNGKey(1), obs)),
+        jax.tree.leaves(net.init(jax.random.PRNGKey(1), obs)),
+    ):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-6)
+
+    class Doubled(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            w = self.param("w", lambda k, s: 2.0 * nets.orthogonal_init()(k, s), (x.shape[-1], 3))
+            return x @ w
+
+    with pytest.raises(RuntimeError, match="did not return every orthogonal_init kernel"):
+        nets.init_variables(Doubled(), jax.random.PRNGKey(0), jnp.zeros((1, 4)))
+    assert Doubled().init(jax.random.PRNGKey(0), jnp.zeros((1, 4)))["params"]["w"].shape == (4, 3)
 
 
 # ----------------------------------------------------------------------------------------------

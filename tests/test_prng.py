@@ -121,3 +121,31 @@ def test_loop_free_keeps_the_numbers_of_a_threefry_key() -> None:
         )
     rbg = jax.random.key(5, impl="rbg")
     assert prng.loop_free(rbg) is rbg
+
+
+NORMAL_SHAPES = [(64, 4), (64, 64), (3,), (2, 5, 7), (1,)]
+NORMAL_KEYS = {
+    "raw": lambda i: jax.random.PRNGKey(i),
+    "threefry": lambda i: jax.random.key(i, impl="threefry2x32"),
+    "ours": lambda i: jax.random.wrap_key_data(jax.random.key_data(jax.random.PRNGKey(i)), impl=prng.THREEFRY),
+    "rbg": lambda i: jax.random.key(i, impl="rbg"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(NORMAL_KEYS))
+def test_normals_are_jax_normal_draws_bit_for_bit(kind: str) -> None:
+    """`normals` (one draw for many keys and shapes) gives each `jax.random.normal(k, s)` exactly,
+    eagerly, under jit and under vmap over a batch of key sets; for threefry keys through one hash."""
+    keys = [NORMAL_KEYS[kind](i) for i in range(len(NORMAL_SHAPES))]
+    expected = [np.asarray(jax.random.normal(k, s, jnp.float32)) for k, s in zip(keys, NORMAL_SHAPES)]
+    eager = prng.normals(keys, NORMAL_SHAPES)
+    jitted = jax.jit(lambda ks: prng.normals(ks, NORMAL_SHAPES))(keys)
+    for ours, more, ref, shape in zip(eager, jitted, expected, NORMAL_SHAPES):
+        assert ours.shape == shape and ours.dtype == jnp.float32
+        np.testing.assert_array_equal(np.asarray(ours), ref)
+        np.testing.assert_array_equal(np.asarray(more), ref)
+    batch = [jnp.stack([NORMAL_KEYS[kind](10 * i + j) for j in range(3)]) for i in range(len(NORMAL_SHAPES))]
+    vmapped = jax.vmap(lambda *ks: prng.normals(ks, NORMAL_SHAPES))(*batch)
+    for ours, ks, shape in zip(vmapped, batch, NORMAL_SHAPES):  # rbg's bits under vmap are JAX's vmapped ones
+        np.testing.assert_array_equal(np.asarray(ours), np.asarray(jax.vmap(lambda k: jax.random.normal(k, shape))(ks)))
+    assert (prng._threefry_words(keys[0]) is None) == (kind == "rbg")

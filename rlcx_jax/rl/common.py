@@ -182,7 +182,7 @@ def init_train_state(agent: Agent, key: jax.Array, hparams: Any, env_params: Any
     env_params = agent.env_params if env_params is None else env_params
     hparams = hparams.replace(ext=complete_ext_hparams(config.extensions, hparams.ext))
     key, (key_net, key_env) = next_keys(jax.random.key_data(seed_key(key, config.prng_impl)), config.prng_impl, 2)
-    params = agent.network.init(key_net, jnp.zeros((1,) + agent.obs_shape, jnp.float32))["params"]
+    params = nets.init_variables(agent.network, key_net, jnp.zeros((1,) + agent.obs_shape, jnp.float32))["params"]
     key_ext = jax.random.fold_in(key_net, 1)
     ext_state = {
         e.name: e.init_state(jax.random.fold_in(key_ext, i), params, hparams.ext[e.name])
