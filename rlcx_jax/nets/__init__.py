@@ -180,10 +180,13 @@ def _gram_schmidt_q(a: jax.Array) -> jax.Array:
     deadlock: a vmapped `train` then waits forever in `block_until_ready` with every thread idle.
     """
 
+    def project_out(q: jax.Array, v: jax.Array) -> jax.Array:  # v - Q (Q^T v), per matrix of the stack
+        coefficients = jax.lax.dot_general(q, v, (((1,), (1,)), ((0,), (0,))))  # [k, n]
+        return v - jax.lax.dot_general(q, coefficients, (((2,), (1,)), ((0,), (0,))))  # [k, m]
+
     def column(j: jax.Array, q: jax.Array) -> jax.Array:
         v = jax.lax.dynamic_index_in_dim(a, j, axis=-1, keepdims=False)  # [k, m]; columns >= j of q are 0
-        v = v - jnp.einsum("kmn,kn->km", q, jnp.einsum("kmn,km->kn", q, v))
-        v = v - jnp.einsum("kmn,kn->km", q, jnp.einsum("kmn,km->kn", q, v))
+        v = project_out(q, project_out(q, v))
         norm = jnp.linalg.norm(v, axis=-1, keepdims=True)
         return jax.lax.dynamic_update_index_in_dim(q, v / jnp.where(norm > 0, norm, 1.0), j, axis=-1)
 
