@@ -49,11 +49,7 @@ def sample(repo: Path, algo: str, n_seeds: int, total: int, runs: int) -> dict:
     code = PROBE.format(
         bench=str(repo / "benchmarks"), repo=str(repo), algo=algo, n_seeds=n_seeds, total=total, runs=runs
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=1800)
-    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
-    if out.returncode or not lines:
-        raise SystemExit(f"{repo} {algo} x{n_seeds} failed:\n{out.stderr[-3000:]}")
-    return json.loads(lines[-1][len("RESULT ") :])
+    return throughput.probe(sys.executable, code, f"{repo} {algo} x{n_seeds}", timeout_s=1800)
 
 
 def main(argv: list[str] | None = None) -> dict:

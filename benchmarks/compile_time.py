@@ -18,7 +18,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -46,11 +45,7 @@ def sample(side: str, algo: str, n_seeds: int, total: int) -> dict:
     python = sys.executable if side == "ours" else str(throughput.venv_python(throughput.REJAX_VENV))
     env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
     code = PROBE.format(here=str(HERE), module=module, cls=cls, algo=algo, n_seeds=n_seeds, total=total)
-    out = subprocess.run([python, "-c", code], capture_output=True, text=True, env=env, timeout=900)
-    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
-    if out.returncode or not lines:
-        raise SystemExit(f"{side} {algo} x{n_seeds} failed:\n{out.stderr[-3000:]}")
-    return json.loads(lines[-1][len("RESULT "):])
+    return throughput.probe(python, code, f"{side} {algo} x{n_seeds}", env=env, timeout_s=900)
 
 
 def main(argv: list[str] | None = None) -> dict:

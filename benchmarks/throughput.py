@@ -257,6 +257,16 @@ def contention(busy0: float | None, cpu0: float, run_s: float) -> dict:
 # ----------------------------------------------------------------------------------------------
 # The rejax side: venv + worker subprocess
 # ----------------------------------------------------------------------------------------------
+def probe(python: str, code: str, what: str, env: dict[str, str] | None = None, timeout_s: float = 900) -> dict:
+    """Run `code` in a fresh `python` process and return the JSON of its last `RESULT ` line (what
+    compile_time.py and against_commit.py sample); a failed process ends the benchmark naming `what`."""
+    out = subprocess.run([python, "-c", code], capture_output=True, text=True, env=env, timeout=timeout_s)
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
+    if out.returncode or not lines:
+        raise SystemExit(f"{what} failed:\n{out.stderr[-3000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
 def rejax_pins(override: list[str] | None) -> list[str]:
     pins = dict(REJAX_PINS)
     for name, fallback in SHARED_FALLBACK_PINS.items():
