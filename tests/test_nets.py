@@ -314,6 +314,31 @@ def test_init_variables_with_per_task_kernels_and_a_changed_kernel() -> None:
     assert Doubled().init(jax.random.PRNGKey(0), jnp.zeros((1, 4)))["params"]["w"].shape == (4, 3)
 
 
+def test_applying_a_network_traces_each_kernel_shape_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """flax checks each parameter's shape on every `apply` by tracing its initializer under
+    `jax.eval_shape`; `orthogonal_init` is jitted, so those checks trace the kernel computation
+    once per (shape, gain), not once per layer and apply."""
+    traced: list[tuple[int, ...]] = []
+    inner = nets._orthogonal_kernels
+
+    def counting(keys, shapes, scales, dtypes):
+        traced.extend(tuple(s) for s in shapes)
+        return inner(keys, shapes, scales, dtypes)
+
+    monkeypatch.setattr(nets, "_orthogonal_kernels", counting)
+    nets._orthogonal_kernel.clear_cache()
+    net = nets.make(nets.NetConfig(hidden=(64, 64)), (4,), nets.ActionSpec(discrete=True, num_actions=2))
+    obs = jnp.zeros((1, 4))
+    params = nets.init_variables(net, jax.random.PRNGKey(0), obs)
+    assert len(traced) == 6  # the deferred draw: all six kernels in one call
+    traced.clear()
+    for _ in range(3):  # every apply checks every layer's kernel
+        jax.make_jaxpr(lambda p, o: net.apply(p, o))(params, obs)
+    # torso (4, 64) and (64, 64) at gain sqrt 2, policy head (64, 2) at 0.01, value head (64, 1) at 1
+    assert sorted(traced) == [(4, 64), (64, 1), (64, 2), (64, 64)]
+    nets._orthogonal_kernel.clear_cache()
+
+
 # ----------------------------------------------------------------------------------------------
 # The dueling Q-network (NetConfig.dueling): Q = V + A - mean_a A
 # ----------------------------------------------------------------------------------------------

