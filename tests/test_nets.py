@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import threading
 
 import flax.linen as nn
 import jax
@@ -312,6 +313,37 @@ def test_init_variables_with_per_task_kernels_and_a_changed_kernel() -> None:
     with pytest.raises(RuntimeError, match="did not return every orthogonal_init kernel"):
         nets.init_variables(Doubled(), jax.random.PRNGKey(0), jnp.zeros((1, 4)))
     assert Doubled().init(jax.random.PRNGKey(0), jnp.zeros((1, 4)))["params"]["w"].shape == (4, 3)
+
+
+def test_init_variables_in_two_threads_at_once() -> None:
+    """Two `init_variables` passes in progress at the same time in two threads (both wait inside
+    their init pass until the other arrives) each get their own kernels."""
+    barrier = threading.Barrier(2, timeout=60)
+
+    class Meeting(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = nn.Dense(5, kernel_init=nets.orthogonal_init(1.0))(x)
+            barrier.wait()  # the other thread is now inside its own pass
+            return nn.Dense(3, kernel_init=nets.orthogonal_init(2.0))(x)
+
+    obs = jnp.zeros((1, 4))
+    results: dict[int, object] = {}
+
+    def run(seed: int) -> None:
+        results[seed] = nets.init_variables(Meeting(), jax.random.PRNGKey(seed), obs)
+
+    threads = [threading.Thread(target=run, args=(seed,)) for seed in (1, 2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results) == [1, 2]
+    barrier = threading.Barrier(1)  # alone from here on
+    for seed, variables in results.items():
+        ref = Meeting().init(jax.random.PRNGKey(seed), obs)
+        for a, b in zip(jax.tree.leaves(variables), jax.tree.leaves(ref)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-6)
 
 
 def test_applying_a_network_traces_each_kernel_shape_once(monkeypatch: pytest.MonkeyPatch) -> None:

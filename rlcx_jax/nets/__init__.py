@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -233,8 +234,8 @@ def orthogonal_init(scale: float = 1.0) -> Callable[..., jax.Array]:
     with every other one."""
 
     def init(key: jax.Array, shape: Sequence[int], dtype: Any = jnp.float32) -> jax.Array:
-        if _DEFERRED:
-            return _DEFERRED[-1].add(key, tuple(shape), scale, dtype)
+        if _DEFERRED.passes:
+            return _DEFERRED.passes[-1].add(key, tuple(shape), scale, dtype)
         return _orthogonal_kernel(key, tuple(shape), float(scale), dtype)
 
     return init
@@ -259,7 +260,15 @@ class _Deferred:
         return {id(p): k for p, k in zip(self.placeholders, made)}
 
 
-_DEFERRED: list[_Deferred] = []  # the `init_variables` passes in progress (trace time only)
+class _DeferredPasses(threading.local):
+    """The `init_variables` passes in progress in this thread (trace time only): per thread, so
+    networks initialised in two threads at once never collect each other's kernels."""
+
+    def __init__(self) -> None:
+        self.passes: list[_Deferred] = []
+
+
+_DEFERRED = _DeferredPasses()
 
 
 def init_variables(module: nn.Module, key: jax.Array, *args: Any, **kwargs: Any) -> Any:
@@ -269,11 +278,11 @@ def init_variables(module: nn.Module, key: jax.Array, *args: Any, **kwargs: Any)
     differently, by about 1e-8), and PPO's CartPole training program compiles about 0.45 s (11%)
     faster on a 2-core CPU. Training initialises its networks through this."""
     deferred = _Deferred()
-    _DEFERRED.append(deferred)
+    _DEFERRED.passes.append(deferred)
     try:
         variables = module.init(key, *args, **kwargs)
     finally:
-        _DEFERRED.pop()
+        _DEFERRED.passes.pop()
     if not deferred.placeholders:
         return variables
     kernels = deferred.kernels()
