@@ -3,7 +3,7 @@
 JAX lowers its threefry hash on CPU as a 5-iteration `while` loop (to keep compile time down for
 programs with many random calls). In an RL rollout every environment step draws random numbers
 (action sampling, gymnax's automatic reset), so each step pays several tiny loops of a dozen
-kernels each. `THREEFRY` below is the same generator written in `jax.numpy`: 20 rounds unrolled,
+kernels each. `THREEFRY` below is the same generator written in `lax` ops: 20 rounds unrolled,
 which XLA fuses into one kernel per call site. Measured on a 2-core CPU, PPO on CartPole runs
 about 1.1x faster and compiles faster (docs/architecture.md, Conventions, "Random numbers").
 
