@@ -129,24 +129,36 @@ def prepare_output_dir(
     spec_file: str = CONFIG_FILE,
     what: str = "run",
     resume_needs_spec: bool = True,
+    normalize: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
 ) -> bool:
     """Create or check an output directory described by `spec_file` (its settings as JSON); True when
     resuming.
 
-    resume: the stored settings must equal `spec_json` (one-line error otherwise; with
-    `resume_needs_spec=False` a directory without them starts afresh). Otherwise the directory must be
-    empty or absent (`overwrite` empties it), and the settings are written atomically."""
+    resume: the stored settings must equal `spec_json` (one-line error naming the first differences
+    otherwise; with `resume_needs_spec=False` a directory without them starts afresh). `normalize`
+    rebuilds the stored settings with this version's code first (e.g. `RunSpec.from_json(d).to_json()`),
+    so a directory written before a setting existed resumes with that setting's default; the file is
+    then rewritten in full. Otherwise the directory must be empty or absent (`overwrite` empties it),
+    and the settings are written atomically."""
     check_directory_path(out_dir)
-    spec_json = json.loads(json.dumps(spec_json))  # tuples as lists, as read back
+    spec_json = _as_read_back(spec_json)
     path = out_dir / spec_file
     if resume and (path.is_file() or resume_needs_spec):
         if not path.is_file():
             raise CheckpointError(f"--resume: no {what} in {out_dir} ({spec_file} missing)")
-        if json.loads(path.read_text()) != spec_json:
+        stored = json.loads(path.read_text())
+        if normalize is not None:
+            try:
+                stored = _as_read_back(normalize(stored))
+            except (KeyError, TypeError, ValueError):  # CheckpointError and ConfigError are ValueErrors
+                pass  # not readable by this version: compared as stored, and the difference named
+        if stored != spec_json:
             raise CheckpointError(
-                f"--resume: the settings differ from the {what} in {out_dir}; "
+                f"--resume: the settings differ from the {what} in {out_dir} ({json_differences(stored, spec_json)}); "
                 f"pass the same flags as the original run (see its {spec_file})"
             )
+        if json.loads(path.read_text()) != spec_json:
+            atomic_write_text(path, json.dumps(spec_json, indent=2) + "\n")  # with the settings added since
         return True
     if out_dir.exists() and any(out_dir.iterdir()):
         if not overwrite:
@@ -157,11 +169,44 @@ def prepare_output_dir(
     return False
 
 
-def prepare_run_dir(run_dir: pathlib.Path, spec_json: dict[str, Any], resume: bool, overwrite: bool, what: str) -> int:
+def _as_read_back(data: Any) -> Any:
+    return json.loads(json.dumps(data))  # tuples as lists, as read back from a file
+
+
+def json_differences(stored: Any, current: Any, limit: int = 3) -> str:
+    """The first `limit` places where two JSON values differ, as "path: stored -> current"."""
+    found: list[str] = []
+    absent = object()
+    show = lambda x: "(absent)" if x is absent else json.dumps(x)  # noqa: E731
+
+    def walk(a: Any, b: Any, where: str) -> None:
+        if len(found) >= limit or a == b:
+            return
+        if isinstance(a, dict) and isinstance(b, dict):
+            for key in sorted(set(a) | set(b)):
+                walk(a.get(key, absent), b.get(key, absent), f"{where}.{key}" if where else str(key))
+        elif isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+            for i, (x, y) in enumerate(zip(a, b)):
+                walk(x, y, f"{where}[{i}]")
+        else:
+            found.append(f"{where or 'settings'}: {show(a)} -> {show(b)}")
+
+    walk(stored, current, "")
+    return "; ".join(found)
+
+
+def prepare_run_dir(
+    run_dir: pathlib.Path,
+    spec_json: dict[str, Any],
+    resume: bool,
+    overwrite: bool,
+    what: str,
+    normalize: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+) -> int:
     """`prepare_output_dir` for a directory of checkpoints and metrics rows; the number of updates
     already done. On resume, half-written and broken checkpoints are moved out of the way and the
     metrics rows past the newest intact checkpoint are dropped."""
-    if not prepare_output_dir(run_dir, spec_json, resume, overwrite, what=what):
+    if not prepare_output_dir(run_dir, spec_json, resume, overwrite, what=what, normalize=normalize):
         return 0
     from rlcx_jax import logging as rlog
 

@@ -80,6 +80,12 @@ def _print_table(title: str, returns: np.ndarray, extra: dict[str, str]) -> None
         console.print(f"{k}: {v}")
 
 
+def _stored_spec_now(stored: dict[str, Any]) -> dict[str, Any]:
+    """A run directory's stored settings as this version writes them (settings added since filled in
+    with their defaults), for the --resume comparison."""
+    return checkpoint.RunSpec.from_json(stored).to_json()
+
+
 def run_train(algorithm: str, args: Any, config: Any, hparams: Any, note: str | None = None) -> dict[str, Any]:
     """Train `config` / `hparams` (validated by the CLI) for `args.seeds` seeds in chunks; `note` (the
     preset used) is printed once the environment is built."""
@@ -97,7 +103,9 @@ def run_train(algorithm: str, args: Any, config: Any, hparams: Any, note: str | 
     run_spec = checkpoint.RunSpec(algorithm, config, hparams, args.seeds, args.seed, chunk_updates)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     run_dir = pathlib.Path(args.out or f"runs/{algorithm}-{config.env}-{stamp}")
-    done = checkpoint.prepare_run_dir(run_dir, run_spec.to_json(), args.resume, args.overwrite, "run")
+    done = checkpoint.prepare_run_dir(
+        run_dir, run_spec.to_json(), args.resume, args.overwrite, "run", normalize=_stored_spec_now
+    )
 
     # TRACE AND COMPILE, timed apart from running (XLA compilation is what the persistent cache saves;
     # tracing and lowering the Python program happen in every process)

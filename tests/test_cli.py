@@ -248,6 +248,32 @@ def test_resume_with_other_settings_is_refused(full_run: pathlib.Path, capsys) -
     assert "settings differ" in capsys.readouterr().err
 
 
+def test_resume_fills_settings_added_since_the_run_was_written(tmp_path: pathlib.Path) -> None:
+    """A run directory written before a setting existed resumes with that setting's default, and its
+    config.json is rewritten in full; a real difference is refused, naming the setting."""
+    from rlcx_jax import checkpoint
+    from rlcx_jax.rl import ppo
+    from rlcx_jax.runs import _stored_spec_now
+
+    spec = checkpoint.RunSpec("ppo", ppo.PPOConfig(), ppo.PPOHParams(), 2, 0, 10).to_json()
+    run_dir = tmp_path / "run"
+    assert checkpoint.prepare_run_dir(run_dir, spec, False, False, "run", normalize=_stored_spec_now) == 0
+    path = run_dir / checkpoint.CONFIG_FILE
+    older = json.loads(path.read_text())
+    del older["config"]["net"]["dueling"]  # as a version before NetConfig.dueling wrote it
+    path.write_text(json.dumps(older))
+    with pytest.raises(checkpoint.CheckpointError, match=r"\(config\.net\.dueling: \(absent\) -> false\)"):
+        checkpoint.prepare_run_dir(run_dir, spec, True, False, "run")  # compared as stored
+    assert checkpoint.prepare_run_dir(run_dir, spec, True, False, "run", normalize=_stored_spec_now) == 0
+    assert json.loads(path.read_text()) == json.loads(json.dumps(spec))
+    with pytest.raises(checkpoint.CheckpointError, match=r"\(num_seeds: 2 -> 3; seed: 0 -> 1\)"):
+        checkpoint.prepare_run_dir(run_dir, {**spec, "seed": 1, "num_seeds": 3}, True, False, "run")
+    broken = {**older, "config": {**older["config"], "no_such_setting": 1}}
+    path.write_text(json.dumps(broken))  # unreadable by this version: compared as stored
+    with pytest.raises(checkpoint.CheckpointError, match=r"config\.no_such_setting: 1 -> \(absent\)"):
+        checkpoint.prepare_run_dir(run_dir, spec, True, False, "run", normalize=_stored_spec_now)
+
+
 def test_eval_of_mismatched_checkpoint_is_clear(full_run: pathlib.Path, tmp_path: pathlib.Path, capsys) -> None:
     import shutil
 
