@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from rlcx_jax import nets
-from rlcx_jax.seams import BuildContext, Extension, ExtrasFn, LossTerm, Params, register_extension
+from rlcx_jax.seams import BuildContext, Extension, ExtrasFn, LossTerm, Params, make_apply, register_extension
 
 __all__ = [
     "MAP_KINDS",
@@ -172,7 +172,7 @@ class AttentionTransfer(Extension):
     def extras(self, ctx: BuildContext) -> ExtrasFn:
         head = self.teacher_head()
         teacher = nets.make(self.teacher_net, ctx.obs_shape, ctx.action_spec, head=head)
-        teacher_apply = _bare_apply(teacher)
+        teacher_apply = make_apply(teacher)  # no hooks: the teacher's own forward pass
 
         def teacher_maps(teacher_params: Params, hparams: AttentionTransferHParams, batch: Any) -> jax.Array:
             if not teacher_params:
@@ -208,13 +208,6 @@ def _pools_by_attention(cfg: nets.NetConfig) -> bool:
 
 def _head_of(network: Any) -> str:
     return next(name for name, cls in nets.HEADS.items() if isinstance(network, cls))
-
-
-def _bare_apply(network: Any) -> Any:
-    def apply(params: Params, *inputs: Any, **kwargs: Any) -> Any:
-        return network.apply({"params": params}, *inputs, **kwargs)
-
-    return apply
 
 
 def with_teacher(state: Any, teacher_params: Params) -> Any:
