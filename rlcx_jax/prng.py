@@ -54,8 +54,8 @@ def threefry2x32_hash(k1: jax.Array, k2: jax.Array, x1: jax.Array, x2: jax.Array
     between (13, 15, 26, 6) and (17, 29, 16, 24); after block i (0-based) the key schedule adds
     ks[(i+1) % 3] to x1 and ks[(i+2) % 3] + i + 1 to x2, where ks = (k1, k2, k1 ^ k2 ^ 0x1BD11BDA).
     Keys broadcast against the counters. Written in `lax` ops, not `jax.numpy` operators: each of
-    the ~110 operations is then one primitive bind instead of a `jax.numpy` call, and a training
-    program traces and lowers its dozen or so hashes about 0.05 s faster.
+    the ~110 operations is then one primitive bind instead of a `jax.numpy` call, and PPO's training
+    program (14 hashes) traces and lowers about 0.09 s faster on a 2-core CPU.
     """
     shape = tuple(jnp.broadcast_shapes(jnp.shape(k1), jnp.shape(k2), jnp.shape(x1), jnp.shape(x2)))
     k1, k2 = _broadcast(k1, shape), _broadcast(k2, shape)

@@ -223,7 +223,7 @@ def _orthogonal_kernel(key: jax.Array, shape: tuple[int, ...], scale: float, dty
     """One orthogonal kernel, jitted like jax.random's samplers: flax checks every parameter's shape
     on each `apply` by tracing its initializer under `jax.eval_shape`, and a jitted initializer is
     traced once per (key type, shape, gain, dtype) instead of on every check (PPO's CartPole
-    program checks 18 kernels; untraced again, it lowers about 0.15 s faster on a 2-core CPU)."""
+    program checks 18 kernels of 4 shapes: about 0.15 s less tracing on a 2-core CPU)."""
     return _orthogonal_kernels([key], [shape], [scale], [dtype])[0]
 
 
