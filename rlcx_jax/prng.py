@@ -28,7 +28,7 @@ from jax.extend import random as jex_random
 
 from rlcx_jax.configs.base import PRNG_IMPLS
 
-__all__ = ["IMPLS", "THREEFRY", "jax_impl", "loop_free", "padded_normals", "permutations", "threefry2x32_hash"]
+__all__ = ["IMPLS", "THREEFRY", "jax_impl", "loop_free", "normals", "permutations", "threefry2x32_hash"]
 
 _ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
 _PARITY = np.uint32(0x1BD11BDA)  # key-schedule constant of Threefry
@@ -178,48 +178,29 @@ def _threefry_words(key: jax.Array) -> jax.Array | None:
     return None
 
 
-def padded_normals(
-    keys: Sequence[jax.Array], shapes: Sequence[Sequence[int]], padded_shape: Sequence[int]
-) -> jax.Array:
-    """Normal draws for many keys as one array [len(keys), *padded_shape]: entry i holds
-    `jax.random.normal(keys[i], shapes[i], jnp.float32)` bit for bit in its leading corner
-    (`out[i][:s0, :s1, ...]`) and zeros elsewhere. Every shape has `padded_shape`'s rank and fits in it.
+def normals(keys: Sequence[jax.Array], shapes: Sequence[Sequence[int]]) -> list[jax.Array]:
+    """`[jax.random.normal(k, s, jnp.float32) for k, s in zip(keys, shapes)]`, bit for bit, as one draw.
 
     Each `jax.random.normal` is a hash plus an inverse-error-function transform that XLA compiles
     as its own kernel; a network initialiser draws one per layer, and those kernels are a visible
-    share of a training program's compile time. Here every value is one element of one elementwise
-    computation: for threefry keys one hash in which element (i, j...) takes key i's words and the
-    counter of j in `shapes[i]` (its row-major index), for other keys `jax.random.bits` per key;
-    then JAX's transform: u = max(lo, (f - 1)(1 - lo) + lo) with f the float in [1, 2) whose
-    mantissa is the top 23 bits and lo = nextafter(-1, 0), then sqrt(2) erfinv(u). One array, not
-    one slice per key: XLA fuses an elementwise producer into each of its consumers, and slices of
-    one draw recompute the whole hash and transform in every slice's kernel. Tested against
-    `jax.random.normal`."""
-    padded_shape = tuple(int(d) for d in padded_shape)
-    shapes = [tuple(int(d) for d in shape) for shape in shapes]
-    for shape in shapes:
-        if len(shape) != len(padded_shape) or any(d > p for d, p in zip(shape, padded_shape)):
-            raise ValueError(f"shape {shape} does not fit in the padded shape {padded_shape}")
-    if math.prod(padded_shape) >= 2**32:
-        raise NotImplementedError(f"more than 2**32 random values in one call ({padded_shape})")
-    full = (len(shapes),) + padded_shape
-    inside = jnp.ones(full, bool)
-    counters = jnp.zeros(full, jnp.uint32)
-    for axis in range(len(padded_shape)):  # counter = sum over axes of index * row-major stride
-        size = np.asarray([shape[axis] for shape in shapes], np.uint32).reshape((-1,) + (1,) * len(padded_shape))
-        stride = np.asarray([math.prod(shape[axis + 1 :]) for shape in shapes], np.uint32).reshape(size.shape)
-        index = jax.lax.broadcasted_iota(jnp.uint32, full, axis + 1)
-        inside = inside & (index < size)
-        counters = counters + index * stride
+    share of a training program's compile time. Here the 32-bit words of every draw are made at
+    once (for threefry keys one hash over all values, each with its own key words; other keys draw
+    their words with `jax.random.bits`) and transformed at once, as JAX does: u = max(lo, (f - 1)(1
+    - lo) + lo) with f the float in [1, 2) whose mantissa is the top 23 bits and lo = nextafter(-1,
+    0), then sqrt(2) erfinv(u). Tested against `jax.random.normal`."""
+    sizes = [math.prod(tuple(shape)) for shape in shapes]
     words = [w for w in map(_threefry_words, keys) if w is not None]
     if len(words) == len(keys):
-        k1, k2 = (jnp.stack([w[i] for w in words]).reshape((-1,) + (1,) * len(padded_shape)) for i in (0, 1))
+        k1, k2 = (jnp.concatenate([jnp.broadcast_to(w[i], (n,)) for w, n in zip(words, sizes)]) for i in (0, 1))
+        counters = jnp.asarray(np.concatenate([np.arange(n, dtype=np.uint32) for n in sizes]))
         high, low = threefry2x32_hash(k1, k2, jnp.zeros_like(counters), counters)
         bits = high ^ low
     else:
-        pad = lambda x, shape: jnp.pad(x, [(0, p - d) for d, p in zip(shape, padded_shape)])  # noqa: E731
-        bits = jnp.stack([pad(jax.random.bits(k, shape, jnp.uint32), shape) for k, shape in zip(keys, shapes)])
+        bits = jnp.concatenate([jax.random.bits(k, (n,), jnp.uint32) for k, n in zip(keys, sizes)])
     lo = np.nextafter(np.float32(-1.0), np.float32(0.0))
     unit = jax.lax.bitcast_convert_type((bits >> np.uint32(9)) | np.uint32(0x3F800000), jnp.float32) - np.float32(1.0)
     uniform = jax.lax.max(lo, unit * (np.float32(1.0) - lo) + lo)
-    return jnp.where(inside, np.float32(np.sqrt(2)) * jax.lax.erf_inv(uniform), np.float32(0.0))
+    # materialised once: left fusable, XLA copies the whole draw into each consumer of each slice
+    flat = jax.lax.optimization_barrier(np.float32(np.sqrt(2)) * jax.lax.erf_inv(uniform))
+    offsets = np.cumsum([0, *sizes])
+    return [flat[a:b].reshape(tuple(shape)) for a, b, shape in zip(offsets[:-1], offsets[1:], shapes)]

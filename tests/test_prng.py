@@ -123,8 +123,7 @@ def test_loop_free_keeps_the_numbers_of_a_threefry_key() -> None:
     assert prng.loop_free(rbg) is rbg
 
 
-NORMAL_SHAPES = [(64, 4), (64, 64), (3, 1), (5, 7), (1, 64)]
-PADDED = (70, 64)
+NORMAL_SHAPES = [(64, 4), (64, 64), (3,), (2, 5, 7), (1,)]
 NORMAL_KEYS = {
     "raw": lambda i: jax.random.PRNGKey(i),
     "threefry": lambda i: jax.random.key(i, impl="threefry2x32"),
@@ -133,59 +132,20 @@ NORMAL_KEYS = {
 }
 
 
-def _corners(padded: np.ndarray, shapes: list[tuple[int, ...]]) -> list[np.ndarray]:
-    """Each entry's leading corner of `shapes[i]`, after checking that everything else is 0."""
-    corners = []
-    for entry, shape in zip(np.asarray(padded), shapes):
-        corner = tuple(slice(0, d) for d in shape)
-        rest = entry.copy()
-        rest[corner] = 0.0
-        assert not rest.any(), f"nonzero padding around {shape}"
-        corners.append(entry[corner])
-    return corners
-
-
 @pytest.mark.parametrize("kind", sorted(NORMAL_KEYS))
-def test_padded_normals_are_jax_normal_draws_bit_for_bit(kind: str) -> None:
-    """`padded_normals` (one draw for many keys and shapes) holds each `jax.random.normal(k, s)`
-    exactly in its entry's corner, zeros elsewhere, eagerly, under jit and under vmap over a batch of
-    key sets; for threefry keys through one hash."""
+def test_normals_are_jax_normal_draws_bit_for_bit(kind: str) -> None:
+    """`normals` (one draw for many keys and shapes) gives each `jax.random.normal(k, s)` exactly,
+    eagerly, under jit and under vmap over a batch of key sets; for threefry keys through one hash."""
     keys = [NORMAL_KEYS[kind](i) for i in range(len(NORMAL_SHAPES))]
     expected = [np.asarray(jax.random.normal(k, s, jnp.float32)) for k, s in zip(keys, NORMAL_SHAPES)]
-    eager = prng.padded_normals(keys, NORMAL_SHAPES, PADDED)
-    jitted = jax.jit(lambda ks: prng.padded_normals(ks, NORMAL_SHAPES, PADDED))(keys)
-    for out in (eager, jitted):
-        assert out.shape == (len(keys),) + PADDED and out.dtype == jnp.float32
-        for ours, ref in zip(_corners(out, NORMAL_SHAPES), expected):
-            np.testing.assert_array_equal(ours, ref)
+    eager = prng.normals(keys, NORMAL_SHAPES)
+    jitted = jax.jit(lambda ks: prng.normals(ks, NORMAL_SHAPES))(keys)
+    for ours, more, ref, shape in zip(eager, jitted, expected, NORMAL_SHAPES):
+        assert ours.shape == shape and ours.dtype == jnp.float32
+        np.testing.assert_array_equal(np.asarray(ours), ref)
+        np.testing.assert_array_equal(np.asarray(more), ref)
     batch = [jnp.stack([NORMAL_KEYS[kind](10 * i + j) for j in range(3)]) for i in range(len(NORMAL_SHAPES))]
-    vmapped = jax.vmap(lambda *ks: prng.padded_normals(ks, NORMAL_SHAPES, PADDED))(*batch)
-    for j in range(3):  # rbg's bits under vmap are JAX's vmapped ones
-        for ours, ks, shape in zip(_corners(vmapped[j], NORMAL_SHAPES), batch, NORMAL_SHAPES):
-            np.testing.assert_array_equal(ours, np.asarray(jax.vmap(lambda k: jax.random.normal(k, shape))(ks))[j])
+    vmapped = jax.vmap(lambda *ks: prng.normals(ks, NORMAL_SHAPES))(*batch)
+    for ours, ks, shape in zip(vmapped, batch, NORMAL_SHAPES):  # rbg's bits under vmap are JAX's vmapped ones
+        np.testing.assert_array_equal(np.asarray(ours), np.asarray(jax.vmap(lambda k: jax.random.normal(k, shape))(ks)))
     assert (prng._threefry_words(keys[0]) is None) == (kind == "rbg")
-
-
-def test_padded_normals_in_other_ranks_and_bad_shapes() -> None:
-    """Any rank (counters are row-major indices within each shape); a shape of another rank or larger
-    than the padding is a one-line error."""
-    keys = [jax.random.PRNGKey(i) for i in range(3)]
-    shapes = [(2, 3, 4), (1, 1, 1), (3, 3, 2)]
-    out = prng.padded_normals(keys, shapes, (3, 3, 4))
-    for ours, k, shape in zip(_corners(out, shapes), keys, shapes):
-        np.testing.assert_array_equal(ours, np.asarray(jax.random.normal(k, shape)))
-    np.testing.assert_array_equal(
-        np.asarray(prng.padded_normals(keys[:1], [(5,)], (5,))[0]), np.asarray(jax.random.normal(keys[0], (5,)))
-    )
-    with pytest.raises(ValueError, match="does not fit"):
-        prng.padded_normals(keys[:1], [(4, 5)], (4, 4))
-    with pytest.raises(ValueError, match="does not fit"):
-        prng.padded_normals(keys[:1], [(4,)], (4, 4))
-
-
-def test_padded_normals_compile_one_hash() -> None:
-    """XLA computes the draw once: the compiled program holds one copy of the 20-round hash (each
-    round rotates by one of 8 distances), not one per key as slices of a flat draw would give."""
-    keys = [jax.random.PRNGKey(i) for i in range(len(NORMAL_SHAPES))]
-    text = jax.jit(lambda ks: prng.padded_normals(ks, NORMAL_SHAPES, PADDED)).lower(keys).compile().as_text()
-    assert text.count("shift-left(") == 20

@@ -206,11 +206,12 @@ def _orthogonal_kernels(
     keys: Sequence[jax.Array], shapes: Sequence[tuple[int, ...]], scales: Sequence[float], dtypes: Sequence[Any]
 ) -> list[jax.Array]:
     """Orthogonal kernels (`orthogonal_init`) for each key, shape, gain and dtype: the normal draws
-    as one (`prng.padded_normals`) and one Gram-Schmidt loop over all of them, each zero-padded to
-    the largest rows and columns. XLA compiles a draw and a loop once instead of once per kernel."""
+    as one (`prng.normals`) and one Gram-Schmidt loop over all of them, each zero-padded to the
+    largest rows and columns. XLA compiles a draw and a loop once instead of once per kernel."""
     talls = [_tall_shape(shape)[0] for shape in shapes]
+    draws = prng.normals(keys, talls)
     rows, cols = max(m for m, _ in talls), max(n for _, n in talls)
-    qs = _gram_schmidt_q(prng.padded_normals(keys, talls, (rows, cols)))
+    qs = _gram_schmidt_q(jnp.stack([jnp.pad(a, ((0, rows - a.shape[0]), (0, cols - a.shape[1]))) for a in draws]))
     kernels = []
     for q, (m, n), shape, scale, dtype in zip(qs, talls, shapes, scales, dtypes):
         q = q[:m, :n].T if _tall_shape(shape)[1] else q[:m, :n]
