@@ -146,7 +146,8 @@ def prepare_output_dir(
     if resume and (path.is_file() or resume_needs_spec):
         if not path.is_file():
             raise CheckpointError(f"--resume: no {what} in {out_dir} ({spec_file} missing)")
-        stored = json.loads(path.read_text())
+        as_written = json.loads(path.read_text())
+        stored = as_written
         if normalize is not None:
             try:
                 stored = _as_read_back(normalize(stored))
@@ -157,7 +158,7 @@ def prepare_output_dir(
                 f"--resume: the settings differ from the {what} in {out_dir} ({json_differences(stored, spec_json)}); "
                 f"pass the same flags as the original run (see its {spec_file})"
             )
-        if json.loads(path.read_text()) != spec_json:
+        if as_written != spec_json:
             atomic_write_text(path, json.dumps(spec_json, indent=2) + "\n")  # with the settings added since
         return True
     if out_dir.exists() and any(out_dir.iterdir()):
